@@ -1,0 +1,121 @@
+//! The `kpve` binary: command-line parsing and wiring only.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod convert;
+mod validate;
+
+/// kpve — the Proxmox VE control plane as a Kubernetes-style declarative reconciler.
+///
+/// Declare VMs, containers, storage, firewall rules and HA placement as kpve.io resources;
+/// kpve makes the hosts match and speaks both the Kubernetes and the Proxmox VE API.
+#[derive(Parser, Debug)]
+#[command(name = "kpve", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run everything on this machine: the Kubernetes-compatible API server (:6443), the
+    /// controllers, the Proxmox VE API (:8006) and a node agent. [not built yet]
+    Server(NotBuilt),
+    /// Run a node agent that joins a kpve server and runs this host's guests. [not built yet]
+    Agent(NotBuilt),
+    /// Run the controllers alone against any conformant API server (--kubeconfig). [not built yet]
+    Controllers(NotBuilt),
+    /// Serve the Proxmox VE REST API alone against a kpve API server. [not built yet]
+    PveApi(NotBuilt),
+    /// Write the CustomResourceDefinitions of every kpve kind as YAML.
+    Crdgen {
+        /// Directory to write one <plural>.kpve.io.yaml per kind into.
+        #[arg(long, default_value = "manifests/crds")]
+        out: PathBuf,
+        /// Do not write; exit 1 if the files in --out differ from the generated ones.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Validate kpve manifests against the CRD schemas (unknown fields are errors).
+    Validate {
+        /// YAML files (multi-document allowed) or directories of them.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Convert between Proxmox guest configs and kpve manifests.
+    Convert {
+        #[command(subcommand)]
+        direction: convert::Direction,
+    },
+    /// Print the kpve version.
+    Version,
+}
+
+/// Options of a subcommand that a later milestone implements.
+#[derive(clap::Args, Debug)]
+struct NotBuilt {
+    /// Arguments for the future implementation (ignored).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("kpve: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Server(_) => not_built("server", "the embedded API server (issue: embedded API server)"),
+        Command::Agent(_) => not_built("agent", "the node agent (issue: VMs end to end)"),
+        Command::Controllers(_) => not_built("controllers", "the controllers (issue: VMs end to end)"),
+        Command::PveApi(_) => not_built("pve-api", "the Proxmox VE API (issue: Proxmox VE API on 8006)"),
+        Command::Crdgen { out, check } => crdgen(&out, check),
+        Command::Validate { files } => validate::run(&files),
+        Command::Convert { direction } => convert::run(direction),
+        Command::Version => {
+            println!("kpve {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn not_built(name: &str, what: &str) -> Result<ExitCode> {
+    bail!("`kpve {name}` is not built yet: {what} is still to come; see docs/ARCHITECTURE.md")
+}
+
+fn crdgen(out: &Path, check: bool) -> Result<ExitCode> {
+    let files = kpve_crds::crdgen::files();
+    if check {
+        let mut stale = Vec::new();
+        for (name, text) in &files {
+            let path = out.join(name);
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                stale.push(path.display().to_string());
+            }
+        }
+        if stale.is_empty() {
+            println!("{} CRDs in {} are up to date", files.len(), out.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!("kpve: CRDs out of date (run `kpve crdgen`): {}", stale.join(", "));
+        return Ok(ExitCode::FAILURE);
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for (name, text) in &files {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
