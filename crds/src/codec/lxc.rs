@@ -15,6 +15,8 @@ use crate::lxc::*;
 /// A whole pve-container config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerConfig {
+    /// The snapshot the current state derives from (`parent:` in the main section).
+    pub parent: Option<String>,
     pub spec: LinuxContainerSpec,
     pub pending: BTreeMap<String, String>,
     pub snapshots: Vec<ContainerSnapshot>,
@@ -34,9 +36,10 @@ const PASSTHROUGH_KEYS: &[&str] =
 
 /// Parses a pve-container config file.
 pub fn parse_lxc_config(text: &str) -> Result<ContainerConfig> {
-    let file = ConfigFile::parse(text)?;
+    let mut file = ConfigFile::parse(text)?;
+    let parent = file.main.entries.remove("parent");
     let spec = spec_from_section(&file.main)?;
-    let mut config = ContainerConfig { spec, pending: BTreeMap::new(), snapshots: Vec::new() };
+    let mut config = ContainerConfig { parent, spec, pending: BTreeMap::new(), snapshots: Vec::new() };
     for section in &file.sections {
         match section.name.as_deref() {
             Some("PENDING") => config.pending = section.entries.clone(),
@@ -66,6 +69,9 @@ pub fn parse_lxc_config(text: &str) -> Result<ContainerConfig> {
 /// Prints a pve-container config in Proxmox's canonical form.
 pub fn print_lxc_config(config: &ContainerConfig) -> String {
     let mut file = ConfigFile { main: section_from_spec(&config.spec), sections: Vec::new() };
+    if let Some(parent) = &config.parent {
+        file.main.entries.insert("parent".into(), parent.clone());
+    }
     if !config.pending.is_empty() {
         let mut s = Section::named("PENDING");
         s.entries = config.pending.clone();

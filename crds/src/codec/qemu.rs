@@ -15,6 +15,8 @@ use crate::vm::*;
 /// A whole qemu-server config: the current spec plus the sections Proxmox keeps beside it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QemuConfig {
+    /// The snapshot the current state derives from (`parent:` in the main section).
+    pub parent: Option<String>,
     pub spec: VirtualMachineSpec,
     /// Changes waiting for a restart (`[PENDING]`), as raw keys; `delete` lists removals.
     pub pending: BTreeMap<String, String>,
@@ -65,9 +67,11 @@ const NIC_MODELS: &[&str] = &[
 
 /// Parses a qemu-server config file.
 pub fn parse_qemu_config(text: &str) -> Result<QemuConfig> {
-    let file = ConfigFile::parse(text)?;
+    let mut file = ConfigFile::parse(text)?;
+    let parent = file.main.entries.remove("parent");
     let spec = spec_from_section(&file.main)?;
     let mut config = QemuConfig {
+        parent,
         spec,
         pending: BTreeMap::new(),
         cloudinit: BTreeMap::new(),
@@ -124,6 +128,9 @@ fn in_section(name: &str, e: CodecError) -> CodecError {
 /// Prints a qemu-server config file in Proxmox's canonical form.
 pub fn print_qemu_config(config: &QemuConfig) -> String {
     let mut file = ConfigFile { main: section_from_spec(&config.spec), sections: Vec::new() };
+    if let Some(parent) = &config.parent {
+        file.main.entries.insert("parent".into(), parent.clone());
+    }
     if !config.pending.is_empty() {
         let mut s = Section::named("PENDING");
         s.entries = config.pending.clone();
@@ -454,11 +461,15 @@ fn parse_agent(value: &str) -> Result<Agent> {
 }
 
 fn print_agent(agent: &Agent) -> String {
-    let mut w = PropertyWriter::new().head(bool_str(agent.enabled));
+    // The GUI writes a bare `1` when nothing else is set, else `enabled=1,…`.
+    let mut w = PropertyWriter::new();
     w.flag("fstrim_cloned_disks", agent.fstrim_cloned_disks, false);
     w.opt("freeze-fs-on-backup", agent.freeze_fs_on_backup.map(bool_str));
     w.opt("type", agent.type_.as_ref());
-    w.finish()
+    if w.is_empty() {
+        return bool_str(agent.enabled).to_string();
+    }
+    w.required("enabled", bool_str(agent.enabled)).finish()
 }
 
 /// `startup: order=1,up=30,down=60`, shared with containers.
@@ -479,11 +490,12 @@ pub(crate) fn parse_startup(key: &str, value: &str) -> Result<Startup> {
 }
 
 pub(crate) fn print_startup(st: &Startup) -> String {
-    let mut w = PropertyWriter::new();
-    w.opt("order", st.order);
-    w.opt("up", st.up);
-    w.opt("down", st.down);
-    w.finish()
+    // Proxmox keeps this string as the GUI writes it: order, up, down.
+    [("order", st.order), ("up", st.up), ("down", st.down)]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn parse_ipconfig(key: &str, value: &str) -> Result<IpConfig> {
@@ -501,12 +513,12 @@ fn parse_ipconfig(key: &str, value: &str) -> Result<IpConfig> {
 }
 
 fn print_ipconfig(ip: &IpConfig) -> String {
-    let mut w = PropertyWriter::new();
-    w.opt("ip", ip.ip.as_ref());
-    w.opt("gw", ip.gw.as_ref());
-    w.opt("ip6", ip.ip6.as_ref());
-    w.opt("gw6", ip.gw6.as_ref());
-    w.finish()
+    // The GUI's order (ip, gw, ip6, gw6), which Proxmox keeps as given.
+    [("ip", &ip.ip), ("gw", &ip.gw), ("ip6", &ip.ip6), ("gw6", &ip.gw6)]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn parse_nic(key: &str, value: &str) -> Result<Nic> {
