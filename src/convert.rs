@@ -49,16 +49,19 @@ pub fn run(direction: Direction) -> Result<ExitCode> {
             let text = read(&file)?;
             let mut spec = parse_lxc_config(&text).with_context(|| file.display().to_string())?.spec;
             spec.vmid = vmid.or_else(|| vmid_from_path(&file));
-            let name = name.or_else(|| spec.hostname.clone()).unwrap_or_else(|| default_name("ct", spec.vmid));
+            let name =
+                name.or_else(|| spec.hostname.clone()).unwrap_or_else(|| default_name("ct", spec.vmid));
             let ct = LinuxContainer { metadata: meta(name), spec, status: None };
             print!("{}", serde_yaml::to_string(&ct)?);
         }
         Direction::ToQemu { file } => {
-            let vm: VirtualMachine = serde_yaml::from_str(&read(&file)?).with_context(|| file.display().to_string())?;
+            let vm: VirtualMachine =
+                serde_yaml::from_str(&read(&file)?).with_context(|| file.display().to_string())?;
             print!("{}", VirtualMachineSpec::to_qemu_config(&vm.spec));
         }
         Direction::ToLxc { file } => {
-            let ct: LinuxContainer = serde_yaml::from_str(&read(&file)?).with_context(|| file.display().to_string())?;
+            let ct: LinuxContainer =
+                serde_yaml::from_str(&read(&file)?).with_context(|| file.display().to_string())?;
             print!("{}", LinuxContainerSpec::to_lxc_config(&ct.spec));
         }
     }

@@ -27,8 +27,9 @@ pub fn run(paths: &[PathBuf]) -> Result<ExitCode> {
                     continue;
                 }
             };
-            let object: serde_json::Value = serde_json::to_value(&value)
-                .with_context(|| format!("{}: document {} is not JSON-compatible", file.display(), index + 1))?;
+            let object: serde_json::Value = serde_json::to_value(&value).with_context(|| {
+                format!("{}: document {} is not JSON-compatible", file.display(), index + 1)
+            })?;
             checked += 1;
             let errors = validators.validate(&object);
             let kind = object.get("kind").and_then(|k| k.as_str()).unwrap_or("?");

@@ -4,8 +4,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::{
-    ClusterFirewall, HAGroup, Hypervisor, IPSet, LinuxContainer, SecurityGroup, StoragePool,
-    VirtualMachine,
+    ClusterFirewall, HAGroup, Hypervisor, IPSet, LinuxContainer, SecurityGroup, StoragePool, VirtualMachine,
 };
 
 /// Every kpve CRD, in a stable order.

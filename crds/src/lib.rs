@@ -3,6 +3,9 @@
 //!
 //! Every other kpve crate imports Kubernetes types through the re-exports here.
 
+// kube-derive takes repeated `printcolumn(...)` and `shortname` attributes by design.
+#![allow(clippy::duplicated_attributes)]
+
 pub use k8s_openapi;
 pub use kube;
 

@@ -204,7 +204,9 @@ pub struct MountOptions {
     pub shared: bool,
     /// Extra mount options, e.g. `noatime;nosuid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^(noatime|lazytime|nodev|noexec|nosuid|discard)(;(noatime|lazytime|nodev|noexec|nosuid|discard))*$"))]
+    #[schemars(pattern(
+        r"^(noatime|lazytime|nodev|noexec|nosuid|discard)(;(noatime|lazytime|nodev|noexec|nosuid|discard))*$"
+    ))]
     pub mountoptions: Option<String>,
 }
 

@@ -97,7 +97,11 @@ impl SchemaValidator {
                 K::Enum { options } => errors.push(FieldError {
                     field: base,
                     reason: "FieldValueNotSupported",
-                    message: format!("Unsupported value: {}: supported values: {}", error.instance(), enum_list(options)),
+                    message: format!(
+                        "Unsupported value: {}: supported values: {}",
+                        error.instance(),
+                        enum_list(options)
+                    ),
                 }),
                 K::Type { .. } => errors.push(FieldError {
                     field: base,

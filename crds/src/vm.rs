@@ -154,7 +154,6 @@ pub struct CpuSpec {
     pub numa: bool,
 }
 
-
 fn one() -> u32 {
     1
 }
@@ -176,7 +175,6 @@ pub struct MemorySpec {
     #[schemars(range(min = 0, max = 50_000))]
     pub shares: Option<u32>,
 }
-
 
 fn default_memory() -> u32 {
     512

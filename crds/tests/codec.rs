@@ -9,7 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use kpve_crds::codec::{CodecError, parse_lxc_config, parse_qemu_config, print_lxc_config, print_qemu_config};
+use kpve_crds::codec::{
+    CodecError, parse_lxc_config, parse_qemu_config, print_lxc_config, print_qemu_config,
+};
 use kpve_crds::validation::KindValidators;
 
 fn inputs(dir: &str) -> Vec<PathBuf> {
@@ -58,7 +60,12 @@ fn qemu_configs_round_trip() {
         assert_eq!(back, config.spec, "{}: spec does not survive JSON", file.display());
         assert_schema_valid(&validators, "VirtualMachine", json, file);
         for snap in &config.snapshots {
-            assert_schema_valid(&validators, "VirtualMachine", serde_json::to_value(&snap.spec).unwrap(), file);
+            assert_schema_valid(
+                &validators,
+                "VirtualMachine",
+                serde_json::to_value(&snap.spec).unwrap(),
+                file,
+            );
         }
     }
 }
@@ -99,16 +106,22 @@ fn malformed_configs_name_the_key() {
         let err = result.err().unwrap_or_else(|| panic!("{name}: malformed config was accepted"));
         assert_eq!(err.key(), Some(want), "{name}: error names the wrong key: {err}");
         let message = err.to_string();
-        assert!(message.starts_with(&format!("{want}: ")), "{name}: message does not lead with the key: {message}");
+        assert!(
+            message.starts_with(&format!("{want}: ")),
+            "{name}: message does not lead with the key: {message}"
+        );
         assert!(message.len() > want.len() + 10, "{name}: message does not say what is allowed: {message}");
     }
 }
 
 #[test]
 fn values_known_from_the_proxmox_docs() {
-    let config = parse_qemu_config(&std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/input/qemu/101-ubuntu-cloudinit.conf"),
-    ).unwrap())
+    let config = parse_qemu_config(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/input/qemu/101-ubuntu-cloudinit.conf"),
+        )
+        .unwrap(),
+    )
     .unwrap();
     let spec = config.spec;
     assert_eq!(spec.description.as_deref(), Some("Ubuntu 24.04 cloud image: provisioned by cloud-init"));
@@ -122,7 +135,10 @@ fn values_known_from_the_proxmox_docs() {
     assert_eq!(nic.macaddr.as_deref(), Some("BC:24:11:22:33:44"));
     assert_eq!(nic.bridge.as_deref(), Some("vmbr0"));
     let ci = spec.cloud_init.unwrap();
-    assert_eq!(ci.ssh_keys, vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq2n0tq1a2b3c4d5e6f7g8h9i0j1k2l3m4n5o6p7q8r ops@bastion"]);
+    assert_eq!(
+        ci.ssh_keys,
+        vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq2n0tq1a2b3c4d5e6f7g8h9i0j1k2l3m4n5o6p7q8r ops@bastion"]
+    );
     assert_eq!(ci.ip_config[0].gw.as_deref(), Some("10.0.10.1"));
     assert_eq!(spec.options.get("serial0").map(String::as_str), Some("socket"));
 
@@ -140,7 +156,10 @@ fn spec_written_in_kubernetes_units_prints_proxmox_units() {
     disk.volume = Some("local:100/vm-100-disk-0.qcow2".into());
     disk.size = Some("40Gi".into());
     spec.disks.push(disk);
-    assert_eq!(spec.to_qemu_config(), "cores: 1\nmemory: 512\nscsi0: local:100/vm-100-disk-0.qcow2,size=40G\n");
+    assert_eq!(
+        spec.to_qemu_config(),
+        "cores: 1\nmemory: 512\nscsi0: local:100/vm-100-disk-0.qcow2,size=40G\n"
+    );
 }
 
 #[test]

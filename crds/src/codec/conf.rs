@@ -91,7 +91,9 @@ impl ConfigFile {
             if !valid_key(key) {
                 return Err(CodecError::Syntax {
                     line: line_no,
-                    message: format!("invalid key {key:?}: keys are lower-case letters, '-', '_' and a trailing number"),
+                    message: format!(
+                        "invalid key {key:?}: keys are lower-case letters, '-', '_' and a trailing number"
+                    ),
                 });
             }
             if current.entries.insert(key.to_string(), value.to_string()).is_some() {

@@ -4,9 +4,8 @@ use std::collections::BTreeMap;
 
 use super::conf::{ConfigFile, Section};
 use super::propstr::{
-    in_key_families, numbered,
-    PropertyString, PropertyWriter, enum_str, format_size, normalize_size, number_str, parse_bool,
-    parse_enum, parse_number, parse_size, parse_uint,
+    PropertyString, PropertyWriter, enum_str, format_size, in_key_families, normalize_size, number_str,
+    numbered, parse_bool, parse_enum, parse_number, parse_size, parse_uint,
 };
 use super::qemu::{parse_startup, print_startup};
 use super::{CodecError, Result};
@@ -55,7 +54,9 @@ pub fn parse_lxc_config(text: &str) -> Result<ContainerConfig> {
                     .map(|v| parse_uint(&format!("[{name}].snaptime"), &v, 0, u64::MAX))
                     .transpose()?;
                 let spec = spec_from_section(&section).map_err(|e| match e {
-                    CodecError::Invalid { key, message } => CodecError::invalid(format!("[{name}].{key}"), message),
+                    CodecError::Invalid { key, message } => {
+                        CodecError::invalid(format!("[{name}].{key}"), message)
+                    }
                     other => other,
                 })?;
                 config.snapshots.push(ContainerSnapshot { name: name.to_string(), parent, snaptime, spec });
@@ -124,7 +125,8 @@ pub fn spec_from_section(section: &Section) -> Result<LinuxContainerSpec> {
             "hostname" => spec.hostname = Some(value.clone()),
             "description" => spec.description = Some(value.clone()),
             "tags" => {
-                spec.tags = value.split([';', ',', ' ']).filter(|t| !t.is_empty()).map(str::to_string).collect()
+                spec.tags =
+                    value.split([';', ',', ' ']).filter(|t| !t.is_empty()).map(str::to_string).collect()
             }
             "ostype" => spec.ostype = Some(parse_enum(k, value)?),
             "arch" => spec.arch = parse_enum(k, value)?,
@@ -221,9 +223,29 @@ pub fn section_from_spec(spec: &LinuxContainerSpec) -> Section {
     if let Some(st) = &spec.startup {
         put("startup", print_startup(st));
     }
-    put("rootfs", print_volume(spec.rootfs.volume.as_ref(), spec.rootfs.pool.as_ref(), spec.rootfs.size.as_ref(), None, &spec.rootfs.mount, None));
+    put(
+        "rootfs",
+        print_volume(
+            spec.rootfs.volume.as_ref(),
+            spec.rootfs.pool.as_ref(),
+            spec.rootfs.size.as_ref(),
+            None,
+            &spec.rootfs.mount,
+            None,
+        ),
+    );
     for mp in &spec.mount_points {
-        put(&mp.id, print_volume(mp.volume.as_ref(), mp.pool.as_ref(), mp.size.as_ref(), Some(&mp.path), &mp.mount, Some(mp.backup)));
+        put(
+            &mp.id,
+            print_volume(
+                mp.volume.as_ref(),
+                mp.pool.as_ref(),
+                mp.size.as_ref(),
+                Some(&mp.path),
+                &mp.mount,
+                Some(mp.backup),
+            ),
+        );
     }
     for nic in &spec.nics {
         put(&nic.id, print_nic(nic));
@@ -233,8 +255,6 @@ pub fn section_from_spec(spec: &LinuxContainerSpec) -> Section {
     }
     s
 }
-
-
 
 /// Splits `local:8` (new volume of 8 GiB) from an existing volume id.
 fn split_volume(key: &str, file: String) -> Result<(Option<String>, Option<String>, Option<String>)> {
@@ -251,7 +271,12 @@ fn take_mount_options(key: &str, p: &mut PropertyString) -> Result<MountOptions>
     if let Some(v) = p.take("acl") {
         m.acl = Some(parse_bool(&format!("{key}.acl"), &v)?);
     }
-    for (name, field) in [("quota", &mut m.quota), ("ro", &mut m.readonly), ("replicate", &mut m.replicate), ("shared", &mut m.shared)] {
+    for (name, field) in [
+        ("quota", &mut m.quota),
+        ("ro", &mut m.readonly),
+        ("replicate", &mut m.replicate),
+        ("shared", &mut m.shared),
+    ] {
         if let Some(v) = p.take(name) {
             *field = parse_bool(&format!("{key}.{name}"), &v)?;
         }
@@ -263,7 +288,11 @@ fn take_mount_options(key: &str, p: &mut PropertyString) -> Result<MountOptions>
 fn parse_rootfs(value: &str) -> Result<RootFs> {
     let key = "rootfs";
     let mut p = PropertyString::parse(key, value)?;
-    let file = p.head.take().or_else(|| p.take("volume")).ok_or_else(|| CodecError::invalid(key, "missing volume"))?;
+    let file = p
+        .head
+        .take()
+        .or_else(|| p.take("volume"))
+        .ok_or_else(|| CodecError::invalid(key, "missing volume"))?;
     let (volume, pool, mut size) = split_volume(key, file)?;
     if let Some(v) = p.take("size") {
         size = Some(format_size(parse_size("rootfs.size", &v)?));
@@ -275,9 +304,15 @@ fn parse_rootfs(value: &str) -> Result<RootFs> {
 
 fn parse_mount_point(key: &str, value: &str) -> Result<MountPoint> {
     let mut p = PropertyString::parse(key, value)?;
-    let file = p.head.take().or_else(|| p.take("volume")).ok_or_else(|| CodecError::invalid(key, "missing volume"))?;
+    let file = p
+        .head
+        .take()
+        .or_else(|| p.take("volume"))
+        .ok_or_else(|| CodecError::invalid(key, "missing volume"))?;
     let (volume, pool, mut size) = split_volume(key, file)?;
-    let path = p.take("mp").ok_or_else(|| CodecError::invalid(format!("{key}.mp"), "missing mount path inside the container"))?;
+    let path = p
+        .take("mp")
+        .ok_or_else(|| CodecError::invalid(format!("{key}.mp"), "missing mount path inside the container"))?;
     if let Some(v) = p.take("size") {
         size = Some(format_size(parse_size(&format!("{key}.size"), &v)?));
     }
@@ -331,7 +366,10 @@ fn print_volume(
 fn parse_features(value: &str) -> Result<Features> {
     let mut p = PropertyString::parse("features", value)?;
     if let Some(head) = p.head {
-        return Err(CodecError::invalid("features", format!("'{head}' needs a name; allowed: force_rw_sys, fuse, keyctl, mknod, mount, nesting")));
+        return Err(CodecError::invalid(
+            "features",
+            format!("'{head}' needs a name; allowed: force_rw_sys, fuse, keyctl, mknod, mount, nesting"),
+        ));
     }
     let mut f = Features::default();
     for (name, field) in [
@@ -368,9 +406,14 @@ fn print_features(f: &Features) -> String {
 fn parse_nic(key: &str, value: &str) -> Result<CtNic> {
     let mut p = PropertyString::parse(key, value)?;
     if let Some(head) = p.head.take() {
-        return Err(CodecError::invalid(key, format!("'{head}' needs a name; expected name=eth0,bridge=vmbr0,…")));
+        return Err(CodecError::invalid(
+            key,
+            format!("'{head}' needs a name; expected name=eth0,bridge=vmbr0,…"),
+        ));
     }
-    let name = p.take("name").ok_or_else(|| CodecError::invalid(format!("{key}.name"), "missing interface name inside the container"))?;
+    let name = p.take("name").ok_or_else(|| {
+        CodecError::invalid(format!("{key}.name"), "missing interface name inside the container")
+    })?;
     let mut nic = CtNic {
         id: key.to_string(),
         name,
@@ -390,7 +433,10 @@ fn parse_nic(key: &str, value: &str) -> Result<CtNic> {
     if let Some(t) = p.take("type")
         && t != "veth"
     {
-        return Err(CodecError::invalid(format!("{key}.type"), format!("unknown value '{t}'; allowed: veth")));
+        return Err(CodecError::invalid(
+            format!("{key}.type"),
+            format!("unknown value '{t}'; allowed: veth"),
+        ));
     }
     if let Some(v) = p.take("tag") {
         nic.tag = Some(parse_uint(&format!("{key}.tag"), &v, 1, 4094)?);

@@ -132,7 +132,8 @@ pub fn numbered(key: &str, prefix: &str, max: u32) -> bool {
 /// Whether `key` is one of `families`, alone or followed by a number (`serial0`).
 pub fn in_key_families(key: &str, families: &[&str]) -> bool {
     families.iter().any(|f| {
-        key == *f || key.strip_prefix(f).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        key == *f
+            || key.strip_prefix(f).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     })
 }
 
@@ -182,7 +183,10 @@ pub fn number_str(n: f64) -> String {
 /// Parses a value of a serde enum, listing the allowed values (taken from its schema).
 pub fn parse_enum<T: DeserializeOwned + JsonSchema>(key: &str, value: &str) -> Result<T> {
     serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| {
-        CodecError::invalid(key, format!("unknown value '{value}'; allowed: {}", enum_values::<T>().join(", ")))
+        CodecError::invalid(
+            key,
+            format!("unknown value '{value}'; allowed: {}", enum_values::<T>().join(", ")),
+        )
     })
 }
 
@@ -250,7 +254,7 @@ pub fn parse_size(key: &str, value: &str) -> Result<u64> {
 /// Formats bytes with the largest unit that divides them exactly (Proxmox `format_size`).
 pub fn format_size(bytes: u64) -> String {
     for (unit, factor) in [("T", 1u64 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)] {
-        if bytes >= factor && bytes % factor == 0 {
+        if bytes >= factor && bytes.is_multiple_of(factor) {
             return format!("{}{unit}", bytes / factor);
         }
     }

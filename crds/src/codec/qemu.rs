@@ -4,9 +4,8 @@ use std::collections::BTreeMap;
 
 use super::conf::{ConfigFile, Section, percent_decode, uri_escape};
 use super::propstr::{
-    in_key_families, numbered,
-    PropertyString, PropertyWriter, bool_str, enum_str, format_size, normalize_size, number_str,
-    parse_bool, parse_enum, parse_number, parse_size, parse_uint,
+    PropertyString, PropertyWriter, bool_str, enum_str, format_size, in_key_families, normalize_size,
+    number_str, numbered, parse_bool, parse_enum, parse_number, parse_size, parse_uint,
 };
 use super::{CodecError, Result};
 use crate::common::Startup;
@@ -41,28 +40,109 @@ pub struct QemuSnapshot {
 /// Keys of the qemu-server config that kpve accepts verbatim in `spec.options`.
 /// (`[n]` families are matched by prefix.)
 const PASSTHROUGH_KEYS: &[&str] = &[
-    "acpi", "allow-ksm", "amd-sev", "arch", "args", "audio0", "autostart", "bootdisk", "cicustom",
-    "freeze", "hookscript", "hostpci", "hotplug", "hugepages", "intel-tdx", "ivshmem",
-    "keephugepages", "keyboard", "localtime", "lock", "meta", "migrate_downtime", "migrate_speed",
-    "numa", "parallel", "reboot", "rng0", "serial", "smbios1", "spice_enhancements", "startdate",
-    "tablet", "tdf", "unused", "usb", "vga", "virtiofs", "vmgenid", "vmstatestorage", "watchdog",
+    "acpi",
+    "allow-ksm",
+    "amd-sev",
+    "arch",
+    "args",
+    "audio0",
+    "autostart",
+    "bootdisk",
+    "cicustom",
+    "freeze",
+    "hookscript",
+    "hostpci",
+    "hotplug",
+    "hugepages",
+    "intel-tdx",
+    "ivshmem",
+    "keephugepages",
+    "keyboard",
+    "localtime",
+    "lock",
+    "meta",
+    "migrate_downtime",
+    "migrate_speed",
+    "numa",
+    "parallel",
+    "reboot",
+    "rng0",
+    "serial",
+    "smbios1",
+    "spice_enhancements",
+    "startdate",
+    "tablet",
+    "tdf",
+    "unused",
+    "usb",
+    "vga",
+    "virtiofs",
+    "vmgenid",
+    "vmstatestorage",
+    "watchdog",
 ];
 
 const DISK_PREFIXES: &[(&str, u32)] = &[("scsi", 30), ("virtio", 15), ("sata", 5), ("ide", 3)];
 
 /// Drive properties kpve keeps verbatim in `Disk.options`.
 const DISK_EXTRA: &[&str] = &[
-    "bps", "bps_max_length", "bps_rd", "bps_rd_length", "bps_rd_max_length", "bps_wr",
-    "bps_wr_length", "bps_wr_max_length", "detect_zeroes", "iops", "iops_max", "iops_max_length",
-    "iops_rd", "iops_rd_length", "iops_rd_max", "iops_rd_max_length", "iops_wr", "iops_wr_length",
-    "iops_wr_max", "iops_wr_max_length", "mbps", "mbps_max", "mbps_rd", "mbps_rd_max", "mbps_wr",
-    "mbps_wr_max", "product", "queues", "rerror", "scsiblock", "shared", "snapshot", "vendor",
-    "werror", "wwn", "efitype", "pre-enrolled-keys", "ms-cert", "version", "import-from",
+    "bps",
+    "bps_max_length",
+    "bps_rd",
+    "bps_rd_length",
+    "bps_rd_max_length",
+    "bps_wr",
+    "bps_wr_length",
+    "bps_wr_max_length",
+    "detect_zeroes",
+    "iops",
+    "iops_max",
+    "iops_max_length",
+    "iops_rd",
+    "iops_rd_length",
+    "iops_rd_max",
+    "iops_rd_max_length",
+    "iops_wr",
+    "iops_wr_length",
+    "iops_wr_max",
+    "iops_wr_max_length",
+    "mbps",
+    "mbps_max",
+    "mbps_rd",
+    "mbps_rd_max",
+    "mbps_wr",
+    "mbps_wr_max",
+    "product",
+    "queues",
+    "rerror",
+    "scsiblock",
+    "shared",
+    "snapshot",
+    "vendor",
+    "werror",
+    "wwn",
+    "efitype",
+    "pre-enrolled-keys",
+    "ms-cert",
+    "version",
+    "import-from",
 ];
 
 const NIC_MODELS: &[&str] = &[
-    "virtio", "e1000", "e1000e", "rtl8139", "vmxnet3", "e1000-82540em", "e1000-82544gc",
-    "e1000-82545em", "i82551", "i82557b", "i82559er", "ne2k_isa", "ne2k_pci", "pcnet",
+    "virtio",
+    "e1000",
+    "e1000e",
+    "rtl8139",
+    "vmxnet3",
+    "e1000-82540em",
+    "e1000-82544gc",
+    "e1000-82545em",
+    "i82551",
+    "i82557b",
+    "i82559er",
+    "ne2k_isa",
+    "ne2k_pci",
+    "pcnet",
 ];
 
 /// Parses a qemu-server config file.
@@ -191,11 +271,8 @@ pub fn spec_from_section(section: &Section) -> Result<VirtualMachineSpec> {
             "name" => spec.name = Some(value.clone()),
             "description" => spec.description = Some(value.clone()),
             "tags" => {
-                spec.tags = value
-                    .split([';', ',', ' '])
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_string)
-                    .collect()
+                spec.tags =
+                    value.split([';', ',', ' ']).filter(|t| !t.is_empty()).map(str::to_string).collect()
             }
             "sockets" => spec.cpu.sockets = parse_uint(k, value, 1, 4)?,
             "cores" => spec.cpu.cores = parse_uint(k, value, 1, 128)?,
@@ -213,9 +290,11 @@ pub fn spec_from_section(section: &Section) -> Result<VirtualMachineSpec> {
             }
             "memory" => {
                 let mut p = PropertyString::parse(k, value)?;
-                let current = p.head.take().or_else(|| p.take("current")).ok_or_else(|| {
-                    CodecError::invalid(k, "missing memory size in MiB")
-                })?;
+                let current = p
+                    .head
+                    .take()
+                    .or_else(|| p.take("current"))
+                    .ok_or_else(|| CodecError::invalid(k, "missing memory size in MiB"))?;
                 spec.memory.size = parse_uint(k, &current, 16, 4_194_304)?;
                 p.finish(k, &[])?;
             }
@@ -244,7 +323,8 @@ pub fn spec_from_section(section: &Section) -> Result<VirtualMachineSpec> {
                 has_cloud = true;
                 let decoded = String::from_utf8(percent_decode(value))
                     .map_err(|_| CodecError::invalid(k, "ssh keys are not valid UTF-8"))?;
-                cloud.ssh_keys = decoded.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+                cloud.ssh_keys =
+                    decoded.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
             }
             "nameserver" => {
                 has_cloud = true;
@@ -407,11 +487,9 @@ pub fn section_from_spec(spec: &VirtualMachineSpec) -> Section {
     s
 }
 
-
 fn is_disk_key(key: &str) -> bool {
     key == "efidisk0" || key == "tpmstate0" || DISK_PREFIXES.iter().any(|(p, max)| numbered(key, p, *max))
 }
-
 
 fn parse_boot(value: &str) -> Result<Boot> {
     let mut p = PropertyString::parse("boot", value)?;
@@ -533,7 +611,10 @@ fn parse_nic(key: &str, value: &str) -> Result<Nic> {
         }
         (None, Some(m), None) | (None, None, Some(m)) => m,
         (None, None, None) => {
-            return Err(CodecError::invalid(key, format!("missing NIC model; allowed: {}", NIC_MODELS.join(", "))));
+            return Err(CodecError::invalid(
+                key,
+                format!("missing NIC model; allowed: {}", NIC_MODELS.join(", ")),
+            ));
         }
         _ => return Err(CodecError::invalid(key, "NIC model given twice")),
     };
@@ -622,7 +703,12 @@ fn parse_disk(key: &str, value: &str) -> Result<Disk> {
         disk.discard = match v.as_str() {
             "on" => true,
             "ignore" => false,
-            _ => return Err(CodecError::invalid(format!("{key}.discard"), format!("unknown value '{v}'; allowed: on, ignore"))),
+            _ => {
+                return Err(CodecError::invalid(
+                    format!("{key}.discard"),
+                    format!("unknown value '{v}'; allowed: on, ignore"),
+                ));
+            }
         };
     }
     for (name, field) in [
