@@ -33,7 +33,8 @@ fn main() {
         let conn = rusqlite::Connection::open(dir.path().join("raw.db")).unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
         conn.pragma_update(None, "synchronous", "FULL").unwrap();
-        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT, value BLOB)").unwrap();
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT, value BLOB)")
+            .unwrap();
         let start = Instant::now();
         for _ in 0..writes {
             let t = Instant::now();
