@@ -3,7 +3,7 @@
 //! reported as `field not declared in schema` (Kubernetes' strict field validation).
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// One invalid field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,7 +188,6 @@ fn to_json_schema(schema: &mut Value, strict: bool) {
             subs.iter_mut().for_each(|s| to_json_schema(s, strict));
         }
     }
-    let _: &mut Map<String, Value> = map;
 }
 
 /// Validators for every kpve kind, keyed by kind.

@@ -130,13 +130,8 @@ impl ConfigFile {
 
 fn print_section(out: &mut String, section: &Section) {
     if let Some(description) = &section.description {
-        if description.is_empty() {
-            out.push_str("#\n");
-        }
+        // An empty description is one bare `#` line, as Proxmox writes it.
         for line in description.split('\n') {
-            if description.is_empty() {
-                break;
-            }
             out.push('#');
             out.push_str(&encode_text(line));
             out.push('\n');

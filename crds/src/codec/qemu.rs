@@ -285,8 +285,7 @@ pub fn spec_from_section(section: &Section) -> Result<VirtualMachineSpec> {
                 let mut p = PropertyString::parse(k, value)?;
                 spec.cpu.model = p.head.take().or_else(|| p.take("cputype"));
                 spec.cpu.flags = p.take("flags");
-                let extra = p.finish(k, &[])?;
-                debug_assert!(extra.is_empty());
+                p.finish(k, &[])?;
             }
             "memory" => {
                 let mut p = PropertyString::parse(k, value)?;
