@@ -23,8 +23,13 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run everything on this machine: the Kubernetes-compatible API server (:6443), the
-    /// controllers, the Proxmox VE API (:8006) and a node agent. [not built yet]
-    Server(NotBuilt),
+    /// controllers, the Proxmox VE API (:8006) and a node agent. [built: the API server]
+    Server(ServerArgs),
+    /// Issue an API token (admin, read-only or node) into DATA_DIR/tokens.csv and print it.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// Run a node agent that joins a kpve server and runs this host's guests. [not built yet]
     Agent(NotBuilt),
     /// Run the controllers alone against any conformant API server (--kubeconfig). [not built yet]
@@ -55,6 +60,43 @@ enum Command {
     Version,
 }
 
+#[derive(clap::Args, Debug)]
+struct ServerArgs {
+    /// Where the state database, certificates, tokens and the kubeconfig live.
+    #[arg(long, env = "KPVE_DATA_DIR", default_value = "/var/lib/kpve")]
+    data_dir: PathBuf,
+    /// Address of the Kubernetes API (HTTPS). Port 0 picks a free port (see DATA_DIR/kubeconfig).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    kube_listen: std::net::SocketAddr,
+    /// This host's node name.
+    #[arg(long)]
+    node: Option<String>,
+    /// Do not run a node agent for this host.
+    #[arg(long)]
+    no_agent: bool,
+    /// Seconds between BOOKMARK events on idle watches.
+    #[arg(long, default_value_t = 60, hide = true)]
+    bookmark_interval: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenAction {
+    /// Create a token and print it.
+    Create {
+        #[arg(long, env = "KPVE_DATA_DIR", default_value = "/var/lib/kpve")]
+        data_dir: PathBuf,
+        /// admin, read-only or node.
+        #[arg(long)]
+        role: String,
+        /// The node name (role node).
+        #[arg(long)]
+        node: Option<String>,
+        /// The user name the token authenticates as.
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
 /// Options of a subcommand that a later milestone implements.
 #[derive(clap::Args, Debug)]
 struct NotBuilt {
@@ -76,7 +118,19 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Server(_) => not_built("server", "the embedded API server (issue: embedded API server)"),
+        Command::Server(args) => server(args),
+        Command::Token { action: TokenAction::Create { data_dir, role, node, user } } => {
+            let role = kpve_apiserver::auth::Role::parse(&role, node.as_deref())
+                .context("--role must be admin, read-only, or node (with --node NAME)")?;
+            let user = user.unwrap_or_else(|| match &role {
+                kpve_apiserver::auth::Role::Node(n) => format!("system:node:{n}"),
+                kpve_apiserver::auth::Role::ReadOnly => "kpve-viewer".into(),
+                kpve_apiserver::auth::Role::Admin => "kpve-admin".into(),
+            });
+            let token = kpve_apiserver::auth::Tokens::create(&data_dir, &user, &role)?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Agent(_) => not_built("agent", "the node agent (issue: VMs end to end)"),
         Command::Controllers(_) => not_built("controllers", "the controllers (issue: VMs end to end)"),
         Command::PveApi(_) => not_built("pve-api", "the Proxmox VE API (issue: Proxmox VE API on 8006)"),
@@ -88,6 +142,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn server(args: ServerArgs) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let node = match args.node {
+        Some(node) => node,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+    };
+    if !args.no_agent {
+        tracing::warn!("the node agent is not built yet; running the API server only");
+    }
+    let config = kpve_apiserver::ServerConfig {
+        data_dir: args.data_dir,
+        listen: args.kube_listen,
+        node,
+        bookmark_interval: std::time::Duration::from_secs(args.bookmark_interval.max(1)),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(kpve_apiserver::run(config))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn not_built(name: &str, what: &str) -> Result<ExitCode> {

@@ -1,0 +1,233 @@
+//! Background work kube-controller-manager would do: ownerReference garbage collection
+//! (background, foreground and orphan propagation), namespace termination, the Event TTL, and
+//! compaction of the store's history.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::api::{Api, DeleteOptions, Propagation, WriteOptions};
+use crate::resources::ResourceType;
+use crate::store::Revision;
+
+/// Events older than this are removed (kube-apiserver's `--event-ttl`).
+pub const EVENT_TTL: Duration = Duration::from_secs(3600);
+/// History kept for watch resume: at least this long and at least [`KEEP_REVISIONS`].
+pub const HISTORY_WINDOW: Duration = Duration::from_secs(300);
+pub const KEEP_REVISIONS: Revision = 10_000;
+
+pub async fn run(api: Arc<Api>) {
+    loop {
+        tokio::select! {
+            _ = api.gc_notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        // Let a burst of deletions settle into one sweep.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let api = api.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || sweep(&api)).await {
+            tracing::error!(error = %e, "garbage collection sweep panicked");
+        }
+    }
+}
+
+pub async fn compact(api: Arc<Api>) {
+    let mut samples: VecDeque<(Instant, Revision)> = VecDeque::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let now = Instant::now();
+        let current = api.store.current_revision();
+        samples.push_back((now, current));
+        while samples.len() > 1 && now.duration_since(samples[1].0) >= HISTORY_WINDOW {
+            samples.pop_front();
+        }
+        let Some(&(at, old)) = samples.front() else { continue };
+        if now.duration_since(at) < HISTORY_WINDOW {
+            continue;
+        }
+        let target = old.min(current - KEEP_REVISIONS);
+        if target > api.store.compacted_revision() {
+            let api = api.clone();
+            let result = tokio::task::spawn_blocking(move || api.store.compact(target)).await;
+            match result {
+                Ok(Ok(())) => tracing::debug!(revision = target, "compacted"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "compaction failed"),
+                Err(e) => tracing::error!(error = %e, "compaction panicked"),
+            }
+        }
+    }
+}
+
+fn meta<'a>(object: &'a Value, field: &str) -> Option<&'a Value> {
+    object.get("metadata")?.get(field)
+}
+
+fn name_ns(object: &Value) -> (String, Option<String>) {
+    (
+        meta(object, "name").and_then(Value::as_str).unwrap_or("").to_string(),
+        meta(object, "namespace").and_then(Value::as_str).map(String::from),
+    )
+}
+
+fn has_finalizer(object: &Value, finalizer: &str) -> bool {
+    meta(object, "finalizers").and_then(Value::as_array).is_some_and(|f| f.iter().any(|x| x == finalizer))
+}
+
+fn owner_uids(object: &Value) -> Vec<String> {
+    meta(object, "ownerReferences")
+        .and_then(Value::as_array)
+        .map(|refs| {
+            refs.iter().filter_map(|r| r.get("uid").and_then(Value::as_str).map(String::from)).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the owner an ownerReference names exists with that uid, read live (the sweep's
+/// snapshot is not atomic across types).
+fn owner_alive(api: &Api, dependent_ns: Option<&str>, reference: &Value) -> bool {
+    let registry = api.registry();
+    let api_version = reference.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let kind = reference.get("kind").and_then(Value::as_str).unwrap_or("");
+    let name = reference.get("name").and_then(Value::as_str).unwrap_or("");
+    let uid = reference.get("uid").and_then(Value::as_str).unwrap_or("");
+    let Some(rt) = registry.types_in(group, version).into_iter().find(|t| t.kind == kind) else {
+        // An owner of a kind this server does not serve cannot be checked: keep the dependent.
+        return true;
+    };
+    let ns = if rt.namespaced { dependent_ns } else { None };
+    api.get(rt, ns, name).is_ok_and(|o| meta(&o, "uid").and_then(Value::as_str) == Some(uid))
+}
+
+fn remove_finalizer(api: &Api, rt: &ResourceType, object: &Value, finalizer: &str) {
+    let mut object = object.clone();
+    if let Some(Value::Array(f)) = object.get_mut("metadata").and_then(|m| m.get_mut("finalizers")) {
+        f.retain(|x| x != finalizer);
+    }
+    if let Err(e) = api.system_update(rt, object) {
+        tracing::debug!(error = %e, finalizer, "finalizer removal retried next sweep");
+    }
+}
+
+fn delete(api: &Api, rt: &ResourceType, object: &Value, propagation: Propagation) {
+    let (name, ns) = name_ns(object);
+    let options = DeleteOptions {
+        propagation,
+        uid: meta(object, "uid").and_then(Value::as_str).map(String::from),
+        resource_version: None,
+    };
+    if let Err(e) = api.delete(rt, ns.as_deref(), &name, &options, &WriteOptions::system())
+        && e.code != 404
+    {
+        tracing::debug!(error = %e, %name, "garbage collection delete retried next sweep");
+    }
+}
+
+/// One pass over every object.
+pub fn sweep(api: &Api) {
+    let objects = api.all_objects();
+    let mut by_owner: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, (_, object)) in objects.iter().enumerate() {
+        for uid in owner_uids(object) {
+            by_owner.entry(uid).or_default().push(i);
+        }
+    }
+    let now = jiff::Timestamp::now();
+    for (rt, object) in &objects {
+        let uid = meta(object, "uid").and_then(Value::as_str).unwrap_or("");
+        let dependents = by_owner.get(uid).map(Vec::as_slice).unwrap_or(&[]);
+        let terminating = meta(object, "deletionTimestamp").is_some();
+        if terminating && rt.kind == "Namespace" && rt.group.is_empty() {
+            terminate_namespace(api, &objects, object);
+            continue;
+        }
+        if terminating && has_finalizer(object, "orphan") {
+            for &d in dependents {
+                let (drt, mut dependent) = objects[d].clone();
+                if let Some(Value::Array(refs)) =
+                    dependent.get_mut("metadata").and_then(|m| m.get_mut("ownerReferences"))
+                {
+                    refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid));
+                }
+                let _ = api.system_update(&drt, dependent);
+            }
+            remove_finalizer(api, rt, object, "orphan");
+            continue;
+        }
+        if terminating && has_finalizer(object, "foregroundDeletion") {
+            let mut blocking = false;
+            for &d in dependents {
+                let (drt, dependent) = &objects[d];
+                if meta(dependent, "deletionTimestamp").is_none() {
+                    delete(api, drt, dependent, Propagation::Foreground);
+                }
+                blocking = true;
+            }
+            if !blocking {
+                remove_finalizer(api, rt, object, "foregroundDeletion");
+            }
+            continue;
+        }
+        if rt.kind == "Event" && rt.group.is_empty() {
+            let stamp = ["lastTimestamp", "eventTime"]
+                .iter()
+                .find_map(|f| object.get(*f).and_then(Value::as_str))
+                .or_else(|| meta(object, "creationTimestamp").and_then(Value::as_str))
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            if let Some(t) = stamp
+                && now.duration_since(t).unsigned_abs() > EVENT_TTL
+                && t < now
+            {
+                let (name, ns) = name_ns(object);
+                let _ = api.remove(rt, ns.as_deref(), &name);
+            }
+        }
+    }
+    // Dependents whose owners are gone.
+    for (rt, object) in &objects {
+        let Some(refs) = meta(object, "ownerReferences").and_then(Value::as_array) else { continue };
+        if meta(object, "deletionTimestamp").is_some() {
+            continue;
+        }
+        let (_, ns) = name_ns(object);
+        let uids: Vec<&str> = refs.iter().filter_map(|r| r.get("uid").and_then(Value::as_str)).collect();
+        let alive_in_snapshot =
+            |u: &str| objects.iter().any(|(_, o)| meta(o, "uid").and_then(Value::as_str) == Some(u));
+        if uids.iter().all(|u| alive_in_snapshot(u)) {
+            continue;
+        }
+        let alive: Vec<bool> = refs.iter().map(|r| owner_alive(api, ns.as_deref(), r)).collect();
+        if alive.iter().all(|a| !a) {
+            delete(api, rt, object, Propagation::Background);
+        } else if alive.iter().any(|a| !a) {
+            let mut updated = object.clone();
+            let kept: Vec<Value> =
+                refs.iter().zip(&alive).filter(|(_, a)| **a).map(|(r, _)| r.clone()).collect();
+            updated["metadata"]["ownerReferences"] = Value::Array(kept);
+            let _ = api.system_update(rt, updated);
+        }
+    }
+}
+
+fn terminate_namespace(api: &Api, objects: &[(ResourceType, Value)], namespace: &Value) {
+    let (ns_name, _) = name_ns(namespace);
+    let mut remaining = 0;
+    for (rt, object) in objects {
+        if !rt.namespaced || meta(object, "namespace").and_then(Value::as_str) != Some(ns_name.as_str()) {
+            continue;
+        }
+        remaining += 1;
+        if meta(object, "deletionTimestamp").is_none() {
+            delete(api, rt, object, Propagation::Background);
+        }
+    }
+    if remaining == 0 {
+        let registry = api.registry();
+        let rt = registry.get("", "v1", "namespaces").expect("built in");
+        if let Err(e) = api.remove(rt, None, &ns_name) {
+            tracing::warn!(error = %e, namespace = %ns_name, "namespace removal failed");
+        }
+    }
+}
