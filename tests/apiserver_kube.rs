@@ -90,7 +90,7 @@ async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Ctx>) -> Result<Action, Rec
                         &vm.object_ref(&()),
                     )
                     .await?;
-                Ok(Action::await_change())
+                Ok::<_, kube::Error>(Action::await_change())
             }
             Finalizer::Cleanup(vm) => {
                 ctx.seen.cleaned.lock().unwrap().push(vm.name_any());
@@ -206,7 +206,7 @@ async fn watch_delivers_events_bookmarks_and_skips_no_op_writes() {
     let created = vms.create(&PostParams::default(), &vm("w", 1)).await.unwrap();
     let rv = created.resource_version().unwrap();
     let mut stream =
-        vms.watch(&WatchParams::default().bookmarks(true).timeout(30), &rv).await.unwrap().boxed();
+        vms.watch(&WatchParams::default().timeout(30), &rv).await.unwrap().boxed();
 
     // A no-op write keeps the resourceVersion and emits nothing.
     let same = vms.replace("w", &PostParams::default(), &created).await.unwrap();
@@ -332,7 +332,7 @@ async fn parallel_creates_get_distinct_vmids_and_duplicates_are_refused() {
         .buffer_unordered(100)
         .collect()
         .await;
-    let vmids: BTreeSet<u64> = created.iter().map(|v| v.spec.vmid.expect("allocated")).collect();
+    let vmids: BTreeSet<u32> = created.iter().map(|v| v.spec.vmid.expect("allocated")).collect();
     assert_eq!(vmids.len(), 100, "100 distinct VMIDs");
     assert!(vmids.iter().all(|v| (100..=999_999_999).contains(v)));
 
@@ -350,7 +350,7 @@ async fn parallel_creates_get_distinct_vmids_and_duplicates_are_refused() {
     let cts: Api<LinuxContainer> = Api::namespaced(client, "default");
     let ct: LinuxContainer = serde_json::from_value(json!({
         "apiVersion": "kpve.io/v1alpha1", "kind": "LinuxContainer",
-        "metadata": {"name": "ct"}, "spec": {"vmid": 150, "template": "local:vztmpl/busybox.tar.gz"}
+        "metadata": {"name": "ct"}, "spec": {"vmid": 150, "template": "local:vztmpl/busybox.tar.gz", "rootfs": {"pool": "local", "size": "1G"}}
     }))
     .unwrap();
     let err = cts.create(&PostParams::default(), &ct).await.expect_err("container with a VM's VMID");

@@ -233,10 +233,13 @@ fn apply_prune_with_label_selector() {
     std::fs::write(dir.join("a.yaml"), vm_manifest("a", 1, "")).unwrap();
     std::fs::write(dir.join("b.yaml"), vm_manifest("b", 1, "")).unwrap();
     let dir_s = dir.to_str().unwrap();
-    server.kubectl_ok(&["apply", "-f", dir_s, "--prune", "-l", "app=demo"]);
+    // kubectl's default prune allowlist names Pods, Deployments and the like, which kpve does
+    // not serve; GitOps pipelines name the kinds they own.
+    let allow = "--prune-allowlist=kpve.io/v1alpha1/VirtualMachine";
+    server.kubectl_ok(&["apply", "-f", dir_s, "--prune", allow, "-l", "app=demo"]);
     assert_eq!(server.kubectl_ok(&["get", "vm", "-l", "app=demo", "-o", "name"]).lines().count(), 2);
     std::fs::remove_file(dir.join("b.yaml")).unwrap();
-    let out = server.kubectl_ok(&["apply", "-f", dir_s, "--prune", "-l", "app=demo"]);
+    let out = server.kubectl_ok(&["apply", "-f", dir_s, "--prune", allow, "-l", "app=demo"]);
     assert!(out.contains("virtualmachine.kpve.io/b pruned"), "{out}");
     wait_until("b to be gone", || !server.kubectl(&["get", "vm", "b"]).status.success());
     assert!(server.kubectl(&["get", "vm", "a"]).status.success());

@@ -645,7 +645,7 @@ const API_VERSION_DESC: &str = "APIVersion defines the versioned schema of this 
 const KIND_DESC: &str = "Kind is a string value representing the REST resource this object represents. Servers may infer this from the endpoint the client submits requests to. Cannot be updated. In CamelCase. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds";
 const METADATA_DESC: &str = "Standard object's metadata. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata";
 const LIST_METADATA_DESC: &str = "Standard list metadata. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds";
-const SPEC_DESC: &str =
+const SPEC_STATUS_URL: &str =
     "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#spec-and-status";
 
 /// The kind's schema: the CRD's `openAPIV3Schema` (or a hand-written one for built-ins) with
@@ -791,8 +791,8 @@ fn builtin_schema(rt: &ResourceType) -> Option<Value> {
         ("", "Namespace") => object(
             "Namespace provides a scope for Names. Use of multiple namespaces is optional.",
             json!({
-                "spec": ref_field(&ns("NamespaceSpec"), &format!("Spec defines the behavior of the Namespace. More info: {SPEC_DESC}")),
-                "status": ref_field(&ns("NamespaceStatus"), &format!("Status describes the current status of a Namespace. More info: {SPEC_DESC}")),
+                "spec": ref_field(&ns("NamespaceSpec"), &format!("Spec defines the behavior of the Namespace. More info: {SPEC_STATUS_URL}")),
+                "status": ref_field(&ns("NamespaceStatus"), &format!("Status describes the current status of a Namespace. More info: {SPEC_STATUS_URL}")),
             }),
             &[],
         ),
@@ -839,7 +839,7 @@ fn builtin_schema(rt: &ResourceType) -> Option<Value> {
         ("coordination.k8s.io", "Lease") => object(
             "Lease defines a lease concept.",
             json!({
-                "spec": ref_field(&format!("{COORDINATION}.LeaseSpec"), &format!("spec contains the specification of the Lease. More info: {SPEC_DESC}")),
+                "spec": ref_field(&format!("{COORDINATION}.LeaseSpec"), &format!("spec contains the specification of the Lease. More info: {SPEC_STATUS_URL}")),
             }),
             &[],
         ),
@@ -1313,7 +1313,7 @@ mod tests {
     }
 
     /// `kubectl explain`: the schema carrying the GVK.
-    fn schema_for<'a>(doc: &'a Value, gvk: Value) -> &'a Value {
+    fn schema_for(doc: &Value, gvk: Value) -> &Value {
         doc["components"]["schemas"]
             .as_object()
             .expect("schemas")

@@ -13,6 +13,19 @@ use crate::resources::{PrinterColumn, ResourceType, partial_object_metadata};
 const NAME_DESC: &str = "Name must be unique within a namespace. Is required when creating resources, although some resources may allow a client to request the generation of an appropriate name automatically. Name is primarily intended for creation idempotence and configuration definition. Cannot be updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names";
 const CREATION_DESC: &str = "CreationTimestamp is a timestamp representing the server time when this object was created. It is not guaranteed to be set in happens-before order across separate operations. Clients may not set this value. It is represented in RFC3339 form and is in UTC.\n\nPopulated by the system. Read-only. Null for lists. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata";
 
+// core/v1 Event field descriptions, which kube-apiserver uses for the event columns.
+const EV_LAST_SEEN: &str = "The time at which the most recent occurrence of this event was recorded.";
+const EV_TYPE: &str = "Type of this event (Normal, Warning), new types could be added in the future";
+const EV_REASON: &str = "This should be a short, machine understandable string that gives the reason for the transition into the object's current status.";
+const EV_OBJECT: &str = "The object that this event is about.";
+const EV_SUBOBJECT: &str = "If referring to a piece of an object instead of an entire object, this string should contain a valid JSON/Go field access statement, such as desiredState.manifest.containers[2].";
+const EV_SOURCE: &str =
+    "The component reporting this event. Should be a short machine understandable string.";
+const EV_MESSAGE: &str = "A human-readable description of the status of this operation.";
+const EV_FIRST_SEEN: &str =
+    "The time at which the event was first recorded. (Time of server receipt is in TypeMeta.)";
+const EV_COUNT: &str = "The number of times this event has occurred.";
+
 /// How one column's cell is computed.
 enum Cell {
     /// `metadata.name`.
@@ -35,17 +48,52 @@ enum Cell {
 }
 
 struct Column {
-    name: &'static str,
-    type_: &'static str,
-    format: &'static str,
-    description: &'static str,
+    name: String,
+    type_: String,
+    format: String,
+    description: String,
     priority: i32,
     cell: Cell,
 }
 
 impl Column {
-    fn new(name: &'static str, type_: &'static str, description: &'static str, cell: Cell) -> Column {
-        Column { name, type_, format: "", description, priority: 0, cell }
+    fn new(name: &str, type_: &str, description: &str, cell: Cell) -> Column {
+        Column {
+            name: name.into(),
+            type_: type_.into(),
+            format: String::new(),
+            description: description.into(),
+            priority: 0,
+            cell,
+        }
+    }
+
+    /// A CRD `additionalPrinterColumns` entry; the description defaults like apiextensions'
+    /// tableconvertor.
+    fn printer(p: &PrinterColumn) -> Column {
+        let description = if p.description.is_empty() {
+            format!("Custom resource definition column (in JSONPath format): {}", p.json_path)
+        } else {
+            p.description.clone()
+        };
+        Column {
+            name: p.name.clone(),
+            type_: p.type_.clone(),
+            format: p.format.clone(),
+            description,
+            priority: p.priority,
+            cell: Cell::Printer(p.clone()),
+        }
+    }
+
+    fn definition(&self) -> Value {
+        json!({
+            "name": self.name,
+            "type": self.type_,
+            "format": self.format,
+            "description": self.description,
+            "priority": self.priority,
+        })
     }
 
     fn wide(mut self) -> Column {
@@ -55,7 +103,7 @@ impl Column {
 }
 
 fn name_column() -> Column {
-    Column { format: "name", ..Column::new("Name", "string", NAME_DESC, Cell::Name) }
+    Column { format: "name".into(), ..Column::new("Name", "string", NAME_DESC, Cell::Name) }
 }
 
 fn age_column() -> Column {
@@ -75,38 +123,8 @@ pub fn to_table(
     now: Timestamp,
 ) -> Value {
     let columns = columns(rt);
-    let definitions: Vec<Value> = if with_headers {
-        columns
-            .iter()
-            .map(|c| {
-                let (name, type_, format, description, priority) = match &c.cell {
-                    // CRD columns carry their own strings; the description defaults like
-                    // apiextensions' tableconvertor.
-                    Cell::Printer(p) => (
-                        p.name.clone(),
-                        p.type_.clone(),
-                        p.format.clone(),
-                        if p.description.is_empty() {
-                            format!("Custom resource definition column (in JSONPath format): {}", p.json_path)
-                        } else {
-                            p.description.clone()
-                        },
-                        p.priority,
-                    ),
-                    _ => (
-                        c.name.to_string(),
-                        c.type_.to_string(),
-                        c.format.to_string(),
-                        c.description.to_string(),
-                        c.priority,
-                    ),
-                };
-                json!({"name": name, "type": type_, "format": format, "description": description, "priority": priority})
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let definitions: Vec<Value> =
+        if with_headers { columns.iter().map(Column::definition).collect() } else { Vec::new() };
     let rows: Vec<Value> = objects
         .iter()
         .map(|object| {
@@ -138,11 +156,9 @@ pub fn to_table(
 /// built-ins, or Name + Age.
 fn columns(rt: &ResourceType) -> Vec<Column> {
     if !rt.printer_columns.is_empty() {
-        let mut columns = vec![name_column()];
-        for p in &rt.printer_columns {
-            columns.push(Column::new("", "", "", Cell::Printer(p.clone())));
-        }
-        return columns;
+        return std::iter::once(name_column())
+            .chain(rt.printer_columns.iter().map(Column::printer))
+            .collect();
     }
     match (rt.builtin, rt.group.as_str(), rt.kind.as_str()) {
         (true, "", "Namespace") => vec![
@@ -153,15 +169,16 @@ fn columns(rt: &ResourceType) -> Vec<Column> {
         // kube-apiserver's event printer (pkg/printers/internalversion): Name comes last and is
         // wide-only, which is why `kubectl get events` starts with LAST SEEN.
         (true, "" | "events.k8s.io", "Event") => vec![
-            Column::new("Last Seen", "string", "The time at which the most recent occurrence of this event was recorded.", Cell::EventLastSeen),
-            Column::new("Type", "string", "Type of this event (Normal, Warning), new types could be added in the future", Cell::Text("/type")),
-            Column::new("Reason", "string", "This should be a short, machine understandable string that gives the reason for the transition into the object's current status.", Cell::Text("/reason")),
-            Column::new("Object", "string", "The object that this event is about.", Cell::EventObject),
-            Column::new("Subobject", "string", "If referring to a piece of an object instead of an entire object, this string should contain a valid JSON/Go field access statement, such as desiredState.manifest.containers[2].", Cell::EventSubobject).wide(),
-            Column::new("Source", "string", "The component reporting this event. Should be a short machine understandable string.", Cell::EventSource).wide(),
-            Column::new("Message", "string", "A human-readable description of the status of this operation.", Cell::EventMessage),
-            Column::new("First Seen", "string", "The time at which the event was first recorded. (Time of server receipt is in TypeMeta.)", Cell::EventFirstSeen).wide(),
-            Column::new("Count", "string", "The number of times this event has occurred.", Cell::EventCount).wide(),
+            Column::new("Last Seen", "string", EV_LAST_SEEN, Cell::EventLastSeen),
+            Column::new("Type", "string", EV_TYPE, Cell::Text("/type")),
+            Column::new("Reason", "string", EV_REASON, Cell::Text("/reason")),
+            Column::new("Object", "string", EV_OBJECT, Cell::EventObject),
+            Column::new("Subobject", "string", EV_SUBOBJECT, Cell::EventSubobject).wide(),
+            Column::new("Source", "string", EV_SOURCE, Cell::EventSource).wide(),
+            Column::new("Message", "string", EV_MESSAGE, Cell::EventMessage),
+            Column::new("First Seen", "string", EV_FIRST_SEEN, Cell::EventFirstSeen).wide(),
+            // kube declares Count as a string column but sends an integer cell.
+            Column::new("Count", "string", EV_COUNT, Cell::EventCount).wide(),
             name_column().wide(),
         ],
         (true, "coordination.k8s.io", "Lease") => vec![
@@ -579,5 +596,387 @@ fn human_nanos(nanos: i128) -> String {
         if dy == 0 { format!("{}y", hours / 24 / 365) } else { format!("{}y{dy}d", hours / 24 / 365) }
     } else {
         format!("{}y", hours / 24 / 365)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::Registry;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
+    fn registry() -> Registry {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crds");
+        let mut paths: Vec<_> =
+            std::fs::read_dir(dir).expect("crd dir").map(|e| e.expect("entry").path()).collect();
+        paths.sort();
+        let crds: Vec<CustomResourceDefinition> = paths
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .map(|p| serde_yaml::from_str(&std::fs::read_to_string(p).expect("read")).expect("crd yaml"))
+            .collect();
+        Registry::new(&crds)
+    }
+
+    fn now() -> Timestamp {
+        "2026-05-01T12:00:00Z".parse().expect("timestamp")
+    }
+
+    fn names(table: &Value) -> Vec<&str> {
+        table["columnDefinitions"]
+            .as_array()
+            .expect("defs")
+            .iter()
+            .map(|c| c["name"].as_str().expect("name"))
+            .collect()
+    }
+
+    #[test]
+    fn virtual_machine_table() {
+        let reg = registry();
+        let rt = reg.get("kpve.io", "v1alpha1", "virtualmachines").expect("vm type");
+        let vm = json!({
+            "apiVersion": "kpve.io/v1alpha1",
+            "kind": "VirtualMachine",
+            "metadata": {
+                "name": "vm1",
+                "namespace": "default",
+                "creationTimestamp": "2026-05-01T11:54:50Z",
+                "labels": {"a": "b"},
+            },
+            "spec": {"vmid": 100, "powerState": "Running", "cpu": {"cores": 4}, "memory": {"size": 2048}},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "Synced", "status": "False"},
+                {"type": "Ready", "status": "True"},
+            ]},
+        });
+        let bare = json!({"metadata": {"name": "vm2"}});
+        let table = to_table(
+            rt,
+            &[vm.clone(), bare],
+            json!({"resourceVersion": "101", "continue": ""}),
+            "Metadata",
+            true,
+            now(),
+        );
+        assert_eq!(table["kind"], "Table");
+        assert_eq!(table["apiVersion"], "meta.k8s.io/v1");
+        assert_eq!(table["metadata"], json!({"resourceVersion": "101", "continue": ""}));
+        assert_eq!(
+            names(&table),
+            ["Name", "VMID", "Node", "Power", "State", "Ready", "Age", "CPUs", "Memory"]
+        );
+        let defs = &table["columnDefinitions"];
+        assert_eq!(
+            defs[0],
+            json!({
+                "name": "Name", "type": "string", "format": "name", "description": NAME_DESC, "priority": 0,
+            })
+        );
+        assert_eq!(defs[1]["type"], "integer");
+        assert_eq!(
+            defs[1]["description"],
+            "Custom resource definition column (in JSONPath format): .spec.vmid"
+        );
+        assert_eq!(defs[6]["type"], "date");
+        assert_eq!(defs[7]["priority"], 1);
+        assert_eq!(
+            table["rows"][0]["cells"],
+            json!(["vm1", 100, null, "Running", "Running", "True", "5m10s", 4, 2048])
+        );
+        assert_eq!(table["rows"][1]["cells"], json!(["vm2", null, null, null, null, null, null, null, null]));
+        let object = &table["rows"][0]["object"];
+        assert_eq!(object["kind"], "PartialObjectMetadata");
+        assert_eq!(object["metadata"]["labels"]["a"], "b");
+
+        let no_headers = to_table(rt, std::slice::from_ref(&vm), json!({}), "None", false, now());
+        assert_eq!(no_headers["columnDefinitions"], json!([]));
+        assert!(no_headers["rows"][0].get("object").is_none());
+        let full = to_table(rt, std::slice::from_ref(&vm), json!({}), "Object", true, now());
+        assert_eq!(full["rows"][0]["object"], vm);
+    }
+
+    #[test]
+    fn printer_cell_typing() {
+        let col = |type_: &str, path: &str| PrinterColumn {
+            name: "X".into(),
+            type_: type_.into(),
+            format: String::new(),
+            description: String::new(),
+            priority: 0,
+            json_path: path.into(),
+        };
+        let obj = json!({
+            "n": 3, "f": 2.7, "s": "x", "b": true, "o": {"k": [1, 2]},
+            "t": "2026-05-01T11:00:00Z", "bad": "yesterday",
+        });
+        let cases = [
+            (col("integer", ".n"), json!(3)),
+            (col("integer", ".f"), json!(2)),
+            (col("integer", ".s"), Value::Null),
+            (col("number", ".f"), json!(2.7)),
+            (col("boolean", ".b"), json!(true)),
+            (col("boolean", ".s"), Value::Null),
+            (col("string", ".s"), json!("x")),
+            (col("string", ".n"), json!("3")),
+            (col("string", ".b"), json!("true")),
+            (col("string", ".o"), json!("{\"k\":[1,2]}")),
+            (col("string", ".missing"), Value::Null),
+            (col("date", ".t"), json!("60m")),
+            (col("date", ".bad"), json!("<invalid>")),
+            (col("date", ".n"), Value::Null),
+        ];
+        for (column, want) in cases {
+            assert_eq!(printer_cell(&column, &obj, now()), want, "{} {}", column.type_, column.json_path);
+        }
+    }
+
+    #[test]
+    fn builtin_tables() {
+        let reg = registry();
+        let t = |group: &str, plural: &str, obj: Value| {
+            to_table(reg.get(group, "v1", plural).expect("type"), &[obj], json!({}), "Metadata", true, now())
+        };
+        let ns = t(
+            "",
+            "namespaces",
+            json!({
+                "metadata": {"name": "default", "creationTimestamp": "2026-04-28T12:00:00Z"},
+                "status": {"phase": "Active"},
+            }),
+        );
+        assert_eq!(names(&ns), ["Name", "Status", "Age"]);
+        assert_eq!(ns["rows"][0]["cells"], json!(["default", "Active", "3d"]));
+
+        let lease = t(
+            "coordination.k8s.io",
+            "leases",
+            json!({
+                "metadata": {"name": "ctl", "creationTimestamp": "2026-05-01T09:30:00Z"},
+                "spec": {"holderIdentity": "pod-1"},
+            }),
+        );
+        assert_eq!(names(&lease), ["Name", "Holder", "Age"]);
+        assert_eq!(lease["rows"][0]["cells"], json!(["ctl", "pod-1", "150m"]));
+        let unheld = t("coordination.k8s.io", "leases", json!({"metadata": {"name": "x"}}));
+        assert_eq!(unheld["rows"][0]["cells"], json!(["x", "", "<unknown>"]));
+
+        let crd = t(
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            json!({
+                "metadata": {"name": "virtualmachines.kpve.io", "creationTimestamp": "2026-04-01T10:00:00.5Z"},
+            }),
+        );
+        assert_eq!(names(&crd), ["Name", "Created At"]);
+        assert_eq!(crd["rows"][0]["cells"], json!(["virtualmachines.kpve.io", "2026-04-01T10:00:00Z"]));
+
+        let core_event = json!({
+            "metadata": {"name": "vm1.17a", "namespace": "default"},
+            "involvedObject": {"kind": "VirtualMachine", "name": "vm1", "fieldPath": "spec"},
+            "reason": "Started", "message": " booted \n", "type": "Normal",
+            "source": {"component": "kpve-controller"},
+            "firstTimestamp": "2026-05-01T11:00:00Z", "lastTimestamp": "2026-05-01T11:58:00Z", "count": 3,
+        });
+        let ev = t("", "events", core_event);
+        assert_eq!(
+            names(&ev),
+            [
+                "Last Seen",
+                "Type",
+                "Reason",
+                "Object",
+                "Subobject",
+                "Source",
+                "Message",
+                "First Seen",
+                "Count",
+                "Name"
+            ]
+        );
+        assert_eq!(ev["columnDefinitions"][9]["format"], "name");
+        assert_eq!(ev["columnDefinitions"][9]["priority"], 1);
+        assert_eq!(
+            ev["rows"][0]["cells"],
+            json!([
+                "2m",
+                "Normal",
+                "Started",
+                "virtualmachine/vm1",
+                "spec",
+                "kpve-controller",
+                "booted",
+                "60m",
+                3,
+                "vm1.17a"
+            ])
+        );
+
+        // What the kube-rs Recorder writes through events.k8s.io/v1.
+        let new_event = json!({
+            "metadata": {"name": "vm1.17b", "namespace": "default"},
+            "regarding": {"kind": "VirtualMachine", "name": "vm1"},
+            "reason": "Reconciled", "note": "ok", "type": "Normal", "action": "Reconcile",
+            "reportingController": "kpve", "reportingInstance": "kpve-0",
+            "eventTime": "2026-05-01T11:59:30.000000Z",
+        });
+        let ev2 = t("events.k8s.io", "events", new_event);
+        assert_eq!(
+            ev2["rows"][0]["cells"],
+            json!([
+                "30s",
+                "Normal",
+                "Reconciled",
+                "virtualmachine/vm1",
+                "",
+                "kpve, kpve-0",
+                "ok",
+                "30s",
+                1,
+                "vm1.17b"
+            ])
+        );
+        let series = t(
+            "events.k8s.io",
+            "events",
+            json!({
+                "metadata": {"name": "e"}, "eventTime": "2026-05-01T10:00:00Z",
+                "series": {"count": 7, "lastObservedTime": "2026-05-01T11:59:55Z"},
+            }),
+        );
+        assert_eq!(series["rows"][0]["cells"][0], "5s");
+        assert_eq!(series["rows"][0]["cells"][8], 7);
+    }
+
+    #[test]
+    fn default_columns() {
+        let reg = registry();
+        let mut rt = reg.get("kpve.io", "v1alpha1", "virtualmachines").expect("vm").clone();
+        rt.printer_columns.clear();
+        let table = to_table(
+            &rt,
+            &[json!({"metadata": {"name": "a", "creationTimestamp": "2024-04-01T12:00:00Z"}})],
+            json!({}),
+            "",
+            true,
+            now(),
+        );
+        assert_eq!(names(&table), ["Name", "Age"]);
+        assert_eq!(table["columnDefinitions"][1]["type"], "date");
+        assert_eq!(table["rows"][0]["cells"], json!(["a", "2y30d"]));
+        assert_eq!(table["rows"][0]["object"]["kind"], "PartialObjectMetadata");
+        let future = to_table(
+            &rt,
+            &[json!({"metadata": {"name": "b", "creationTimestamp": "2026-05-01T12:00:05Z"}})],
+            json!({}),
+            "",
+            true,
+            now(),
+        );
+        assert_eq!(future["rows"][0]["cells"][1], "<invalid>");
+    }
+
+    #[test]
+    fn json_path() {
+        let obj = json!({
+            "spec": {
+                "vmid": 100,
+                "disks": [{"name": "scsi0", "size": 10}, {"name": "scsi1", "size": 20}],
+                "a.b": "dotted",
+            },
+            "status": {"conditions": [
+                {"type": "Synced", "status": "False"},
+                {"type": "Ready", "status": "True"},
+            ]},
+        });
+        let cases = [
+            (".spec.vmid", Some(json!(100))),
+            ("{.spec.vmid}", Some(json!(100))),
+            ("$.spec.vmid", Some(json!(100))),
+            (".status.conditions[?(@.type==\"Ready\")].status", Some(json!("True"))),
+            (".status.conditions[?(@.type=='Synced')].status", Some(json!("False"))),
+            (".status.conditions[?(@.type != \"Synced\")].type", Some(json!("Ready"))),
+            (".status.conditions[?(@.type==\"Missing\")].status", None),
+            (".spec.disks[?(@.size>15)].name", Some(json!("scsi1"))),
+            (".spec.disks[?(@.size<=10)].name", Some(json!("scsi0"))),
+            (".spec.disks[*].name", Some(json!("scsi0"))),
+            (".spec.disks[1].name", Some(json!("scsi1"))),
+            (".spec.disks[-1].size", Some(json!(20))),
+            (".spec.disks[5].name", None),
+            (".spec['a.b']", Some(json!("dotted"))),
+            (".spec[\"vmid\"]", Some(json!(100))),
+            ("..size", Some(json!(10))),
+            (".spec.missing", None),
+            (".spec.vmid.deeper", None),
+            (".spec.disks", Some(obj["spec"]["disks"].clone())),
+            (".spec.disks[", None),
+            ("spec", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(eval_json_path(&obj, path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn human_durations_match_apimachinery() {
+        const MS: u64 = 1_000_000;
+        let s = |n: u64| Duration::from_secs(n);
+        let m = |n: u64| s(n * 60);
+        let h = |n: u64| m(n * 60);
+        let d = |n: u64| h(n * 24);
+        let ms = Duration::from_nanos(MS);
+        let cases = [
+            (s(1), "1s"),
+            (s(70), "70s"),
+            (s(190), "3m10s"),
+            (m(70), "70m"),
+            (h(47), "47h"),
+            (h(49), "2d1h"),
+            (h(8 * 24 + 2), "8d"),
+            (h(367 * 24), "367d"),
+            (h(365 * 2 * 24 + 25), "2y1d"),
+            (h(365 * 8 * 24 + 2), "8y"),
+            (Duration::ZERO, "0s"),
+            (s(1) - ms, "0s"),
+            (m(2) - ms, "119s"),
+            (m(2), "2m"),
+            (m(2) + s(1), "2m1s"),
+            (m(10) - ms, "9m59s"),
+            (m(10), "10m"),
+            (m(10) + s(1), "10m"),
+            (h(3) - ms, "179m"),
+            (h(3), "3h"),
+            (h(3) + m(1), "3h1m"),
+            (h(8) - ms, "7h59m"),
+            (h(8), "8h"),
+            (h(8) + m(59), "8h"),
+            (d(2) - ms, "47h"),
+            (d(2), "2d"),
+            (d(2) + h(1), "2d1h"),
+            (d(8) - ms, "7d23h"),
+            (d(8), "8d"),
+            (d(8) + h(23), "8d"),
+            (d(2 * 365) - ms, "729d"),
+            (d(2 * 365), "2y"),
+            (d(2 * 365) + h(23), "2y"),
+            (d(2 * 365) + h(23) + m(59), "2y"),
+            (d(2 * 365) + h(24) - ms, "2y"),
+            (d(2 * 365) + h(24), "2y1d"),
+            (d(3 * 365), "3y"),
+            (d(4 * 365), "4y"),
+            (d(5 * 365), "5y"),
+            (d(6 * 365), "6y"),
+            (d(7 * 365), "7y"),
+            (d(8 * 365) - ms, "7y364d"),
+            (d(8 * 365), "8y"),
+            (d(8 * 365) + d(364), "8y"),
+            (d(9 * 365), "9y"),
+        ];
+        for (duration, want) in cases {
+            assert_eq!(human_duration(duration), want, "{duration:?}");
+        }
+        // Negative (clock skew) boundaries, via the signed form used for cells.
+        assert_eq!(human_nanos(-2_000_000_000), "<invalid>");
+        assert_eq!(human_nanos(-2_000_000_000 + 1), "0s");
     }
 }
