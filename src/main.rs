@@ -77,6 +77,12 @@ struct ServerArgs {
     /// Seconds between BOOKMARK events on idle watches.
     #[arg(long, default_value_t = 60, hide = true)]
     bookmark_interval: u64,
+    /// Seconds of watch history kept for resuming watches (older starts get 410 Expired).
+    #[arg(long, default_value_t = 300, hide = true)]
+    history_window: u64,
+    /// Revisions of watch history kept at least.
+    #[arg(long, default_value_t = 10_000, hide = true)]
+    keep_revisions: i64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -165,6 +171,8 @@ fn server(args: ServerArgs) -> Result<ExitCode> {
         listen: args.kube_listen,
         node,
         bookmark_interval: std::time::Duration::from_secs(args.bookmark_interval.max(1)),
+        history_window: std::time::Duration::from_secs(args.history_window),
+        keep_revisions: args.keep_revisions.max(0),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(kpve_apiserver::run(config))?;

@@ -205,8 +205,7 @@ async fn watch_delivers_events_bookmarks_and_skips_no_op_writes() {
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
     let created = vms.create(&PostParams::default(), &vm("w", 1)).await.unwrap();
     let rv = created.resource_version().unwrap();
-    let mut stream =
-        vms.watch(&WatchParams::default().timeout(30), &rv).await.unwrap().boxed();
+    let mut stream = vms.watch(&WatchParams::default().timeout(30), &rv).await.unwrap().boxed();
 
     // A no-op write keeps the resourceVersion and emits nothing.
     let same = vms.replace("w", &PostParams::default(), &created).await.unwrap();
@@ -242,6 +241,37 @@ async fn watch_delivers_events_bookmarks_and_skips_no_op_writes() {
     let lp = vms.list(&ListParams::default().labels("x=1")).await.unwrap();
     assert!(lp.items.is_empty());
     assert!(lp.metadata.resource_version.is_some(), "lists always carry a resourceVersion");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_a_compacted_revision_fails_in_stream_with_410() {
+    // Keep one second of history and no minimum number of revisions.
+    let server = Server::start_with(&["--history-window", "1", "--keep-revisions", "0"]);
+    let client = server.client().await;
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    let first = vms.create(&PostParams::default(), &vm("old", 1)).await.unwrap();
+    let old_rv = first.resource_version().unwrap();
+    for cores in 2..6 {
+        vms.patch("old", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cpu": {"cores": cores}}})))
+            .await
+            .unwrap();
+    }
+    // The HTTP answer is 200; the 410 comes as an ERROR event inside the stream.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut stream = vms.watch(&WatchParams::default().timeout(5), &old_rv).await.unwrap().boxed();
+        match tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await {
+            Ok(Ok(Some(WatchEvent::Error(e)))) => {
+                assert_eq!(e.code, 410, "{e:?}");
+                assert_eq!(e.reason, "Expired");
+                break;
+            }
+            Ok(Ok(Some(_))) => {}
+            other => panic!("unexpected watch result {other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "history was never compacted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -729,12 +729,20 @@ impl Api {
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, &name, causes));
         }
-        if old.is_some() && subresource.is_none() {
-            let old = old.expect("checked");
-            if generation_view(rt, &old.object) != generation_view(rt, &new) {
-                let generation = meta(&old.object).get("generation").and_then(Value::as_i64).unwrap_or(1);
-                meta_mut(&mut new).insert("generation".into(), Value::from(generation + 1));
-            }
+        if let Some(old) = old
+            && subresource.is_none()
+            && generation_view(rt, &old.object) != generation_view(rt, &new)
+        {
+            let generation = meta(&old.object).get("generation").and_then(Value::as_i64).unwrap_or(1);
+            meta_mut(&mut new).insert("generation".into(), Value::from(generation + 1));
+        }
+        if !applied {
+            // managedFields are the server's record; a client's copy (a PUT of what it read)
+            // does not replace it.
+            match old.and_then(|o| meta(&o.object).get("managedFields")).cloned() {
+                Some(mf) => meta_mut(&mut new).insert("managedFields".into(), mf),
+                None => meta_mut(&mut new).remove("managedFields"),
+            };
         }
         if !applied && let Some(manager) = opts.field_manager.as_deref() {
             ssa::record_update(rt, old.map(|o| &o.object), &mut new, manager, subresource, &now_rfc3339());
@@ -753,7 +761,8 @@ impl Api {
         // Equal as values, not as bytes: clients send keys in their own order.
         if let Some(old) = old
             && (bytes == old.kv.value
-                || serde_json::from_slice::<Value>(&bytes).ok() == serde_json::from_slice::<Value>(&old.kv.value).ok())
+                || serde_json::from_slice::<Value>(&bytes).ok()
+                    == serde_json::from_slice::<Value>(&old.kv.value).ok())
         {
             return Ok(Written { object: old.object.clone(), created: false, warnings: Vec::new() });
         }

@@ -33,21 +33,22 @@ pub async fn run(api: Arc<Api>) {
     }
 }
 
-pub async fn compact(api: Arc<Api>) {
+pub async fn compact(api: Arc<Api>, window: Duration, keep: Revision) {
     let mut samples: VecDeque<(Instant, Revision)> = VecDeque::new();
+    let period = (window / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
     loop {
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::time::sleep(period).await;
         let now = Instant::now();
         let current = api.store.current_revision();
         samples.push_back((now, current));
-        while samples.len() > 1 && now.duration_since(samples[1].0) >= HISTORY_WINDOW {
+        while samples.len() > 1 && now.duration_since(samples[1].0) >= window {
             samples.pop_front();
         }
         let Some(&(at, old)) = samples.front() else { continue };
-        if now.duration_since(at) < HISTORY_WINDOW {
+        if now.duration_since(at) < window {
             continue;
         }
-        let target = old.min(current - KEEP_REVISIONS);
+        let target = old.min(current - keep);
         if target > api.store.compacted_revision() {
             let api = api.clone();
             let result = tokio::task::spawn_blocking(move || api.store.compact(target)).await;

@@ -28,6 +28,27 @@ pub struct AppState {
     pub tokens: Tokens,
     pub bookmark_interval: Duration,
     pub server_address: String,
+    /// OpenAPI documents of one registry snapshot (building them hashes every schema).
+    pub openapi: std::sync::Mutex<Option<OpenApiCache>>,
+}
+
+#[derive(Debug)]
+pub struct OpenApiCache {
+    registry: Arc<crate::resources::Registry>,
+    root: Value,
+    group_versions: HashMap<(String, String), Option<(Value, String)>>,
+}
+
+impl AppState {
+    fn openapi<T>(&self, f: impl FnOnce(&mut OpenApiCache) -> T) -> T {
+        let registry = self.api.registry();
+        let mut cache = self.openapi.lock().expect("openapi cache lock");
+        if !cache.as_ref().is_some_and(|c| Arc::ptr_eq(&c.registry, &registry)) {
+            let root = openapi::v3_root(&registry);
+            *cache = Some(OpenApiCache { registry, root, group_versions: HashMap::new() });
+        }
+        f(cache.as_mut().expect("filled above"))
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> axum::Router {
@@ -105,7 +126,7 @@ async fn route(
         }
         "/api" => return Ok(json_response(StatusCode::OK, &discovery::api_versions(&state.server_address))),
         "/apis" => return Ok(json_response(StatusCode::OK, &discovery::api_group_list(&registry))),
-        "/openapi/v3" => return Ok(json_response(StatusCode::OK, &openapi::v3_root(&registry))),
+        "/openapi/v3" => return Ok(json_response(StatusCode::OK, &state.openapi(|c| c.root.clone()))),
         "/openapi/v2" => {
             if !accept.is_empty() && !accept.contains("json") && !accept.contains("*/*") {
                 return Err(ApiError::not_found_path());
@@ -120,8 +141,15 @@ async fn route(
             ["apis", g, v] => (g.to_string(), v.to_string()),
             _ => return Err(ApiError::not_found_path()),
         };
-        let (doc, hash) =
-            openapi::v3_group_version(&registry, &group, &version).ok_or_else(ApiError::not_found_path)?;
+        let (doc, hash) = state
+            .openapi(|c| {
+                let registry = c.registry.clone();
+                c.group_versions
+                    .entry((group.clone(), version.clone()))
+                    .or_insert_with(|| openapi::v3_group_version(&registry, &group, &version))
+                    .clone()
+            })
+            .ok_or_else(ApiError::not_found_path)?;
         let mut response = json_response(StatusCode::OK, &doc);
         response
             .headers_mut()

@@ -39,6 +39,10 @@ pub struct ServerConfig {
     pub node: String,
     /// How often idle watches get a BOOKMARK.
     pub bookmark_interval: Duration,
+    /// Watch history is kept at least this long...
+    pub history_window: Duration,
+    /// ...and at least this many revisions.
+    pub keep_revisions: i64,
 }
 
 /// The admin user the first start creates.
@@ -74,7 +78,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", config.data_dir.join("state.db").display()))?;
     let api = Arc::new(api::Api::new(Arc::new(store)).map_err(|e| anyhow::anyhow!("bootstrap: {e}"))?);
     tokio::spawn(gc::run(api.clone()));
-    tokio::spawn(gc::compact(api.clone()));
+    tokio::spawn(gc::compact(api.clone(), config.history_window, config.keep_revisions));
 
     let tls = pki::server_tls_config(&config.data_dir)?;
     let handle = axum_server::Handle::new();
@@ -83,6 +87,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         tokens: auth::Tokens::open(&config.data_dir),
         bookmark_interval: config.bookmark_interval,
         server_address: config.listen.to_string(),
+        openapi: Default::default(),
     });
     let app = http::router(state);
     let server =

@@ -22,7 +22,8 @@ pub struct ApiError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
-    pub details: Option<Value>,
+    /// Boxed: a `Value` would make every `Result<_, ApiError>` large.
+    pub details: Option<Box<Value>>,
     pub causes: Vec<Cause>,
 }
 
@@ -38,7 +39,7 @@ impl ApiError {
         if !name.is_empty() {
             details["name"] = json!(name);
         }
-        self.details = Some(details);
+        self.details = Some(Box::new(details));
         self
     }
 
@@ -65,7 +66,7 @@ impl ApiError {
 
     pub fn namespace_not_found(namespace: &str) -> ApiError {
         let mut e = ApiError::new(404, "NotFound", format!("namespaces \"{namespace}\" not found"));
-        e.details = Some(json!({"name": namespace, "kind": "namespaces"}));
+        e.details = Some(Box::new(json!({"name": namespace, "kind": "namespaces"})));
         e
     }
 
@@ -151,7 +152,7 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
-        let mut details = self.details.clone();
+        let mut details = self.details.as_deref().cloned();
         if !self.causes.is_empty() {
             let causes: Vec<Value> = self
                 .causes

@@ -16,6 +16,7 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    extra_args: Vec<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -24,7 +25,17 @@ pub fn free_port() -> u16 {
 
 impl Server {
     pub fn start() -> Server {
-        let mut server = Server { dir: tempfile::tempdir().unwrap(), port: free_port(), child: None };
+        Server::start_with(&[])
+    }
+
+    /// With extra `kpve server` arguments.
+    pub fn start_with(args: &[&str]) -> Server {
+        let mut server = Server {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            child: None,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+        };
         server.spawn();
         server
     }
@@ -55,6 +66,7 @@ impl Server {
             .arg(self.dir.path())
             .arg("--kube-listen")
             .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
