@@ -18,5 +18,25 @@ echo "== validating manifests/examples against the kpve.io schemas"
 "$kpve" validate -f manifests/examples
 
 echo "== starting kpve server and applying manifests/examples/vm.yaml"
-# `kpve server` is the milestone after the foundation; until it exists this says so and stops.
-exec "$kpve" server --data-dir "${KPVE_DATA_DIR:-/var/lib/kpve}"
+data_dir="${KPVE_DATA_DIR:-/var/lib/kpve}"
+"$kpve" server --data-dir "$data_dir" &
+server=$!
+trap 'kill $server 2>/dev/null' INT TERM
+# The server writes its kubeconfig once it listens.
+for _ in $(seq 1 300); do
+  if [ -s "$data_dir/kubeconfig" ] && KUBECONFIG="$data_dir/kubeconfig" kubectl get --raw /readyz >/dev/null 2>&1; then
+    break
+  fi
+  kill -0 $server 2>/dev/null || { echo "run.sh: kpve server exited" >&2; exit 1; }
+  sleep 0.1
+done
+export KUBECONFIG="$data_dir/kubeconfig"
+if command -v kubectl >/dev/null; then
+  kubectl apply -f manifests/examples/
+  kubectl get vm,lxc -o wide
+  echo "== kpve server is running (pid $server). Watch with: KUBECONFIG=$KUBECONFIG kubectl get vm -w"
+  echo "   (the node agent and controllers that start the VM are not built yet; the VM is stored and validated)"
+else
+  echo "run.sh: kubectl not found; the server is running with KUBECONFIG=$KUBECONFIG" >&2
+fi
+wait $server

@@ -438,7 +438,7 @@ async fn tokens_and_roles_are_enforced() {
             .await
             .unwrap();
     }
-    let node_vms: Api<VirtualMachine> = Api::namespaced(node1, "default");
+    let node_vms: Api<VirtualMachine> = Api::namespaced(node1.clone(), "default");
     let phase = json!({"status": {"phase": "Running"}});
     node_vms.patch_status("on1", &PatchParams::default(), &Patch::Merge(&phase)).await.expect("bound guest");
     let err = node_vms.patch_status("on2", &PatchParams::default(), &Patch::Merge(&phase)).await.unwrap_err();
@@ -448,4 +448,146 @@ async fn tokens_and_roles_are_enforced() {
         .await
         .unwrap_err();
     assert!(matches!(err, kube::Error::Api(ref e) if e.code == 403), "nodes do not write specs: {err}");
+
+    // A node's heartbeat Lease: its own name, in kube-node-lease only.
+    use k8s_openapi::api::coordination::v1::Lease;
+    let lease = |name: &str| -> Lease {
+        serde_json::from_value(
+            json!({"metadata": {"name": name}, "spec": {"holderIdentity": name, "leaseDurationSeconds": 40}}),
+        )
+        .unwrap()
+    };
+    let node_leases: Api<Lease> = Api::namespaced(node1.clone(), "kube-node-lease");
+    node_leases.create(&PostParams::default(), &lease("node1")).await.expect("own lease");
+    let err = node_leases.create(&PostParams::default(), &lease("node2")).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 403), "{err}");
+    let elsewhere: Api<Lease> = Api::namespaced(node1, "default");
+    let err = elsewhere.create(&PostParams::default(), &lease("node1")).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 403), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_rules_match_kubernetes() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let server = Server::start();
+    let client = server.client().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let err = namespaces.delete("default", &DeleteParams::default()).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 403), "default cannot be deleted: {err}");
+
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    let owner = vms.create(&PostParams::default(), &vm("owner", 1)).await.unwrap();
+    let mut two = vm("two-controllers", 1);
+    two.metadata.owner_references =
+        Some(vec![owner.controller_owner_ref(&()).unwrap(), owner.controller_owner_ref(&()).unwrap()]);
+    let err = vms.create(&PostParams::default(), &two).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 422), "{err}");
+
+    // Strict field validation covers metadata too; the default (Warn) drops unknown fields.
+    let raw: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client, "default", &kube::api::ApiResource::erase::<VirtualMachine>(&()));
+    let mut obj: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kpve.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "strict"}, "spec": {"powerState": "Stopped", "bogus": 1}
+    }))
+    .unwrap();
+    let err = raw
+        .patch("strict", &PatchParams::apply("test").validation_strict(), &Patch::Apply(&obj))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("spec.bogus"), "{err}");
+    let created = raw.create(&PostParams::default(), &obj).await.unwrap();
+    assert!(created.data["spec"].get("bogus").is_none(), "unknown fields are pruned");
+    obj.metadata.uid = Some("not-the-uid".into());
+    obj.metadata.resource_version = created.metadata.resource_version.clone();
+    let err = raw.replace("strict", &PostParams::default(), &obj).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 409), "uid is a precondition: {err}");
+}
+
+fn owned_vm(name: &str, owner: &VirtualMachine) -> VirtualMachine {
+    let mut dependent = vm(name, 1);
+    dependent.metadata.namespace = Some("gc".into());
+    dependent.metadata.owner_references = Some(vec![owner.controller_owner_ref(&()).unwrap()]);
+    dependent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_references_are_collected_and_namespaces_terminate() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let server = Server::start();
+    let client = server.client().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "gc"}})).unwrap())
+        .await
+        .unwrap();
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "gc");
+    let gone = |name: &'static str| {
+        let vms = vms.clone();
+        move || {
+            let vms = vms.clone();
+            async move { vms.get_opt(name).await.unwrap().is_none() }
+        }
+    };
+    let owner_of = |name: &str| {
+        let mut owner = vm(name, 1);
+        owner.metadata.namespace = Some("gc".into());
+        owner
+    };
+
+    // Background: the dependent goes after the owner.
+    let owner = vms.create(&PostParams::default(), &owner_of("owner")).await.unwrap();
+    vms.create(&PostParams::default(), &owned_vm("dep", &owner)).await.unwrap();
+    vms.delete("owner", &DeleteParams::background()).await.unwrap();
+    eventually("background dependent collected", gone("dep")).await;
+
+    // Orphan: the dependent stays, without the reference.
+    let owner = vms.create(&PostParams::default(), &owner_of("owner2")).await.unwrap();
+    vms.create(&PostParams::default(), &owned_vm("dep2", &owner)).await.unwrap();
+    vms.delete("owner2", &DeleteParams::orphan()).await.unwrap();
+    eventually("orphaning owner gone", gone("owner2")).await;
+    let dep2 = vms.get("dep2").await.unwrap();
+    assert!(dep2.metadata.owner_references.unwrap_or_default().is_empty(), "reference stripped");
+
+    // Foreground: the owner waits (terminating) until its dependents are gone.
+    let owner = vms.create(&PostParams::default(), &owner_of("owner3")).await.unwrap();
+    let mut dep3 = owned_vm("dep3", &owner);
+    dep3.metadata.owner_references.as_mut().unwrap()[0].block_owner_deletion = Some(true);
+    dep3.metadata.finalizers = Some(vec!["kpve.io/hold".into()]);
+    vms.create(&PostParams::default(), &dep3).await.unwrap();
+    vms.delete("owner3", &DeleteParams::foreground()).await.unwrap();
+    eventually("dependent terminating", || {
+        let vms = vms.clone();
+        async move { vms.get("dep3").await.unwrap().metadata.deletion_timestamp.is_some() }
+    })
+    .await;
+    let owner3 = vms.get("owner3").await.unwrap();
+    assert!(owner3.metadata.deletion_timestamp.is_some());
+    assert!(owner3.finalizers().iter().any(|f| f == "foregroundDeletion"), "owner waits for dependents");
+    vms.patch("dep3", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .await
+        .unwrap();
+    eventually("foreground owner gone after its dependent", gone("owner3")).await;
+
+    // Namespace deletion: Terminating, no new content, then everything goes.
+    namespaces.delete("gc", &DeleteParams::default()).await.unwrap();
+    let ns = namespaces.get("gc").await;
+    if let Ok(ns) = ns {
+        assert_eq!(ns.status.and_then(|s| s.phase).as_deref(), Some("Terminating"));
+        if let Err(kube::Error::Api(e)) = vms.create(&PostParams::default(), &owner_of("late")).await {
+            assert!(e.code == 403 || e.code == 404, "{e:?}");
+        }
+    }
+    eventually("namespace and its content gone", || {
+        let namespaces = namespaces.clone();
+        let vms = vms.clone();
+        async move {
+            namespaces.get_opt("gc").await.unwrap().is_none()
+                && vms.list(&ListParams::default()).await.is_ok_and(|l| l.items.is_empty())
+        }
+    })
+    .await;
+    let other: Api<VirtualMachine> = Api::namespaced(client, "missing");
+    let err = other.create(&PostParams::default(), &vm("x", 1)).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 404), "{err}");
 }

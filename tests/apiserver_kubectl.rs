@@ -86,6 +86,12 @@ fn client_side_apply_get_diff_explain_describe() {
     );
     let event_file = write(&server, "event.yaml", &event);
     server.kubectl_ok(&["create", "-f", &event_file]);
+    server.kubectl_ok(&["create", "namespace", "team-a"]);
+    assert!(
+        server
+            .kubectl_ok(&["get", "ns", "team-a", "--show-labels"])
+            .contains("kubernetes.io/metadata.name=team-a")
+    );
     let describe = server.kubectl_ok(&["describe", "vm", "web"]);
     assert!(describe.contains("Name:") && describe.contains("web"), "{describe}");
     assert!(describe.contains("placed on node1 by the test"), "event in describe:\n{describe}");

@@ -33,6 +33,7 @@ impl FieldValidation {
 /// Removes fields the schema does not declare; returns their paths (`spec.bogus`).
 pub fn prune(rt: &ResourceType, object: &mut Value) -> Vec<String> {
     let mut unknown = Vec::new();
+    prune_metadata(object, &mut unknown);
     let Some(schema) = rt.schema.as_ref() else { return unknown };
     let Value::Object(map) = object else { return unknown };
     let props = schema.get("properties").and_then(Value::as_object);
@@ -51,6 +52,35 @@ pub fn prune(rt: &ResourceType, object: &mut Value) -> Vec<String> {
         }
     }
     unknown
+}
+
+/// The fields of ObjectMeta; anything else in `metadata` is unknown for every kind.
+const OBJECT_META_FIELDS: &[&str] = &[
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+];
+
+fn prune_metadata(object: &mut Value, unknown: &mut Vec<String>) {
+    let Some(Value::Object(meta)) = object.get_mut("metadata") else { return };
+    let extra: Vec<String> =
+        meta.keys().filter(|k| !OBJECT_META_FIELDS.contains(&k.as_str())).cloned().collect();
+    for key in extra {
+        meta.remove(&key);
+        unknown.push(format!("metadata.{key}"));
+    }
 }
 
 fn preserves(schema: &Value) -> bool {
@@ -208,6 +238,29 @@ pub fn validate_metadata(rt: &ResourceType, object: &Value) -> Vec<Cause> {
                     "Invalid value: annotation values must be strings".into(),
                 ));
             }
+        }
+    }
+    if let Some(refs) = meta.get("ownerReferences").and_then(Value::as_array) {
+        let mut controllers = 0;
+        for (i, r) in refs.iter().enumerate() {
+            for field in ["apiVersion", "kind", "name", "uid"] {
+                if r.get(field).and_then(Value::as_str).is_none_or(str::is_empty) {
+                    causes.push(Cause {
+                        reason: "FieldValueRequired".into(),
+                        message: "Required value".into(),
+                        field: format!("metadata.ownerReferences[{i}].{field}"),
+                    });
+                }
+            }
+            if r.get("controller") == Some(&Value::Bool(true)) {
+                controllers += 1;
+            }
+        }
+        if controllers > 1 {
+            causes.push(invalid(
+                "metadata.ownerReferences",
+                "Invalid value: only one reference can have Controller set to true".into(),
+            ));
         }
     }
     if let Some(finalizers) = meta.get("finalizers").and_then(Value::as_array) {

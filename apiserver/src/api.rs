@@ -127,6 +127,9 @@ pub struct ListResult {
     pub continue_token: Option<String>,
 }
 
+/// A list page as already-serialized items: (items, list revision, continue token).
+pub type RawList = (Vec<Vec<u8>>, Revision, Option<String>);
+
 /// A watch about to stream: synthetic ADDED objects first, then store events.
 #[derive(Debug)]
 pub struct WatchStart {
@@ -182,7 +185,7 @@ fn finalizers(object: &Value) -> Vec<String> {
 /// kube-rs finalizer helper's `test: null`).
 fn omit_empty(object: &mut Value) {
     let m = meta_mut(object);
-    for field in ["finalizers", "labels", "annotations", "ownerReferences", "managedFields"] {
+    for field in ["finalizers", "ownerReferences", "managedFields"] {
         let empty = match m.get(field) {
             Some(Value::Array(a)) => a.is_empty(),
             Some(Value::Object(o)) => o.is_empty(),
@@ -348,10 +351,17 @@ impl Api {
             Some(kv) if creating => {
                 let object = decode(ns_rt, &kv);
                 if meta(&object).get("deletionTimestamp").is_some() {
-                    Err(ApiError::forbidden(format!(
+                    let mut e = ApiError::forbidden(format!(
                         "{} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
                         rt.qualified_name()
-                    )))
+                    ));
+                    e.details = Some(Box::new(json!({"group": rt.group, "kind": rt.plural})));
+                    e.causes = vec![Cause {
+                        reason: "NamespaceTerminating".into(),
+                        message: format!("namespace {ns} is being terminated"),
+                        field: "metadata.namespace".into(),
+                    }];
+                    Err(e)
                 } else {
                     Ok(())
                 }
@@ -460,6 +470,19 @@ impl Api {
                 ));
             }
             None => {}
+        }
+        if let Some(uid) = meta_str(&body, "uid").filter(|u| !u.is_empty())
+            && Some(uid) != meta_str(&cur.object, "uid")
+        {
+            return Err(ApiError::conflict_message(
+                rt,
+                name,
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    rt.qualified_name(),
+                    meta_str(&cur.object, "uid").unwrap_or("")
+                ),
+            ));
         }
         let warnings = self.strict_unknown(rt, &mut body, opts)?;
         let mut written = self.commit(rt, ns, Some(&cur), body, subresource, false, opts)?;
@@ -757,15 +780,20 @@ impl Api {
             let old_vmid = old.and_then(|o| admission::vmid_of(&o.object));
             vmids.admit(rt, &mut new, &holder, old_vmid)?;
         }
-        let bytes = encode(rt, &new);
+        let stored = storage_form(rt, &new);
         // Equal as values, not as bytes: clients send keys in their own order.
         if let Some(old) = old
-            && (bytes == old.kv.value
-                || serde_json::from_slice::<Value>(&bytes).ok()
-                    == serde_json::from_slice::<Value>(&old.kv.value).ok())
+            && (if events::is_events_v1(rt) {
+                serde_json::from_slice::<Value>(&old.kv.value).ok().as_ref() == Some(&stored)
+            } else {
+                let mut before = old.object.clone();
+                meta_mut(&mut before).remove("resourceVersion");
+                before == stored
+            })
         {
             return Ok(Written { object: old.object.clone(), created: false, warnings: Vec::new() });
         }
+        let bytes = serde_json::to_vec(&stored).expect("values serialize");
         let key = key(rt, ns, &name);
         // The last finalizer of a terminating object is gone: the object goes.
         if let Some(old) = old
@@ -824,6 +852,12 @@ impl Api {
                 if old.is_none() {
                     new["spec"] = json!({"finalizers": ["kubernetes"]});
                 }
+                let name = meta_str(new, "name").unwrap_or("").to_string();
+                let m = meta_mut(new);
+                if !m.get("labels").is_some_and(Value::is_object) {
+                    m.insert("labels".into(), json!({}));
+                }
+                m["labels"]["kubernetes.io/metadata.name"] = Value::String(name);
                 let terminating = meta(new).get("deletionTimestamp").is_some();
                 let phase = if terminating { "Terminating" } else { "Active" };
                 if !new.get("status").is_some_and(Value::is_object) {
@@ -872,6 +906,14 @@ impl Api {
         options: &DeleteOptions,
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
+        if rt.kind == "Namespace"
+            && rt.group.is_empty()
+            && ["default", "kube-system", "kube-public"].contains(&name)
+        {
+            return Err(ApiError::forbidden(format!(
+                "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
+            )));
+        }
         for _ in 0..PATCH_RETRIES {
             let Some(cur) = self.current(rt, ns, name)? else { return Err(ApiError::not_found(rt, name)) };
             if let Some(uid) = &options.uid
@@ -1000,6 +1042,7 @@ impl Api {
             ));
         }
         let current = self.store.current_revision();
+        check_list_resource_version(rt, options, current)?;
         if options.resource_version_match.as_deref() == Some("Exact")
             && options.resource_version.as_deref() != Some(current.to_string().as_str())
         {
@@ -1044,6 +1087,51 @@ impl Api {
             match page.more_after {
                 Some(after) if options.limit > 0 => start_after = Some(after),
                 _ => return Ok(ListResult { items, revision, continue_token: None }),
+            }
+        }
+    }
+
+    /// A list served straight from stored bytes: no selector needs the object decoded and the
+    /// type needs no conversion. `None` when that does not hold (use [`Api::list`]).
+    pub fn list_bytes(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        options: &ListOptions,
+    ) -> ApiResult<Option<RawList>> {
+        if options.labels.as_ref().is_some_and(|l| !l.is_empty())
+            || options.fields.as_ref().is_some_and(|f| !f.only_name_and_namespace())
+            || options.resource_version_match.is_some()
+            || options.fields.as_ref().and_then(|f| f.pinned_name()).is_some()
+            || events::is_events_v1(rt)
+        {
+            return Ok(None);
+        }
+        check_list_resource_version(rt, options, self.store.current_revision())?;
+        let prefix = prefix(rt, ns);
+        let (mut start_after, revision) = match &options.continue_token {
+            Some(token) => decode_continue(token, &prefix)?,
+            None => (None, self.store.current_revision()),
+        };
+        let mut items = Vec::new();
+        loop {
+            let want = if options.limit > 0 { (options.limit - items.len()).max(64) } else { 0 };
+            let page = self.store.list(&prefix, start_after.as_deref(), want)?;
+            for kv in &page.items {
+                if options.fields.as_ref().is_some_and(|f| !f.matches(&key_stub(rt, &kv.key))) {
+                    continue;
+                }
+                let Some(bytes) = served_bytes(rt, &kv.value, kv.mod_revision) else { return Ok(None) };
+                items.push(bytes);
+                if options.limit > 0 && items.len() == options.limit {
+                    let more = !self.store.list(&prefix, Some(&kv.key), 1)?.items.is_empty();
+                    let token = more.then(|| encode_continue(revision, &kv.key));
+                    return Ok(Some((items, revision, token)));
+                }
+            }
+            match page.more_after {
+                Some(after) if options.limit > 0 => start_after = Some(after),
+                _ => return Ok(Some((items, revision, None))),
             }
         }
     }
@@ -1111,6 +1199,46 @@ impl ApiError {
     fn details_mark_retry(&self) -> bool {
         self.code == 409 && self.reason == "Conflict" && self.message.starts_with("retry:")
     }
+}
+
+/// resourceVersion / resourceVersionMatch rules of a list (apimachinery ListOptions validation).
+fn check_list_resource_version(rt: &ResourceType, options: &ListOptions, current: Revision) -> ApiResult<()> {
+    let rv = match options.resource_version.as_deref() {
+        None => None,
+        Some(rv) => Some(rv.parse::<Revision>().map_err(|_| {
+            ApiError::bad_request(format!("invalid resource version {rv:?}: must be a number"))
+        })?),
+    };
+    match options.resource_version_match.as_deref() {
+        None | Some("NotOlderThan") => {}
+        Some("Exact") if rv == Some(0) => {
+            return Err(ApiError::invalid_field(
+                rt,
+                "",
+                "resourceVersionMatch",
+                "Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+            ));
+        }
+        Some("Exact") => {}
+        Some(other) => {
+            return Err(ApiError::invalid_field(
+                rt,
+                "",
+                "resourceVersionMatch",
+                format!("Unsupported value: {other:?}: supported values: \"Exact\", \"NotOlderThan\""),
+            ));
+        }
+    }
+    if let Some(rv) = rv
+        && rv > current
+    {
+        return Err(ApiError::new(
+            504,
+            "Timeout",
+            format!("Too large resource version: {rv}, current: {current}"),
+        ));
+    }
+    Ok(())
 }
 
 fn store_write_error(rt: &ResourceType, name: &str, e: StoreError) -> ApiError {
@@ -1210,15 +1338,67 @@ pub fn decode(rt: &ResourceType, kv: &KeyValue) -> Value {
     object
 }
 
-/// The object → stored bytes (storage form, no resourceVersion).
-fn encode(rt: &ResourceType, object: &Value) -> Vec<u8> {
+/// Stored objects begin with their metadata, so reads of many objects (lists, watches) can
+/// splice the resourceVersion in without decoding.
+const META_PREFIX: &[u8] = b"{\"metadata\":{";
+
+/// The object in storage form (no resourceVersion; metadata first).
+fn storage_form(rt: &ResourceType, object: &Value) -> Value {
     let mut object = object.clone();
     if events::is_events_v1(rt) {
         object = events::to_core(object);
         events::complete_core(&mut object);
     }
     meta_mut(&mut object).remove("resourceVersion");
-    serde_json::to_vec(&object).expect("values serialize")
+    let Value::Object(mut map) = object else { return object };
+    let mut ordered = Map::new();
+    if let Some(m) = map.remove("metadata") {
+        ordered.insert("metadata".into(), m);
+    }
+    ordered.extend(map);
+    Value::Object(ordered)
+}
+
+/// The object → stored bytes.
+fn encode(rt: &ResourceType, object: &Value) -> Vec<u8> {
+    serde_json::to_vec(&storage_form(rt, object)).expect("values serialize")
+}
+
+/// The served JSON of a stored object with `revision` as its resourceVersion, without
+/// decoding it; `None` when the type converts on read or the bytes are not in the
+/// metadata-first form.
+pub fn served_bytes(rt: &ResourceType, value: &[u8], revision: Revision) -> Option<Vec<u8>> {
+    if events::is_events_v1(rt) || !value.starts_with(META_PREFIX) {
+        return None;
+    }
+    let rest = &value[META_PREFIX.len()..];
+    let mut out = Vec::with_capacity(value.len() + 32);
+    out.extend_from_slice(META_PREFIX);
+    out.extend_from_slice(format!("\"resourceVersion\":\"{revision}\"").as_bytes());
+    if !rest.starts_with(b"}") {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+/// `(namespace, name)` from a store key of `rt`.
+pub fn key_name(rt: &ResourceType, key: &str) -> (Option<String>, String) {
+    let rest = key.strip_prefix(&prefix(rt, None)).unwrap_or(key);
+    match rest.split_once('/') {
+        Some((ns, name)) if rt.namespaced => (Some(ns.to_string()), name.to_string()),
+        _ => (None, rest.to_string()),
+    }
+}
+
+/// A stand-in object carrying only what a name/namespace field selector looks at.
+pub fn key_stub(rt: &ResourceType, key: &str) -> Value {
+    let (ns, name) = key_name(rt, key);
+    let mut meta = json!({"name": name});
+    if let Some(ns) = ns {
+        meta["namespace"] = json!(ns);
+    }
+    json!({"metadata": meta})
 }
 
 fn encode_continue(revision: Revision, start: &str) -> String {

@@ -1,6 +1,7 @@
 //! Authentication (bearer tokens from `DATA_DIR/tokens.csv`) and authorisation with three
 //! roles: `admin` (everything), `read-only` (get, list, watch) and `node` (reads, plus writes to
-//! its own Hypervisor, its own Lease, Events, and the status of guests bound to it).
+//! its own Hypervisor, its own Lease, Events, storage pool status, and the status of guests
+//! bound to it).
 //!
 //! tokens.csv lines are `token,user,role[,node]`, the format of kube-apiserver's static token
 //! file with the role where the groups would be. The file is re-read when it changes, so
@@ -147,6 +148,7 @@ impl Verb {
 /// What the request touches.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
+    pub namespace: Option<&'a str>,
     pub group: &'a str,
     pub plural: &'a str,
     pub name: Option<&'a str>,
@@ -188,8 +190,16 @@ pub fn authorize(id: &Identity, verb: Verb, target: Target<'_>) -> Result<Decisi
             let own = target.name == Some(node.as_str());
             let allowed = match (target.group, target.plural) {
                 ("kpve.io", "hypervisors") => own && verb != Verb::Delete && verb != Verb::DeleteCollection,
-                ("coordination.k8s.io", "leases") => own && verb != Verb::DeleteCollection,
+                // Node heartbeats live in kube-node-lease, as in Kubernetes.
+                ("coordination.k8s.io", "leases") => {
+                    own && verb != Verb::DeleteCollection && target.namespace == Some("kube-node-lease")
+                }
                 ("" | "events.k8s.io", "events") => matches!(verb, Verb::Create | Verb::Patch | Verb::Update),
+                // Each node reports its own entry of a pool's per-node status (a list-map keyed
+                // by node, so its server-side applies touch only that entry).
+                ("kpve.io", "storagepools") => {
+                    target.subresource == Some("status") && matches!(verb, Verb::Update | Verb::Patch)
+                }
                 ("kpve.io", "virtualmachines" | "linuxcontainers")
                     if target.subresource == Some("status") && matches!(verb, Verb::Update | Verb::Patch) =>
                 {

@@ -164,7 +164,15 @@ pub fn sweep(api: &Api) {
                 if meta(dependent, "deletionTimestamp").is_none() {
                     delete(api, drt, dependent, Propagation::Foreground);
                 }
-                blocking = true;
+                // Only dependents that say so hold the owner back.
+                let blocks =
+                    meta(dependent, "ownerReferences").and_then(Value::as_array).is_some_and(|refs| {
+                        refs.iter().any(|r| {
+                            r.get("uid").and_then(Value::as_str) == Some(uid)
+                                && r.get("blockOwnerDeletion") == Some(&Value::Bool(true))
+                        })
+                    });
+                blocking |= blocks;
             }
             if !blocking {
                 remove_finalizer(api, rt, object, "foregroundDeletion");
@@ -172,11 +180,17 @@ pub fn sweep(api: &Api) {
             continue;
         }
         if rt.kind == "Event" && rt.group.is_empty() {
-            let stamp = ["lastTimestamp", "eventTime"]
-                .iter()
-                .find_map(|f| object.get(*f).and_then(Value::as_str))
-                .or_else(|| meta(object, "creationTimestamp").and_then(Value::as_str))
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            // The TTL runs from the last write (creation or the newest managedFields time),
+            // not from the timestamps the reporter put in the event.
+            let written = meta(object, "managedFields")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.get("time").and_then(Value::as_str))
+                .chain(meta(object, "creationTimestamp").and_then(Value::as_str))
+                .filter_map(|t| t.parse::<jiff::Timestamp>().ok())
+                .max();
+            let stamp = written;
             if let Some(t) = stamp
                 && now.duration_since(t).unsigned_abs() > EVENT_TTL
                 && t < now
@@ -194,8 +208,13 @@ pub fn sweep(api: &Api) {
         }
         let (_, ns) = name_ns(object);
         let uids: Vec<&str> = refs.iter().filter_map(|r| r.get("uid").and_then(Value::as_str)).collect();
-        let alive_in_snapshot =
-            |u: &str| objects.iter().any(|(_, o)| meta(o, "uid").and_then(Value::as_str) == Some(u));
+        // An owner counts only in the dependent's namespace or cluster-scoped.
+        let alive_in_snapshot = |u: &str| {
+            objects.iter().any(|(ort, o)| {
+                meta(o, "uid").and_then(Value::as_str) == Some(u)
+                    && (!ort.namespaced || meta(o, "namespace").and_then(Value::as_str) == ns.as_deref())
+            })
+        };
         if uids.iter().all(|u| alive_in_snapshot(u)) {
             continue;
         }

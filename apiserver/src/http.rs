@@ -17,6 +17,7 @@ use crate::auth::{self, Identity, Target, Tokens, Verb};
 use crate::resources::{ResourceType, partial_object_metadata};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::{ApiError, ApiResult};
+use crate::store::Event;
 use crate::{discovery, openapi, table};
 
 /// Request bodies above this are refused, as kube-apiserver does.
@@ -54,7 +55,8 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .fallback(handle)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        // Bodies are limited in `handle`, so an oversized one gets a Status, not plain text.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -83,7 +85,7 @@ async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let path = uri.path().trim_end_matches('/').to_string();
     let public = matches!(path.as_str(), "/version" | "/healthz" | "/livez" | "/readyz");
@@ -94,6 +96,10 @@ async fn handle(
         },
         None if public => None,
         None => return ApiError::unauthorized().into_response(),
+    };
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(body) => body,
+        Err(_) => return ApiError::too_large().into_response(),
     };
     let query = query_map(&uri);
     match route(&state, &method, &path, &query, &headers, body, identity).await {
@@ -224,10 +230,25 @@ async fn route(
         ("DELETE", false) => Verb::DeleteCollection,
         _ => return Err(ApiError::method_not_allowed()),
     };
+    // A create names its object in the body; authorisation by name (a node creating its own
+    // Hypervisor or Lease) needs it.
+    let body_name = if verb == Verb::Create {
+        serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|b| b.pointer("/metadata/name").and_then(Value::as_str).map(String::from))
+    } else {
+        None
+    };
     let decision = auth::authorize(
         &identity,
         verb,
-        Target { group: &rt.group, plural: &rt.plural, name: name.as_deref(), subresource: sub.as_deref() },
+        Target {
+            namespace: ns.as_deref(),
+            group: &rt.group,
+            plural: &rt.plural,
+            name: name.as_deref().or(body_name.as_deref()),
+            subresource: sub.as_deref(),
+        },
     )?;
     if rt.namespaced && ns.is_none() && !matches!(verb, Verb::List | Verb::Watch) {
         return Err(ApiError::not_found_path());
@@ -264,6 +285,20 @@ async fn route(
             let object = api.get(&rt, ns.as_deref(), name.as_deref().expect("item"))?;
             Ok(output.single(&rt, object))
         }
+        Verb::List if matches!(output, Output::Json) => {
+            let options = list_options(&rt, query)?;
+            let rt2 = rt.clone();
+            let ns2 = ns.clone();
+            let api2 = api.clone();
+            let fast = blocking(move || api2.list_bytes(&rt2, ns2.as_deref(), &options)).await?;
+            if let Some((items, revision, token)) = fast {
+                return Ok(raw_list(&rt, items, revision, token));
+            }
+            let options = list_options(&rt, query)?;
+            let result = blocking(move || api.list(&rt, ns.as_deref(), &options).map(|r| (rt, r))).await?;
+            let (rt, result) = result;
+            Ok(output.list(&rt, result))
+        }
         Verb::List => {
             let options = list_options(&rt, query)?;
             let result = blocking(move || api.list(&rt, ns.as_deref(), &options).map(|r| (rt, r))).await?;
@@ -285,7 +320,15 @@ async fn route(
             } else {
                 None
             };
-            let body = decode_body(&body, &content_type)?;
+            let body = if content_type.starts_with("application/vnd.kubernetes.protobuf")
+                && rt.group.is_empty()
+                && rt.kind == "Namespace"
+            {
+                crate::protobuf::decode_namespace(&body)
+                    .ok_or_else(|| ApiError::bad_request("the protobuf body is not a v1.Namespace"))?
+            } else {
+                decode_body(&body, &content_type)?
+            };
             let force = query.get("force").is_some_and(|f| f == "true" || f == "1");
             let written = blocking(move || {
                 match verb {
@@ -382,12 +425,57 @@ async fn route(
     }
 }
 
+/// A JSON list assembled from already-serialized items.
+fn raw_list(rt: &ResourceType, items: Vec<Vec<u8>>, revision: i64, token: Option<String>) -> Response {
+    let mut metadata = json!({"resourceVersion": revision.to_string()});
+    if let Some(token) = token {
+        metadata["continue"] = json!(token);
+    }
+    let head = json!({"kind": rt.list_kind, "apiVersion": rt.api_version(), "metadata": metadata});
+    let mut body = serde_json::to_vec(&head).expect("values serialize");
+    body.pop(); // the closing brace; items follow
+    body.extend_from_slice(b",\"items\":[");
+    let total: usize = items.iter().map(|i| i.len() + 1).sum();
+    body.reserve(total + 2);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"]}");
+    let mut response = (StatusCode::OK, body).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// One watch line around already-serialized object bytes.
+fn raw_event_line(kind: &str, object: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(object.len() + 32);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(kind.as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
+    Bytes::from(line)
+}
+
 /// Runs store work off the async workers (writes wait for fsync).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 fn decode_body(body: &[u8], content_type: &str) -> ApiResult<Value> {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !(media.is_empty() || media.contains("json") || media.contains("yaml")) {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {media})"
+            ),
+        ));
+    }
     if body.is_empty() {
         return Err(ApiError::bad_request("the request body is empty"));
     }
@@ -577,6 +665,9 @@ async fn watch(
             headers = false;
             out
         };
+        let fast = matches!(output, Output::Json)
+            && options.labels.as_ref().is_none_or(|l| l.is_empty())
+            && options.fields.as_ref().is_none_or(|f| f.only_name_and_namespace());
         let mut last = start.revision;
         for object in std::mem::take(&mut start.initial) {
             if matches(&object) && tx.send(event_line("ADDED", render(object))).await.is_err() {
@@ -603,6 +694,25 @@ async fn watch(
                     // the client resumes from the last revision it saw.
                     let Some(event) = event else { return };
                     last = event.revision();
+                    if fast {
+                        // No selector needs the object: match on the key, splice the bytes.
+                        if options.fields.as_ref().is_some_and(|f| !f.matches(&api::key_stub(&rt, event.key()))) {
+                            continue;
+                        }
+                        let raw = match &event {
+                            Event::Put { kv, prev } => api::served_bytes(&rt, &kv.value, kv.mod_revision)
+                                .map(|b| (if prev.is_some() { "MODIFIED" } else { "ADDED" }, b)),
+                            Event::Delete { prev, revision } => {
+                                api::served_bytes(&rt, &prev.value, *revision).map(|b| ("DELETED", b))
+                            }
+                        };
+                        if let Some((kind, bytes)) = raw {
+                            if tx.send(raw_event_line(kind, &bytes)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
                     let (new, old) = api.decode_event(&rt, &event);
                     let kind = match (&new, &old) {
                         (Some(n), None) if matches(n) => "ADDED",
@@ -615,7 +725,14 @@ async fn watch(
                         (None, Some(o)) if matches(o) => "DELETED",
                         _ => continue,
                     };
-                    let object = new.or(old).expect("an event has an object");
+                    // Leaving the selector: the previous object, at the new revision.
+                    let object = match (kind, new, old) {
+                        ("DELETED", Some(_), Some(mut o)) => {
+                            o["metadata"]["resourceVersion"] = Value::String(last.to_string());
+                            o
+                        }
+                        (_, new, old) => new.or(old).expect("an event has an object"),
+                    };
                     event_line(kind, render(object))
                 }
             };

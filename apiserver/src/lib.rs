@@ -15,6 +15,7 @@ pub mod http;
 pub mod openapi;
 pub mod patch;
 pub mod pki;
+pub mod protobuf;
 pub mod resources;
 pub mod selector;
 pub mod ssa;

@@ -344,6 +344,12 @@ struct FieldTerm {
 }
 
 impl FieldSelector {
+    /// Whether every term is on `metadata.name` / `metadata.namespace`, which a store key
+    /// already tells (the server then skips decoding objects).
+    pub fn only_name_and_namespace(&self) -> bool {
+        self.terms.iter().all(|t| t.field == "metadata.name" || t.field == "metadata.namespace")
+    }
+
     /// `f=v`, `f==v`, `f!=v`, comma = AND, empty = everything. Fields are `metadata.name`,
     /// `metadata.namespace` and `rt.selectable_fields`; values may escape `\,` `\=` `\\`.
     pub fn parse(s: &str, rt: &ResourceType) -> Result<Self, SelectorError> {

@@ -24,6 +24,9 @@ pub mod condition_type {
     pub const MIGRATABLE: &str = "Migratable";
     /// The spec changed in a way that only takes effect after the guest restarts.
     pub const RESTART_REQUIRED: &str = "RestartRequired";
+    /// Set True by the node agent once a deleted guest's host resources (process, volumes,
+    /// taps) are gone; the guest controller then drops its finalizer.
+    pub const RELEASED: &str = "Released";
 }
 
 /// Status of a condition, as in Kubernetes.
@@ -198,6 +201,7 @@ pub struct GuestStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Process id of QEMU or of the container's init on its node.
     #[serde(default, skip_serializing_if = "Option::is_none")]

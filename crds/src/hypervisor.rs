@@ -107,6 +107,7 @@ pub struct Bridge {
 #[serde(rename_all = "camelCase")]
 pub struct HypervisorStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Last time the agent reported (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]

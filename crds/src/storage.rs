@@ -100,6 +100,7 @@ pub struct StoragePoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Capacity and usage as seen by each node's agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
