@@ -502,6 +502,20 @@ async fn metadata_rules_match_kubernetes() {
     obj.metadata.resource_version = created.metadata.resource_version.clone();
     let err = raw.replace("strict", &PostParams::default(), &obj).await.unwrap_err();
     assert!(matches!(err, kube::Error::Api(ref e) if e.code == 409), "uid is a precondition: {err}");
+
+    // Built-ins must decode as their Kubernetes type: a broken Lease would break every reader.
+    let leases: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        raw.clone().into_client(),
+        "default",
+        &kube::api::ApiResource::erase::<k8s_openapi::api::coordination::v1::Lease>(&()),
+    );
+    let bad: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "bad"}, "spec": {"renewTime": "garbage"}
+    }))
+    .unwrap();
+    let err = leases.create(&PostParams::default(), &bad).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref e) if e.code == 400), "{err}");
 }
 
 fn owned_vm(name: &str, owner: &VirtualMachine) -> VirtualMachine {

@@ -733,6 +733,7 @@ impl Api {
             }
         }
         self.builtin_rules(rt, old.map(|o| &o.object), &mut new);
+        typed_builtin(rt, &mut new)?;
         // Admission.
         admission::apply_defaults(rt, &mut new);
         let mut causes = admission::validate_metadata(rt, &new);
@@ -1199,6 +1200,53 @@ impl ApiError {
     fn details_mark_retry(&self) -> bool {
         self.code == 409 && self.reason == "Conflict" && self.message.starts_with("retry:")
     }
+}
+
+/// Built-in kinds have no CRD schema: they must decode as their Kubernetes type (a Lease with
+/// `renewTime: garbage` would break every typed client listing it), and the round trip drops
+/// fields the type does not have, as kube-apiserver's decoding does.
+fn typed_builtin(rt: &ResourceType, object: &mut Value) -> ApiResult<()> {
+    fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
+        rt: &ResourceType,
+        object: &mut Value,
+    ) -> ApiResult<()> {
+        let typed: T = serde_json::from_value(object.clone()).map_err(|e| {
+            ApiError::bad_request(format!(
+                "{kind} in version \"{v}\" cannot be handled as a {kind}: {e}",
+                kind = rt.kind,
+                v = rt.version
+            ))
+        })?;
+        *object = serde_json::to_value(typed).expect("typed values serialize");
+        Ok(())
+    }
+    use k8s_openapi::api;
+    if !rt.builtin {
+        return Ok(());
+    }
+    match (rt.group.as_str(), rt.kind.as_str()) {
+        ("", "Namespace") => round_trip::<api::core::v1::Namespace>(rt, object)?,
+        ("", "Event") => round_trip::<api::core::v1::Event>(rt, object)?,
+        ("events.k8s.io", "Event") => round_trip::<api::events::v1::Event>(rt, object)?,
+        ("coordination.k8s.io", "Lease") => round_trip::<api::coordination::v1::Lease>(rt, object)?,
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            round_trip::<CustomResourceDefinition>(rt, object)?
+        }
+        _ => {}
+    }
+    if rt.kind == "Event"
+        && let Some(t) = object.get("type").and_then(Value::as_str)
+        && !["Normal", "Warning"].contains(&t)
+    {
+        let name = meta_str(object, "name").unwrap_or("").to_string();
+        return Err(ApiError::invalid_field(
+            rt,
+            &name,
+            "type",
+            format!("Unsupported value: {t:?}: supported values: \"Normal\", \"Warning\""),
+        ));
+    }
+    Ok(())
 }
 
 /// resourceVersion / resourceVersionMatch rules of a list (apimachinery ListOptions validation).
