@@ -1,0 +1,207 @@
+//! Storage of type `dir`: volumes are files under the pool's path, laid out and named like
+//! Proxmox's (`images/100/vm-100-disk-0.qcow2`, volume id `local:100/vm-100-disk-0.qcow2`),
+//! allocated with `qemu-img` and freed with the guest.
+
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("volume id {0:?} is not <pool>:<path>")]
+    BadVolume(String),
+    #[error("pool {0:?} does not exist on this node")]
+    NoPool(String),
+    #[error("qemu-img create {path}: {message}")]
+    Create { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A dir pool on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirPool {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Bytes total / used / available of the filesystem holding a path (`df`-like).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub total: u64,
+    pub used: u64,
+    pub available: u64,
+}
+
+impl DirPool {
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> DirPool {
+        DirPool { name: name.into(), path: path.into() }
+    }
+
+    /// The Proxmox volume name of disk `index` of guest `vmid`.
+    pub fn volume_name(vmid: u32, index: usize, format: &str) -> String {
+        format!("{vmid}/vm-{vmid}-disk-{index}.{format}")
+    }
+
+    /// `local:100/vm-100-disk-0.qcow2` → path of the file.
+    pub fn path_of(&self, volume: &str) -> Result<PathBuf> {
+        let (pool, rel) = volume.split_once(':').ok_or_else(|| StorageError::BadVolume(volume.into()))?;
+        if pool != self.name || rel.contains("..") || rel.starts_with('/') {
+            return Err(StorageError::BadVolume(volume.into()));
+        }
+        Ok(match rel.split_once('/') {
+            Some(("iso", file)) => self.path.join("template/iso").join(file),
+            Some(("vztmpl", file)) => self.path.join("template/cache").join(file),
+            _ => self.path.join("images").join(rel),
+        })
+    }
+
+    /// Creates the pool's directories.
+    pub fn activate(&self) -> Result<()> {
+        for sub in ["images", "template/iso", "template/cache"] {
+            let dir = self.path.join(sub);
+            std::fs::create_dir_all(&dir).map_err(|source| StorageError::Io { path: dir, source })?;
+        }
+        Ok(())
+    }
+
+    /// Allocates `volume` of `size` bytes unless it exists. Returns whether it was created.
+    pub async fn allocate(&self, volume: &str, format: &str, size: u64) -> Result<bool> {
+        let path = self.path_of(volume)?;
+        if path.exists() {
+            return Ok(false);
+        }
+        let dir = path.parent().expect("volume paths have a parent");
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::Io { path: dir.into(), source })?;
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", format])
+            .arg(&path)
+            .arg(size.to_string())
+            .output()
+            .await
+            .map_err(|source| StorageError::Io { path: path.clone(), source })?;
+        if !out.status.success() {
+            return Err(StorageError::Create {
+                path,
+                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(true)
+    }
+
+    /// Removes every volume of guest `vmid`.
+    pub fn free_guest(&self, vmid: u32) -> Result<()> {
+        let dir = self.path.join("images").join(vmid.to_string());
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StorageError::Io { path: dir, source }),
+        }
+    }
+
+    /// Volume ids of guest images present on disk.
+    pub fn content(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let images = self.path.join("images");
+        for guest in std::fs::read_dir(&images).into_iter().flatten().flatten() {
+            for file in std::fs::read_dir(guest.path()).into_iter().flatten().flatten() {
+                out.push(format!(
+                    "{}:{}/{}",
+                    self.name,
+                    guest.file_name().to_string_lossy(),
+                    file.file_name().to_string_lossy()
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn usage(&self) -> Usage {
+        usage_of(&self.path)
+    }
+}
+
+/// Filesystem usage from `df` (std has no statvfs, and kpve forbids `unsafe`).
+pub fn usage_of(path: &Path) -> Usage {
+    let out = std::process::Command::new("df").args(["-B1", "--output=size,used,avail"]).arg(path).output();
+    let Ok(out) = out else { return Usage::default() };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let nums: Vec<u64> =
+        text.lines().nth(1).unwrap_or("").split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    match nums.as_slice() {
+        [total, used, available] => Usage { total: *total, used: *used, available: *available },
+        _ => Usage::default(),
+    }
+}
+
+/// `32G`, `512M`, `1T`, `32Gi`, plain bytes → bytes.
+pub fn parse_size(size: &str) -> Option<u64> {
+    let s = size.trim();
+    let s = s.strip_suffix('i').unwrap_or(s);
+    let (num, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' => (&s[..s.len() - 1], 1 << 20),
+        'G' => (&s[..s.len() - 1], 1 << 30),
+        'T' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let value: f64 = num.parse().ok()?;
+    (value >= 0.0).then_some((value * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_paths_follow_proxmox() {
+        let pool = DirPool::new("local", "/var/lib/kpve/storage/local");
+        assert_eq!(DirPool::volume_name(100, 0, "qcow2"), "100/vm-100-disk-0.qcow2");
+        assert_eq!(
+            pool.path_of("local:100/vm-100-disk-0.qcow2").unwrap(),
+            Path::new("/var/lib/kpve/storage/local/images/100/vm-100-disk-0.qcow2")
+        );
+        assert_eq!(
+            pool.path_of("local:iso/boot.iso").unwrap(),
+            Path::new("/var/lib/kpve/storage/local/template/iso/boot.iso")
+        );
+        assert!(pool.path_of("other:100/x.raw").is_err());
+        assert!(pool.path_of("local:../etc/passwd").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G"), Some(4 << 30));
+        assert_eq!(parse_size("4Gi"), Some(4 << 30));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("x"), None);
+    }
+
+    #[tokio::test]
+    async fn allocate_and_free_with_qemu_img() {
+        if std::process::Command::new("qemu-img").arg("--version").output().is_err() {
+            eprintln!("skipping: qemu-img not installed");
+            assert!(std::env::var("KPVE_REQUIRE_HOST").is_err(), "qemu-img required");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pool = DirPool::new("local", dir.path());
+        pool.activate().unwrap();
+        let volume = format!("local:{}", DirPool::volume_name(100, 0, "qcow2"));
+        assert!(pool.allocate(&volume, "qcow2", 1 << 30).await.unwrap());
+        assert!(!pool.allocate(&volume, "qcow2", 1 << 30).await.unwrap(), "idempotent");
+        let info = std::process::Command::new("qemu-img")
+            .arg("info")
+            .arg(pool.path_of(&volume).unwrap())
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&info.stdout).contains("virtual size: 1 GiB"));
+        assert_eq!(pool.content(), vec![volume.clone()]);
+        pool.free_guest(100).unwrap();
+        assert!(!pool.path_of(&volume).unwrap().exists());
+    }
+}
