@@ -30,8 +30,8 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
-    /// Run a node agent that joins a kpve server and runs this host's guests. [not built yet]
-    Agent(NotBuilt),
+    /// Run a node agent that joins a kpve server and runs this host's guests.
+    Agent(AgentArgs),
     /// Run the controllers alone against any conformant API server (--kubeconfig). [not built yet]
     Controllers(NotBuilt),
     /// Serve the Proxmox VE REST API alone against a kpve API server. [not built yet]
@@ -83,6 +83,25 @@ struct ServerArgs {
     /// Revisions of watch history kept at least.
     #[arg(long, default_value_t = 10_000, hide = true)]
     keep_revisions: i64,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// The kpve API server, e.g. https://pve1:6443.
+    #[arg(long)]
+    server: String,
+    /// File holding this node's bearer token (`kpve token create --role node --node NAME`).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// CA certificate of the server (DATA_DIR/ca.crt on the server).
+    #[arg(long)]
+    ca_file: PathBuf,
+    /// This host's node name.
+    #[arg(long)]
+    node: String,
+    /// Where agent state and the default `local` pool live.
+    #[arg(long, env = "KPVE_DATA_DIR", default_value = "/var/lib/kpve")]
+    data_dir: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -137,7 +156,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Agent(_) => not_built("agent", "the node agent (issue: VMs end to end)"),
+        Command::Agent(args) => agent(args),
         Command::Controllers(_) => not_built("controllers", "the controllers (issue: VMs end to end)"),
         Command::PveApi(_) => not_built("pve-api", "the Proxmox VE API (issue: Proxmox VE API on 8006)"),
         Command::Crdgen { out, check } => crdgen(&out, check),
@@ -150,32 +169,88 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn server(args: ServerArgs) -> Result<ExitCode> {
+/// Logs to stderr, filtered by RUST_LOG (default info).
+fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn server(args: ServerArgs) -> Result<ExitCode> {
+    init_tracing();
     let node = match args.node {
         Some(node) => node,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into()),
     };
-    if !args.no_agent {
-        tracing::warn!("the node agent is not built yet; running the API server only");
-    }
     let config = kpve_apiserver::ServerConfig {
-        data_dir: args.data_dir,
+        data_dir: args.data_dir.clone(),
         listen: args.kube_listen,
-        node,
+        node: node.clone(),
         bookmark_interval: std::time::Duration::from_secs(args.bookmark_interval.max(1)),
         history_window: std::time::Duration::from_secs(args.history_window),
         keep_revisions: args.keep_revisions.max(0),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(kpve_apiserver::run(config))?;
+    runtime.block_on(async move {
+        let running = kpve_apiserver::start(config).await?;
+        let server_url = format!("https://{}", running.address);
+        let ca = args.data_dir.join("ca.crt");
+        let admin = kube_client(&server_url, &running.admin_token, &ca)?;
+        tokio::spawn(async move {
+            if let Err(e) = kpve_controllers::run(admin, Default::default()).await {
+                tracing::error!(error = %e, "controllers stopped");
+            }
+        });
+        if !args.no_agent {
+            let token = std::fs::read_to_string(args.data_dir.join("node-token"))?;
+            let client = kube_client(&server_url, token.trim(), &ca)?;
+            let agent_config = kpve_node_agent::agent::AgentConfig::new(node.clone(), args.data_dir.clone());
+            tokio::spawn(async move {
+                if let Err(e) = kpve_node_agent::agent::run(client, agent_config).await {
+                    tracing::error!(error = %e, "node agent stopped");
+                }
+            });
+        }
+        running.task.await.context("server task")?
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A kube client for `server` with a bearer token, trusting `ca`.
+fn kube_client(server: &str, token: &str, ca: &Path) -> Result<kube::Client> {
+    let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+    let mut config = kube::Config::new(server.parse().context("--server must be a URL")?);
+    config.root_cert = Some(vec![pem_to_der(&pem)?]);
+    config.auth_info.token = Some(token.to_string().into());
+    kube::Client::try_from(config).context("building the API client")
+}
+
+fn pem_to_der(pem: &[u8]) -> Result<Vec<u8>> {
+    let text = std::str::from_utf8(pem).context("CA file is not PEM")?;
+    let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64_decode(&body).context("CA file is not PEM")
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text.trim()).ok()
+}
+
+fn agent(args: AgentArgs) -> Result<ExitCode> {
+    init_tracing();
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading {}", args.token_file.display()))?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let client = kube_client(&args.server, token.trim(), &args.ca_file)?;
+        let config = kpve_node_agent::agent::AgentConfig::new(args.node, args.data_dir);
+        kpve_node_agent::agent::run(client, config).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

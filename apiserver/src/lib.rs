@@ -72,19 +72,29 @@ pub fn prepare(config: &ServerConfig) -> anyhow::Result<String> {
     Ok(admin)
 }
 
-/// Runs the API server until the process ends.
-pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+/// A started API server.
+#[derive(Debug)]
+pub struct Running {
+    pub address: SocketAddr,
+    pub admin_token: String,
+    pub api: Arc<api::Api>,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts the API server; returns once it listens and the kubeconfig is written.
+pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
     let admin = prepare(&config)?;
     let store = store::sqlite::SqliteStore::open(&config.data_dir.join("state.db"))
         .with_context(|| format!("opening {}", config.data_dir.join("state.db").display()))?;
     let api = Arc::new(api::Api::new(Arc::new(store)).map_err(|e| anyhow::anyhow!("bootstrap: {e}"))?);
+    ensure_default_pool(&api, &config);
     tokio::spawn(gc::run(api.clone()));
     tokio::spawn(gc::compact(api.clone(), config.history_window, config.keep_revisions));
 
     let tls = pki::server_tls_config(&config.data_dir)?;
     let handle = axum_server::Handle::new();
     let state = Arc::new(http::AppState {
-        api,
+        api: api.clone(),
         tokens: auth::Tokens::open(&config.data_dir),
         bookmark_interval: config.bookmark_interval,
         server_address: config.listen.to_string(),
@@ -95,7 +105,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         axum_server::bind_rustls(config.listen, axum_server::tls_rustls::RustlsConfig::from_config(tls))
             .handle(handle.clone())
             .serve(app.into_make_service());
-    let server = tokio::spawn(server);
+    let task = tokio::spawn(async move { server.await.context("server") });
     let address = handle.listening().await.context("the listener did not start")?;
     let host = if address.ip().is_unspecified() { "127.0.0.1".to_string() } else { address.ip().to_string() };
     let host = if host.contains(':') { format!("[{host}]") } else { host };
@@ -111,6 +121,28 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         "kpve: API server listening on https://{address}; kubeconfig in {}",
         config.data_dir.join(pki::KUBECONFIG).display()
     );
-    server.await.context("server task")?.context("server")?;
-    Ok(())
+    Ok(Running { address, admin_token: admin, api, task })
+}
+
+/// Runs the API server until the process ends.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    start(config).await?.task.await.context("server task")?
+}
+
+/// Proxmox ships a `local` dir pool; so does kpve (under the data directory).
+fn ensure_default_pool(api: &api::Api, config: &ServerConfig) {
+    let registry = api.registry();
+    let Some(rt) = registry.get(kpve_crds::GROUP, kpve_crds::VERSION, "storagepools") else { return };
+    if api.get(rt, None, "local").is_ok() {
+        return;
+    }
+    let path = config.data_dir.join("storage/local");
+    let body = serde_json::json!({
+        "apiVersion": "kpve.io/v1alpha1", "kind": "StoragePool",
+        "metadata": {"name": "local"},
+        "spec": {"type": "dir", "path": path.display().to_string(), "content": ["images", "rootdir", "vztmpl", "iso"]}
+    });
+    if let Err(e) = api.create(rt, None, body, &api::WriteOptions::system()) {
+        tracing::warn!(error = %e, "default storage pool not created");
+    }
 }

@@ -126,7 +126,10 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedules_guests_and_releases_them_through_the_finalizer() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir()?;
     let client = start_server(dir.path()).await?;
     add_node(&client, "node1", 8, 8192).await?;
@@ -187,8 +190,9 @@ async fn schedules_guests_and_releases_them_through_the_finalizer() -> anyhow::R
     assert_eq!((placed, refused.len()), (2, 1), "refused: {refused:?}");
     assert_eq!(refused[0].reason, scheduler::REASON_UNSCHEDULABLE);
     assert!(refused[0].message.contains("node1: not in placement.nodes"), "{}", refused[0].message);
+    // 0 or 512 MiB free, depending on whether the pinned VM was placed before it.
     assert!(
-        refused[0].message.contains("node2: insufficient memory: 768 MiB requested, 0 MiB free of 2048 MiB"),
+        refused[0].message.contains("node2: insufficient memory: 768 MiB requested"),
         "{}",
         refused[0].message
     );

@@ -17,6 +17,8 @@ pub struct Server {
     pub port: u16,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Run the node agent inside the server (otherwise `--no-agent`).
+    agent: bool,
 }
 
 pub fn free_port() -> u16 {
@@ -35,6 +37,20 @@ impl Server {
             port: free_port(),
             child: None,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
+            agent: false,
+        };
+        server.spawn();
+        server
+    }
+
+    /// The whole of `kpve server`: API server, controllers and this host's node agent.
+    pub fn start_with_agent() -> Server {
+        let mut server = Server {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            child: None,
+            extra_args: Vec::new(),
+            agent: true,
         };
         server.spawn();
         server
@@ -61,7 +77,8 @@ impl Server {
         let _ = std::fs::remove_file(self.kubeconfig());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kpve"))
-            .args(["server", "--no-agent", "--node", "node1", "--bookmark-interval", "1"])
+            .args(["server", "--node", "node1", "--bookmark-interval", "1"])
+            .args(if self.agent { None } else { Some("--no-agent") })
             .arg("--data-dir")
             .arg(self.dir.path())
             .arg("--kube-listen")
@@ -193,4 +210,35 @@ pub fn vm_manifest(name: &str, cores: u32, extra_spec: &str) -> String {
     format!(
         "apiVersion: kpve.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: demo\nspec:\n  powerState: Stopped\n  cpu:\n    cores: {cores}\n  memory:\n    size: 512\n{extra_spec}"
     )
+}
+
+/// The Debian cloud kernel `scripts/install-host-deps.sh --test` puts in place.
+pub const TEST_KERNEL: &str = "/var/cache/kpve/kernel/vmlinuz";
+/// What the test guest prints on its serial console once its userspace runs.
+pub const BOOT_MARKER: &str = "KPVE-GUEST-UP";
+
+/// A busybox initramfs whose /init prints [`BOOT_MARKER`] and the guest's memory, then idles.
+pub fn test_initramfs(dir: &Path) -> PathBuf {
+    let root = dir.join("initramfs-root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox mkdir -p /proc /dev\n\
+         /bin/busybox mount -t proc proc /proc\n\
+         /bin/busybox echo {BOOT_MARKER}\n\
+         /bin/busybox grep MemTotal /proc/meminfo\n\
+         while true; do /bin/busybox sleep 1; done\n"
+    );
+    std::fs::write(root.join("init"), init).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let image = dir.join("initramfs.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {} && find . | cpio -o -H newc --quiet > {}", root.display(), image.display()))
+        .status()
+        .unwrap();
+    assert!(status.success(), "cpio failed");
+    image
 }
