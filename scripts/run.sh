@@ -19,7 +19,9 @@ echo "== validating manifests/examples against the kpve.io schemas"
 
 echo "== starting kpve server and applying manifests/examples/vm.yaml"
 data_dir="${KPVE_DATA_DIR:-/var/lib/kpve}"
-"$kpve" server --data-dir "$data_dir" &
+# The examples describe a one-node cluster whose node is `pve1` (manifests/examples/hypervisor.yaml
+# declares its bridge vmbr0, which the node agent creates); name this host accordingly.
+"$kpve" server --data-dir "$data_dir" --node "${KPVE_NODE:-pve1}" &
 server=$!
 trap 'kill $server 2>/dev/null' INT TERM
 # The server writes its kubeconfig once it listens.
@@ -33,9 +35,10 @@ done
 export KUBECONFIG="$data_dir/kubeconfig"
 if command -v kubectl >/dev/null; then
   kubectl apply -f manifests/examples/
+  kubectl wait --for=condition=Ready vm/web01 --timeout=120s || true
   kubectl get vm,lxc -o wide
   echo "== kpve server is running (pid $server). Watch with: KUBECONFIG=$KUBECONFIG kubectl get vm -w"
-  echo "   (the node agent and controllers that start the VM are not built yet; the VM is stored and validated)"
+  echo "   (LinuxContainers are stored and scheduled but not started yet: the LXC driver is still to come)"
 else
   echo "run.sh: kubectl not found; the server is running with KUBECONFIG=$KUBECONFIG" >&2
 fi

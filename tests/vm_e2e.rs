@@ -100,6 +100,11 @@ fn a_declared_vm_boots_follows_its_power_state_restarts_on_request_and_is_delete
     let disk = server.data_dir().join(format!("storage/local/images/{vmid}/vm-{vmid}-disk-0.qcow2"));
     assert!(disk.exists(), "{} allocated", disk.display());
     assert_eq!(qmp_memory(&run.join("qmp.sock")), 256 << 20);
+    wait_until("runtime figures in status", || {
+        ["{.status.cpu}", "{.status.uptime}", "{.status.mem}", "{.status.diskRead}"]
+            .iter()
+            .all(|p| !jsonpath(&server, "boot", p).is_empty())
+    });
 
     // A memory change needs a restart: declared RestartRequired, not done silently.
     server.kubectl_ok(&["patch", "vm", "boot", "--type=merge", "-p", r#"{"spec":{"memory":{"size":384}}}"#]);
@@ -224,7 +229,13 @@ fn a_bad_spec_gets_a_clear_condition_and_starts_nothing() {
     server.kubectl_ok(&["wait", "--for=condition=Stalled", "vm/nobridge", "--timeout=60s"]);
     let message = jsonpath(&server, "nobridge", r#"{.status.conditions[?(@.type=="Stalled")].message}"#);
     assert!(message.contains("vmbr77"), "{message}");
-    for name in ["nopool", "nobridge"] {
+    // More memory than any node has: not placed, and the condition says why for each node.
+    apply(&server, &manifest("huge", 4_000_000, "Running", &initrd, ""));
+    server.kubectl_ok(&["wait", "--for=condition=Scheduled=False", "vm/huge", "--timeout=60s"]);
+    let message = jsonpath(&server, "huge", r#"{.status.conditions[?(@.type=="Scheduled")].message}"#);
+    assert!(message.contains("node1") && message.contains("memory"), "{message}");
+    assert!(jsonpath(&server, "huge", "{.status.node}").is_empty());
+    for name in ["nopool", "nobridge", "huge"] {
         let vmid = jsonpath(&server, name, "{.spec.vmid}");
         assert!(!run_dir(&server, &vmid).join("qemu.pid").exists(), "{name}: nothing started");
         assert!(jsonpath(&server, name, "{.status.pid}").is_empty());

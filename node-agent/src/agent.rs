@@ -33,6 +33,10 @@ use crate::storage::{self, DirPool};
 pub const KERNEL_ANNOTATION: &str = "kpve.io/kernel";
 pub const INITRD_ANNOTATION: &str = "kpve.io/initrd";
 pub const CMDLINE_ANNOTATION: &str = "kpve.io/cmdline";
+/// Status fields that change while nothing happens (written at most every FIGURES_REFRESH).
+const FIGURES: &[&str] = &["mem", "uptime", "cpu", "diskRead", "diskWrite", "netIn", "netOut"];
+const FIGURES_REFRESH: Duration = Duration::from_secs(5);
+
 /// Changing this annotation's value declares a restart (applies RestartRequired changes).
 pub const RESTART_ANNOTATION: &str = "kpve.io/restart";
 
@@ -84,13 +88,19 @@ struct Checkpoint {
     started_at: u64,
     restart_token: Option<String>,
     accelerator: String,
+    /// Disk id → volume id the process was started with.
+    #[serde(default)]
+    volumes: BTreeMap<String, String>,
 }
 
 struct Agent {
     client: Client,
     config: AgentConfig,
     facts: HostFacts,
-    last_status: Mutex<HashMap<String, Value>>,
+    /// Per guest: the last status written without its runtime figures, and when.
+    last_status: Mutex<HashMap<String, (Value, Instant)>>,
+    /// Per QEMU pid: CPU ticks and when they were read, for CPU usage between two looks.
+    cpu_samples: std::sync::Mutex<HashMap<u32, (u64, Instant)>>,
     /// The `local` pool's path (its StoragePool's spec.path, refreshed with each heartbeat).
     pool_path: std::sync::Mutex<PathBuf>,
     guests: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -104,6 +114,7 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         pool_path: std::sync::Mutex::new(config.default_pool_path()),
         config,
         last_status: Mutex::new(HashMap::new()),
+        cpu_samples: std::sync::Mutex::new(HashMap::new()),
         guests: Mutex::new(HashMap::new()),
     });
     // The server may still be starting: keep trying, the way a kubelet registers.
@@ -156,7 +167,11 @@ impl Agent {
         // Keep Ready's transition time stable across heartbeats.
         let hvs: Api<kpve_crds::Hypervisor> = Api::all(self.client.clone());
         let mut status = status;
-        if let Ok(hv) = hvs.get(name).await
+        let current = hvs.get(name).await.ok();
+        if let Some(hv) = &current {
+            ensure_bridges(&hv.spec.bridges).await;
+        }
+        if let Some(hv) = current
             && let Some(c) = hv.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
             && c.status == ConditionStatus::True
         {
@@ -361,11 +376,23 @@ impl Agent {
         };
         let restart_token = vm.annotations().get(RESTART_ANNOTATION).cloned();
         let desired = vm.spec.power_state;
+        let volumes: BTreeMap<String, String> =
+            plan.disks.iter().map(|d| (d.id.clone(), volume_id(vm, d, vmid))).collect();
         let mut pid = pid;
         let mut restart_required = false;
+        // Every spec change falls in one class: live (the command line is unchanged: nothing
+        // to do), needs-restart (a different command line), or needs-recreate (a disk that
+        // would land on another volume: kpve does not move or convert volumes behind you).
+        let mut recreate = Vec::new();
         if let (Some(_), Some(cp)) = (pid, &checkpoint) {
+            for (id, volume) in &volumes {
+                if let Some(old) = cp.volumes.get(id).filter(|old| *old != volume) {
+                    recreate.push(format!("spec.disks[{id}] would move from {old} to {volume}"));
+                }
+            }
             let differs = cp.argv != argv;
-            if differs && restart_token.is_some() && cp.restart_token != restart_token {
+            if differs && recreate.is_empty() && restart_token.is_some() && cp.restart_token != restart_token
+            {
                 self.stop_guest(vm, vmid, &run).await;
                 pid = None;
             } else {
@@ -378,8 +405,9 @@ impl Agent {
         };
         match (desired, pid) {
             (PowerState::Running | PowerState::Paused, None) => {
-                let started =
-                    self.start(vm, vmid, &run, argv.clone(), plan.accel, restart_token.clone()).await;
+                let started = self
+                    .start(vm, vmid, &run, argv.clone(), plan.accel, restart_token.clone(), volumes.clone())
+                    .await;
                 match started {
                     Ok(new_pid) => {
                         pid = Some(new_pid);
@@ -442,7 +470,7 @@ impl Agent {
             "vmid": vmid,
             "maxmem": u64::from(vm.spec.memory.size) * 1024 * 1024,
             "accelerator": plan.accel.as_str(),
-            "volumes": plan.disks.iter().map(|d| (d.id.clone(), volume_id(vm, d, vmid))).collect::<BTreeMap<_, _>>(),
+            "volumes": volumes,
         });
         if let Some(pid) = pid {
             figures["pid"] = json!(pid);
@@ -451,6 +479,25 @@ impl Agent {
                 figures["accelerator"] = json!(cp.accelerator);
             }
             figures["mem"] = json!(host::rss_bytes(pid));
+            if let Some(cpu) = self.cpu_usage(pid) {
+                figures["cpu"] = json!(cpu);
+            }
+            // Guest traffic seen from the host: what the tap receives, the guest sent.
+            let (mut net_in, mut net_out) = (0u64, 0u64);
+            for (index, _) in vm.spec.nics.iter().enumerate() {
+                let stats = Path::new("/sys/class/net").join(format!("tap{vmid}i{index}")).join("statistics");
+                let read = |f: &str| {
+                    std::fs::read_to_string(stats.join(f)).ok().and_then(|v| v.trim().parse::<u64>().ok())
+                };
+                net_out += read("rx_bytes").unwrap_or(0);
+                net_in += read("tx_bytes").unwrap_or(0);
+            }
+            figures["netIn"] = json!(net_in);
+            figures["netOut"] = json!(net_out);
+            if let Some((read, written)) = self.block_stats(&run).await {
+                figures["diskRead"] = json!(read);
+                figures["diskWrite"] = json!(written);
+            }
         }
         let ready_msg = format!("observed {phase}, declared {desired:?}");
         let mut conditions = vec![
@@ -463,7 +510,17 @@ impl Agent {
             condition(condition_type::RECONCILING, !ready, if ready { "Idle" } else { "Converging" }, ""),
             condition(condition_type::STALLED, false, "Progressing", ""),
         ];
-        conditions.push(if restart_required {
+        conditions.push(if !recreate.is_empty() {
+            condition(
+                condition_type::RESTART_REQUIRED,
+                true,
+                "NeedsRecreate",
+                &format!(
+                    "{}; kpve does not move or convert volumes: remove the disk and add it again (or recreate the VM)",
+                    recreate.join("; ")
+                ),
+            )
+        } else if restart_required {
             condition(
                 condition_type::RESTART_REQUIRED,
                 true,
@@ -558,6 +615,32 @@ impl Agent {
         })
     }
 
+    /// CPU usage since the previous look, as a fraction of one host CPU per vCPU summed
+    /// (Proxmox's `cpu`: 1.0 = one core busy).
+    fn cpu_usage(&self, pid: u32) -> Option<f64> {
+        let ticks = host::cpu_ticks(pid)?;
+        let now = Instant::now();
+        let mut samples = self.cpu_samples.lock().expect("cpu sample lock");
+        let previous = samples.insert(pid, (ticks, now));
+        let (before, at) = previous?;
+        let seconds = now.duration_since(at).as_secs_f64();
+        // Linux reports process times in USER_HZ = 100 ticks per second.
+        (seconds > 0.0)
+            .then(|| (ticks.saturating_sub(before) as f64 / 100.0 / seconds * 1000.0).round() / 1000.0)
+    }
+
+    /// Bytes read and written by all of the guest's drives (QMP query-blockstats).
+    async fn block_stats(&self, run: &LaunchPaths) -> Option<(u64, u64)> {
+        let mut q = self.qmp(run).await?;
+        let stats = q.execute("query-blockstats", None).await.ok()?;
+        let (mut read, mut written) = (0, 0);
+        for device in stats.as_array()? {
+            read += device.pointer("/stats/rd_bytes").and_then(Value::as_u64).unwrap_or(0);
+            written += device.pointer("/stats/wr_bytes").and_then(Value::as_u64).unwrap_or(0);
+        }
+        Some((read, written))
+    }
+
     fn running_pid(&self, run: &LaunchPaths, vmid: u32) -> Option<u32> {
         let pid = host::read_pid(&run.pid_file())?;
         host::process_alive(pid, &format!("{}", run.run_dir.display())).then_some(pid).filter(|_| vmid > 0)
@@ -572,6 +655,7 @@ impl Agent {
         q.query_status().await.ok()
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
         vm: &VirtualMachine,
@@ -580,6 +664,7 @@ impl Agent {
         argv: Vec<String>,
         accel: Accel,
         restart_token: Option<String>,
+        plan_volumes: BTreeMap<String, String>,
     ) -> anyhow::Result<u32> {
         std::fs::create_dir_all(&run.run_dir)?;
         for stale in [run.qmp_socket(), run.serial_socket(), run.pid_file(), run.serial_log()] {
@@ -633,6 +718,7 @@ impl Agent {
             started_at: host::unix_now(),
             restart_token,
             accelerator: accel.as_str().to_string(),
+            volumes: plan_volumes,
         };
         std::fs::write(run.run_dir.join("guest.json"), serde_json::to_vec_pretty(&checkpoint)?)?;
         tracing::info!(vmid, pid, status = %status, "QEMU started");
@@ -724,20 +810,73 @@ impl Agent {
         status["conditions"] = serde_json::to_value(merged)?;
         let body = json!({"apiVersion": "kpve.io/v1alpha1", "kind": "VirtualMachine", "status": status});
         let uid = vm.uid().unwrap_or_default();
-        // Memory figures move constantly; compare without them so idle guests cost nothing.
+        // Runtime figures move all the time: a change of anything else is written at once,
+        // the figures alone at most every FIGURES_REFRESH.
         let mut comparable = body.clone();
-        comparable["status"].as_object_mut().map(|s| s.remove("mem"));
+        if let Some(s) = comparable["status"].as_object_mut() {
+            for figure in FIGURES {
+                s.remove(*figure);
+            }
+        }
         {
             let last = self.last_status.lock().await;
-            if last.get(&uid) == Some(&comparable) {
+            if let Some((previous, written_at)) = last.get(&uid)
+                && *previous == comparable
+                && (written_at.elapsed() < FIGURES_REFRESH || body["status"].get("pid").is_none())
+            {
                 return Ok(());
             }
         }
         let api: Api<VirtualMachine> =
             Api::namespaced(self.client.clone(), &vm.namespace().unwrap_or_default());
         api.patch_status(&vm.name_any(), &self.apply(), &Patch::Apply(&body)).await?;
-        self.last_status.lock().await.insert(uid, comparable);
+        self.last_status.lock().await.insert(uid, (comparable, Instant::now()));
         Ok(())
+    }
+}
+
+/// Creates the Linux bridges this node's Hypervisor declares (Proxmox's vmbrN) that do not
+/// exist yet. Existing bridges and anything undeclared are left alone.
+async fn ensure_bridges(bridges: &[kpve_crds::Bridge]) {
+    for bridge in bridges {
+        if host::bridge_exists(&bridge.name) {
+            continue;
+        }
+        let mut steps: Vec<Vec<String>> = vec![vec![
+            "link".into(),
+            "add".into(),
+            "name".into(),
+            bridge.name.clone(),
+            "type".into(),
+            "bridge".into(),
+        ]];
+        if bridge.vlan_aware {
+            steps[0].extend(["vlan_filtering".into(), "1".into()]);
+        }
+        if let Some(mtu) = bridge.mtu {
+            steps.push(vec!["link".into(), "set".into(), bridge.name.clone(), "mtu".into(), mtu.to_string()]);
+        }
+        if let Some(address) = &bridge.address {
+            steps.push(vec!["addr".into(), "add".into(), address.clone(), "dev".into(), bridge.name.clone()]);
+        }
+        for port in &bridge.ports {
+            steps.push(vec!["link".into(), "set".into(), port.clone(), "master".into(), bridge.name.clone()]);
+        }
+        steps.push(vec!["link".into(), "set".into(), bridge.name.clone(), "up".into()]);
+        for args in steps {
+            match tokio::process::Command::new("ip").args(&args).output().await {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    tracing::warn!(bridge = %bridge.name, step = ?args, error = %String::from_utf8_lossy(&out.stderr).trim(), "bridge setup failed");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(bridge = %bridge.name, error = %e, "ip not runnable");
+                    break;
+                }
+            }
+        }
+        tracing::info!(bridge = %bridge.name, "bridge created");
     }
 }
 
