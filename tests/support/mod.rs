@@ -187,6 +187,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+        // QEMU outlives its agent by design, and a test may have started a separate agent:
+        // whatever still runs out of this server's directory goes with the test.
+        let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.dir.path()).status();
         if std::thread::panicking() {
             let mut log = String::new();
             if let Ok(mut f) = std::fs::File::open(self.log_path()) {
