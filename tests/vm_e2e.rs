@@ -99,6 +99,12 @@ fn a_declared_vm_boots_follows_its_power_state_restarts_on_request_and_is_delete
     });
     let disk = server.data_dir().join(format!("storage/local/images/{vmid}/vm-{vmid}-disk-0.qcow2"));
     assert!(disk.exists(), "{} allocated", disk.display());
+    let volume = format!("local:{vmid}/vm-{vmid}-disk-0.qcow2");
+    assert_eq!(jsonpath(&server, "boot", "{.status.volumes.scsi0}"), volume);
+    wait_until("the pool lists the volume", || {
+        let out = server.kubectl(&["get", "sp", "local", "-o", "jsonpath={.status.nodes[0].content}"]);
+        String::from_utf8_lossy(&out.stdout).contains(&volume)
+    });
     assert_eq!(qmp_memory(&run.join("qmp.sock")), 256 << 20);
     wait_until("runtime figures in status", || {
         ["{.status.cpu}", "{.status.uptime}", "{.status.mem}", "{.status.diskRead}"]

@@ -119,4 +119,8 @@ pub struct PoolNodeStatus {
     pub available: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Volume ids present on this node (`local:100/vm-100-disk-0.qcow2`), like Proxmox's
+    /// storage content listing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content: Vec<String>,
 }

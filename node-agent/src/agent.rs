@@ -208,7 +208,8 @@ impl Agent {
         let status = json!({
             "apiVersion": "kpve.io/v1alpha1", "kind": "StoragePool",
             "status": {"nodes": [{"node": self.config.node, "active": true,
-                                   "total": usage.total, "used": usage.used, "available": usage.available}]}
+                                   "total": usage.total, "used": usage.used, "available": usage.available,
+                                   "content": pool.content()}]}
         });
         if let Err(e) = pools.patch_status("local", &self.apply(), &Patch::Apply(&status)).await {
             tracing::debug!(error = %e, "pool status not written");
