@@ -112,6 +112,25 @@ fn invalid_manifest_is_refused_with_the_field_named() {
     assert!(err.contains("spec.cpu.cores"), "invalid field named: {err}");
     let out = server.kubectl(&["get", "vm", "bad"]);
     assert!(!out.status.success(), "nothing was stored");
+    // Strict validation refuses duplicate fields too.
+    let dup = write(
+        &server,
+        "dup.json",
+        r#"{"apiVersion":"kpve.io/v1alpha1","kind":"VirtualMachine","metadata":{"name":"dup"},"spec":{"cpu":{"cores":1,"cores":2}}}"#,
+    );
+    let out = server.kubectl(&[
+        "create",
+        "--raw",
+        "/apis/kpve.io/v1alpha1/namespaces/default/virtualmachines?fieldValidation=Strict",
+        "-f",
+        &dup,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("duplicate field") && stderr(&out).contains("spec.cpu.cores"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -327,7 +327,17 @@ async fn route(
                 crate::protobuf::decode_namespace(&body)
                     .ok_or_else(|| ApiError::bad_request("the protobuf body is not a v1.Namespace"))?
             } else {
-                decode_body(&body, &content_type)?
+                let decoded = decode_body(&body, &content_type)?;
+                if opts.field_validation == FieldValidation::Strict && !content_type.contains("yaml") {
+                    crate::strict_json::check_duplicates(&body).map_err(|field| {
+                        ApiError::bad_request(format!(
+                            "{kind} in version \"{v}\" cannot be handled as a {kind}: strict decoding error: json: duplicate field \"{field}\"",
+                            kind = rt.kind,
+                            v = rt.version
+                        ))
+                    })?;
+                }
+                decoded
             };
             let force = query.get("force").is_some_and(|f| f == "true" || f == "1");
             let written = blocking(move || {

@@ -21,6 +21,7 @@ pub mod selector;
 pub mod ssa;
 pub mod status;
 pub mod store;
+pub mod strict_json;
 pub mod table;
 
 use std::net::SocketAddr;

@@ -651,9 +651,28 @@ const SPEC_STATUS_URL: &str =
 /// The kind's schema: the CRD's `openAPIV3Schema` (or a hand-written one for built-ins) with
 /// `apiVersion`, `kind` and an ObjectMeta `metadata` added, tagged with its GVK so `kubectl
 /// explain` finds it. CRD extensions (`x-kubernetes-*`, `nullable`) are kept verbatim.
+/// Optional enums carry `null` in the CRD (schemars' `Option<Enum>`); `nullable` already says
+/// so, and kubectl explain would print the null as `<no value>`.
+fn drop_null_enum_values(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::Array(values)) = map.get_mut("enum") {
+                values.retain(|v| !v.is_null());
+            }
+            map.values_mut().for_each(drop_null_enum_values);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_null_enum_values),
+        _ => {}
+    }
+}
+
 fn kind_schema(rt: &ResourceType) -> Value {
     let base = match &rt.schema {
-        Some(schema) => schema.clone(),
+        Some(schema) => {
+            let mut schema = schema.clone();
+            drop_null_enum_values(&mut schema);
+            schema
+        }
         None => builtin_schema(rt)
             .unwrap_or_else(|| json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})),
     };
