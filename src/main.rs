@@ -74,6 +74,9 @@ struct ServerArgs {
     /// Do not run a node agent for this host.
     #[arg(long)]
     no_agent: bool,
+    /// Do not run the controllers (scheduler, guest controller): the API server alone.
+    #[arg(long)]
+    no_controllers: bool,
     /// Seconds between BOOKMARK events on idle watches.
     #[arg(long, default_value_t = 60, hide = true)]
     bookmark_interval: u64,
@@ -200,12 +203,14 @@ fn server(args: ServerArgs) -> Result<ExitCode> {
         let running = kpve_apiserver::start(config).await?;
         let server_url = format!("https://{}", running.address);
         let ca = args.data_dir.join("ca.crt");
-        let admin = kube_client(&server_url, &running.admin_token, &ca)?;
-        tokio::spawn(async move {
-            if let Err(e) = kpve_controllers::run(admin, Default::default()).await {
-                tracing::error!(error = %e, "controllers stopped");
-            }
-        });
+        if !args.no_controllers {
+            let admin = kube_client(&server_url, &running.admin_token, &ca)?;
+            tokio::spawn(async move {
+                if let Err(e) = kpve_controllers::run(admin, Default::default()).await {
+                    tracing::error!(error = %e, "controllers stopped");
+                }
+            });
+        }
         if !args.no_agent {
             let token = std::fs::read_to_string(args.data_dir.join("node-token"))?;
             let client = kube_client(&server_url, token.trim(), &ca)?;

@@ -150,7 +150,7 @@ fn a_declared_vm_boots_follows_its_power_state_restarts_on_request_and_is_delete
 
 #[test]
 fn an_agent_killed_with_sigkill_leaves_the_guest_running_and_adopts_it() {
-    let server = Server::start();
+    let server = Server::start_with_controllers();
     let initrd = test_initramfs(server.data_dir());
     let token = server.token("node", Some("node1"));
     let token_file = server.data_dir().join("agent-token");

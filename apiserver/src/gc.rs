@@ -102,14 +102,35 @@ fn owner_alive(api: &Api, dependent_ns: Option<&str>, reference: &Value) -> bool
     api.get(rt, ns, name).is_ok_and(|o| meta(&o, "uid").and_then(Value::as_str) == Some(uid))
 }
 
+/// Applies `edit` to the live object as the server, re-reading on a conflict (controllers
+/// write the same objects concurrently). Returns whether it got written (or was gone).
+fn edit_with_retry(api: &Api, rt: &ResourceType, object: &Value, edit: impl Fn(&mut Value)) -> bool {
+    let (name, ns) = name_ns(object);
+    for _ in 0..8 {
+        let Ok(mut live) = api.get(rt, ns.as_deref(), &name) else { return true };
+        if meta(&live, "uid") != meta(object, "uid") {
+            return true;
+        }
+        edit(&mut live);
+        match api.system_update(rt, live) {
+            Ok(_) => return true,
+            Err(e) if e.code == 409 => continue,
+            Err(e) if e.code == 404 => return true,
+            Err(e) => {
+                tracing::debug!(error = %e, %name, "garbage collection update retried next sweep");
+                return false;
+            }
+        }
+    }
+    false
+}
+
 fn remove_finalizer(api: &Api, rt: &ResourceType, object: &Value, finalizer: &str) {
-    let mut object = object.clone();
-    if let Some(Value::Array(f)) = object.get_mut("metadata").and_then(|m| m.get_mut("finalizers")) {
-        f.retain(|x| x != finalizer);
-    }
-    if let Err(e) = api.system_update(rt, object) {
-        tracing::debug!(error = %e, finalizer, "finalizer removal retried next sweep");
-    }
+    edit_with_retry(api, rt, object, |live| {
+        if let Some(Value::Array(f)) = live.get_mut("metadata").and_then(|m| m.get_mut("finalizers")) {
+            f.retain(|x| x != finalizer);
+        }
+    });
 }
 
 fn delete(api: &Api, rt: &ResourceType, object: &Value, propagation: Propagation) {
@@ -145,16 +166,21 @@ pub fn sweep(api: &Api) {
             continue;
         }
         if terminating && has_finalizer(object, "orphan") {
-            for &d in dependents {
-                let (drt, mut dependent) = objects[d].clone();
-                if let Some(Value::Array(refs)) =
-                    dependent.get_mut("metadata").and_then(|m| m.get_mut("ownerReferences"))
-                {
-                    refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid));
-                }
-                let _ = api.system_update(&drt, dependent);
+            // The owner may only go once every dependent is free of it; otherwise the next
+            // sweep would find the dependents ownerless and collect them.
+            let all_stripped = dependents.iter().all(|&d| {
+                let (drt, dependent) = &objects[d];
+                edit_with_retry(api, drt, dependent, |object| {
+                    if let Some(Value::Array(refs)) =
+                        object.get_mut("metadata").and_then(|m| m.get_mut("ownerReferences"))
+                    {
+                        refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid));
+                    }
+                })
+            });
+            if all_stripped {
+                remove_finalizer(api, rt, object, "orphan");
             }
-            remove_finalizer(api, rt, object, "orphan");
             continue;
         }
         if terminating && has_finalizer(object, "foregroundDeletion") {
@@ -222,11 +248,19 @@ pub fn sweep(api: &Api) {
         if alive.iter().all(|a| !a) {
             delete(api, rt, object, Propagation::Background);
         } else if alive.iter().any(|a| !a) {
-            let mut updated = object.clone();
-            let kept: Vec<Value> =
-                refs.iter().zip(&alive).filter(|(_, a)| **a).map(|(r, _)| r.clone()).collect();
-            updated["metadata"]["ownerReferences"] = Value::Array(kept);
-            let _ = api.system_update(rt, updated);
+            let dangling: Vec<Value> = refs
+                .iter()
+                .zip(&alive)
+                .filter(|(_, a)| !**a)
+                .filter_map(|(r, _)| r.get("uid").cloned())
+                .collect();
+            edit_with_retry(api, rt, object, |live| {
+                if let Some(Value::Array(refs)) =
+                    live.get_mut("metadata").and_then(|m| m.get_mut("ownerReferences"))
+                {
+                    refs.retain(|r| !r.get("uid").is_some_and(|u| dangling.contains(u)));
+                }
+            });
         }
     }
 }

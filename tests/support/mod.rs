@@ -19,6 +19,8 @@ pub struct Server {
     extra_args: Vec<String>,
     /// Run the node agent inside the server (otherwise `--no-agent`).
     agent: bool,
+    /// Run the controllers inside the server (otherwise `--no-controllers`).
+    controllers: bool,
 }
 
 pub fn free_port() -> u16 {
@@ -26,6 +28,7 @@ pub fn free_port() -> u16 {
 }
 
 impl Server {
+    /// The API server alone (`--no-agent --no-controllers`).
     pub fn start() -> Server {
         Server::start_with(&[])
     }
@@ -38,6 +41,7 @@ impl Server {
             child: None,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             agent: false,
+            controllers: false,
         };
         server.spawn();
         server
@@ -45,12 +49,22 @@ impl Server {
 
     /// The whole of `kpve server`: API server, controllers and this host's node agent.
     pub fn start_with_agent() -> Server {
+        Server::start_parts(true, true)
+    }
+
+    /// API server and controllers; node agents run elsewhere.
+    pub fn start_with_controllers() -> Server {
+        Server::start_parts(false, true)
+    }
+
+    fn start_parts(agent: bool, controllers: bool) -> Server {
         let mut server = Server {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
             child: None,
             extra_args: Vec::new(),
-            agent: true,
+            agent,
+            controllers,
         };
         server.spawn();
         server
@@ -79,6 +93,7 @@ impl Server {
         let child = Command::new(env!("CARGO_BIN_EXE_kpve"))
             .args(["server", "--node", "node1", "--bookmark-interval", "1"])
             .args(if self.agent { None } else { Some("--no-agent") })
+            .args(if self.controllers { None } else { Some("--no-controllers") })
             .arg("--data-dir")
             .arg(self.dir.path())
             .arg("--kube-listen")
