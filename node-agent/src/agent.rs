@@ -103,7 +103,7 @@ struct Agent {
     cpu_samples: std::sync::Mutex<HashMap<u32, (u64, Instant)>>,
     /// The `local` pool's path (its StoragePool's spec.path, refreshed with each heartbeat).
     pool_path: std::sync::Mutex<PathBuf>,
-    guests: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    guests: Mutex<HashMap<String, Arc<Slot>>>,
 }
 
 pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
@@ -298,17 +298,32 @@ async fn cleanup_orphans(agent: &Arc<Agent>, bound: &HashMap<String, VirtualMach
     }
 }
 
+/// One guest's reconcile slot: at most one reconcile runs per guest; a change arriving
+/// meanwhile is parked and reconciled right after (a change parked in the instant the
+/// reconcile finishes waits for the next resync).
+#[derive(Default)]
+struct Slot {
+    running: Arc<Mutex<()>>,
+    pending: std::sync::Mutex<Option<VirtualMachine>>,
+}
+
 async fn spawn_reconcile(agent: &Arc<Agent>, vm: VirtualMachine) {
     let uid = vm.uid().unwrap_or_default();
-    let lock = agent.guests.lock().await.entry(uid).or_default().clone();
-    // One reconcile per guest at a time; a busy guest picks the change up on the next tick.
-    let Ok(guard) = lock.try_lock_owned() else { return };
+    let slot = agent.guests.lock().await.entry(uid).or_default().clone();
+    let Ok(guard) = slot.running.clone().try_lock_owned() else {
+        *slot.pending.lock().expect("pending lock") = Some(vm);
+        return;
+    };
     let agent = agent.clone();
     tokio::spawn(async move {
         let _guard = guard;
-        let key = format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any());
-        if let Err(e) = agent.reconcile(&vm).await {
-            tracing::warn!(guest = %key, error = %e, "reconcile failed");
+        let mut next = Some(vm);
+        while let Some(vm) = next {
+            let key = format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any());
+            if let Err(e) = agent.reconcile(&vm).await {
+                tracing::warn!(guest = %key, error = %e, "reconcile failed");
+            }
+            next = slot.pending.lock().expect("pending lock").take();
         }
     });
 }
