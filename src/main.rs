@@ -230,20 +230,12 @@ fn server(args: ServerArgs) -> Result<ExitCode> {
 fn kube_client(server: &str, token: &str, ca: &Path) -> Result<kube::Client> {
     let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
     let mut config = kube::Config::new(server.parse().context("--server must be a URL")?);
-    config.root_cert = Some(vec![pem_to_der(&pem)?]);
+    let certs =
+        kpve_apiserver::pki::pem_certs(&pem).with_context(|| format!("{} is not PEM", ca.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", ca.display());
+    config.root_cert = Some(certs);
     config.auth_info.token = Some(token.to_string().into());
     kube::Client::try_from(config).context("building the API client")
-}
-
-fn pem_to_der(pem: &[u8]) -> Result<Vec<u8>> {
-    let text = std::str::from_utf8(pem).context("CA file is not PEM")?;
-    let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64_decode(&body).context("CA file is not PEM")
-}
-
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(text.trim()).ok()
 }
 
 fn agent(args: AgentArgs) -> Result<ExitCode> {

@@ -167,20 +167,8 @@ fn wait_for_ready_and_delete_with_finalizer() {
     let file = write(&server, "vm.yaml", &vm_manifest("fin", 2, ""));
     server.kubectl_ok(&["apply", "-f", &file]);
 
-    let waiter = {
-        let kubeconfig = server.kubeconfig();
-        let cache = server.data_dir().join("kube-cache-wait");
-        std::thread::spawn(move || {
-            std::process::Command::new("kubectl")
-                .arg("--kubeconfig")
-                .arg(kubeconfig)
-                .arg("--cache-dir")
-                .arg(cache)
-                .args(["wait", "--for=condition=Ready", "vm/fin", "--timeout=60s"])
-                .output()
-                .unwrap()
-        })
-    };
+    let waiter = server
+        .kubectl_background("kube-cache-wait", &["wait", "--for=condition=Ready", "vm/fin", "--timeout=60s"]);
     // Not ready yet: a condition from an older generation does not count.
     server.kubectl_ok(&[
         "patch", "vm", "fin", "--subresource=status", "--type=merge", "-p",
@@ -220,20 +208,7 @@ fn wait_for_ready_and_delete_with_finalizer() {
     ]);
     assert!(!out.status.success(), "adding a finalizer to a terminating object is refused");
 
-    let deleter = {
-        let kubeconfig = server.kubeconfig();
-        let cache = server.data_dir().join("kube-cache-del");
-        std::thread::spawn(move || {
-            std::process::Command::new("kubectl")
-                .arg("--kubeconfig")
-                .arg(kubeconfig)
-                .arg("--cache-dir")
-                .arg(cache)
-                .args(["delete", "vm", "fin", "--timeout=60s"])
-                .output()
-                .unwrap()
-        })
-    };
+    let deleter = server.kubectl_background("kube-cache-del", &["delete", "vm", "fin", "--timeout=60s"]);
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(!deleter.is_finished(), "kubectl delete waits for the finalizer");
     server.kubectl_ok(&[

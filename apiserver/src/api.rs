@@ -276,7 +276,8 @@ impl Api {
                 Some(cur) if cur.object.get("spec") != body.get("spec") => {
                     let mut object = cur.object.clone();
                     object["spec"] = body["spec"].clone();
-                    self.commit(&crd_rt, None, Some(&cur), object, None, false, &WriteOptions::system())?;
+                    self.commit(&crd_rt, None, Some(&cur), object, None, false, &WriteOptions::system())
+                        .map_err(|e| e.into_api(&crd_rt, &name))?;
                 }
                 Some(_) => {}
             }
@@ -405,7 +406,8 @@ impl Api {
         }
         self.check_namespace(rt, ns, true)?;
         let pre_unknown = self.strict_unknown(rt, &mut body, opts)?;
-        let mut written = self.commit(rt, ns, None, body, None, false, opts)?;
+        let mut written =
+            self.commit(rt, ns, None, body, None, false, opts).map_err(|e| e.into_api(rt, &name))?;
         written.warnings.extend(pre_unknown);
         Ok(written)
     }
@@ -417,23 +419,15 @@ impl Api {
         body: &mut Value,
         opts: &WriteOptions,
     ) -> ApiResult<Vec<String>> {
-        let unknown = admission::prune(rt, body);
-        if unknown.is_empty() {
-            return Ok(Vec::new());
-        }
-        match opts.field_validation {
-            FieldValidation::Strict => {
-                let list: Vec<String> = unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
-                Err(ApiError::bad_request(format!(
-                    "{kind} in version \"{v}\" cannot be handled as a {kind}: strict decoding error: {}",
-                    list.join(", "),
-                    kind = rt.kind,
-                    v = rt.version
-                )))
-            }
-            FieldValidation::Warn => Ok(unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect()),
-            FieldValidation::Ignore => Ok(Vec::new()),
-        }
+        unknown_fields(admission::prune(rt, body), opts, |unknown| {
+            let list: Vec<String> = unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+            format!(
+                "{kind} in version \"{v}\" cannot be handled as a {kind}: strict decoding error: {}",
+                list.join(", "),
+                kind = rt.kind,
+                v = rt.version
+            )
+        })
     }
 
     /// PUT.
@@ -485,7 +479,9 @@ impl Api {
             ));
         }
         let warnings = self.strict_unknown(rt, &mut body, opts)?;
-        let mut written = self.commit(rt, ns, Some(&cur), body, subresource, false, opts)?;
+        let mut written = self
+            .commit(rt, ns, Some(&cur), body, subresource, false, opts)
+            .map_err(|e| e.into_api(rt, name))?;
         written.warnings.extend(warnings);
         Ok(written)
     }
@@ -535,12 +531,12 @@ impl Api {
             }
             let warnings = self.strict_unknown(rt, &mut new, opts)?;
             match self.commit(rt, ns, Some(&cur), new, subresource, false, opts) {
-                Err(e) if e.code == 409 && e.reason == "Conflict" && e.details_mark_retry() => continue,
+                Err(CommitError::Raced) => continue,
                 Ok(mut written) => {
                     written.warnings.extend(warnings);
                     return Ok(written);
                 }
-                Err(e) => return Err(e),
+                Err(CommitError::Api(e)) => return Err(e),
             }
         }
         Err(ApiError::conflict(rt, name))
@@ -571,21 +567,14 @@ impl Api {
         }
         check_name(rt, &config, name)?;
         meta_mut(&mut config).insert("name".into(), Value::String(name.to_string()));
-        let unknown = admission::prune(rt, &mut config);
-        let mut warnings = Vec::new();
-        if !unknown.is_empty() {
-            match opts.field_validation {
-                FieldValidation::Strict => {
-                    let list: Vec<String> =
-                        unknown.iter().map(|f| format!(".{f}: field not declared in schema")).collect();
-                    return Err(ApiError::bad_request(list.join(", ")));
-                }
-                FieldValidation::Warn => {
-                    warnings = unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
-                }
-                FieldValidation::Ignore => {}
-            }
-        }
+        // Apply reports unknown fields the way structured-merge-diff does.
+        let warnings = unknown_fields(admission::prune(rt, &mut config), opts, |unknown| {
+            unknown
+                .iter()
+                .map(|f| format!(".{f}: field not declared in schema"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })?;
         for _ in 0..PATCH_RETRIES {
             let cur = self.current(rt, ns, name)?;
             if cur.is_none() && subresource.is_some() {
@@ -603,12 +592,12 @@ impl Api {
                 Some(cur) => self.commit(rt, ns, Some(cur), merged, subresource, true, opts),
             };
             match result {
-                Err(e) if e.details_mark_retry() => continue,
+                Err(CommitError::Raced) => continue,
                 Ok(mut written) => {
                     written.warnings.extend(warnings);
                     return Ok(written);
                 }
-                Err(e) => return Err(e),
+                Err(CommitError::Api(e)) => return Err(e),
             }
         }
         Err(ApiError::conflict(rt, name))
@@ -626,7 +615,7 @@ impl Api {
         subresource: Option<&str>,
         applied: bool,
         opts: &WriteOptions,
-    ) -> ApiResult<Written> {
+    ) -> Result<Written, CommitError> {
         let name = meta_str(&new, "name")
             .or_else(|| old.and_then(|o| meta_str(&o.object, "name")))
             .unwrap_or("")
@@ -634,7 +623,7 @@ impl Api {
         if let Some(sub) = subresource
             && (sub != "status" || !rt.status_subresource)
         {
-            return Err(ApiError::not_found_path());
+            return Err(ApiError::not_found_path().into());
         }
         if let (Decision::IfGuestBoundTo(node), Some(old)) = (&opts.decision, old) {
             let bound = old.object.get("status").and_then(|s| s.get("node")).and_then(Value::as_str);
@@ -642,7 +631,8 @@ impl Api {
                 return Err(ApiError::forbidden(format!(
                     "{} \"{name}\" is forbidden: node {node} may only write the status of guests bound to it",
                     rt.qualified_name()
-                )));
+                ))
+                .into());
             }
         }
         new["apiVersion"] = Value::String(rt.api_version());
@@ -683,7 +673,7 @@ impl Api {
                     if m.get("namespace").and_then(Value::as_str).is_some_and(|b| b != ns) {
                         return Err(ApiError::bad_request(
                             "the namespace of the provided object does not match the namespace sent on the request",
-                        ));
+                        ).into());
                     }
                     m.insert("namespace".into(), Value::String(ns.to_string()));
                 }
@@ -729,7 +719,7 @@ impl Api {
                     format!(
                         "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers [\"{added}\"]"
                     ),
-                ));
+                ).into());
             }
         }
         self.builtin_rules(rt, old.map(|o| &o.object), &mut new);
@@ -751,7 +741,7 @@ impl Api {
             }));
         }
         if !causes.is_empty() {
-            return Err(ApiError::invalid(rt, &name, causes));
+            return Err(ApiError::invalid(rt, &name, causes).into());
         }
         if let Some(old) = old
             && subresource.is_none()
@@ -809,13 +799,8 @@ impl Api {
                 .store
                 .delete(&key, Some(old.kv.mod_revision))
                 .map_err(|e| store_write_error(rt, &name, e))?;
-            if let Some(vmids) = vmids.as_deref_mut()
-                && let Some(vmid) = admission::vmid_of(&old.object)
-            {
-                vmids.remove(vmid, &holder);
-            }
             drop(vmids);
-            self.after_delete(rt, &event);
+            self.after_delete(rt, &old.object);
             meta_mut(&mut new).insert("resourceVersion".into(), Value::String(event.revision().to_string()));
             return Ok(Written { object: new, created: false, warnings: Vec::new() });
         }
@@ -891,7 +876,14 @@ impl Api {
         }
     }
 
-    fn after_delete(&self, rt: &ResourceType, _event: &Event) {
+    /// Bookkeeping once `object` is gone from the store: its VMID is free again, a CRD's
+    /// types stop being served, and the garbage collector looks for dependents.
+    fn after_delete(&self, rt: &ResourceType, object: &Value) {
+        if admission::is_guest(rt)
+            && let Some(vmid) = admission::vmid_of(object)
+        {
+            self.vmids.lock().expect("vmid lock").remove(vmid, &admission::guest_ref(object));
+        }
         if rt.kind == "CustomResourceDefinition" {
             self.rebuild_registry();
         }
@@ -955,15 +947,7 @@ impl Api {
                     Err(StoreError::Conflict { .. }) => continue,
                     Err(e) => return Err(e.into()),
                     Ok(event) => {
-                        if admission::is_guest(rt)
-                            && let Some(vmid) = admission::vmid_of(&cur.object)
-                        {
-                            self.vmids
-                                .lock()
-                                .expect("vmid lock")
-                                .remove(vmid, &admission::guest_ref(&cur.object));
-                        }
-                        self.after_delete(rt, &event);
+                        self.after_delete(rt, &cur.object);
                         let mut object = cur.object;
                         meta_mut(&mut object)
                             .insert("resourceVersion".into(), Value::String(event.revision().to_string()));
@@ -1005,13 +989,8 @@ impl Api {
     pub fn remove(&self, rt: &ResourceType, ns: Option<&str>, name: &str) -> ApiResult<()> {
         let Some(cur) = self.current(rt, ns, name)? else { return Ok(()) };
         match self.store.delete(&key(rt, ns, name), Some(cur.kv.mod_revision)) {
-            Ok(event) => {
-                if admission::is_guest(rt)
-                    && let Some(vmid) = admission::vmid_of(&cur.object)
-                {
-                    self.vmids.lock().expect("vmid lock").remove(vmid, &admission::guest_ref(&cur.object));
-                }
-                self.after_delete(rt, &event);
+            Ok(_) => {
+                self.after_delete(rt, &cur.object);
                 Ok(())
             }
             Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => Ok(()),
@@ -1031,6 +1010,7 @@ impl Api {
             return Err(ApiError::conflict(rt, &name));
         }
         self.commit(rt, ns.as_deref(), Some(&cur), object, None, false, &WriteOptions::system())
+            .map_err(|e| e.into_api(rt, &name))
     }
 
     pub fn list(&self, rt: &ResourceType, ns: Option<&str>, options: &ListOptions) -> ApiResult<ListResult> {
@@ -1064,6 +1044,23 @@ impl Api {
                 self.current(rt, ns, name)?.map(|c| c.object).filter(|o| matches(o)).into_iter().collect();
             return Ok(ListResult { items, revision: current, continue_token: None });
         }
+        let (items, revision, continue_token) = self.page(rt, ns, options, current, |kv| {
+            let object = decode(rt, kv);
+            matches(&object).then_some(object)
+        })?;
+        Ok(ListResult { items, revision, continue_token })
+    }
+
+    /// One page of the objects under `rt`/`ns`, from the continue token on: what `keep` maps
+    /// to `Some`, at most `options.limit` of them (0 = all), with the token for the rest.
+    fn page<T>(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        options: &ListOptions,
+        current: Revision,
+        mut keep: impl FnMut(&KeyValue) -> Option<T>,
+    ) -> ApiResult<(Vec<T>, Revision, Option<String>)> {
         let prefix = prefix(rt, ns);
         let (mut start_after, revision) = match &options.continue_token {
             Some(token) => decode_continue(token, &prefix)?,
@@ -1074,20 +1071,16 @@ impl Api {
             let want = if options.limit > 0 { (options.limit - items.len()).max(64) } else { 0 };
             let page = self.store.list(&prefix, start_after.as_deref(), want)?;
             for kv in &page.items {
-                let object = decode(rt, kv);
-                if !matches(&object) {
-                    continue;
-                }
-                items.push(object);
+                let Some(item) = keep(kv) else { continue };
+                items.push(item);
                 if options.limit > 0 && items.len() == options.limit {
                     let more = !self.store.list(&prefix, Some(&kv.key), 1)?.items.is_empty();
-                    let continue_token = more.then(|| encode_continue(revision, &kv.key));
-                    return Ok(ListResult { items, revision, continue_token });
+                    return Ok((items, revision, more.then(|| encode_continue(revision, &kv.key))));
                 }
             }
             match page.more_after {
                 Some(after) if options.limit > 0 => start_after = Some(after),
-                _ => return Ok(ListResult { items, revision, continue_token: None }),
+                _ => return Ok((items, revision, None)),
             }
         }
     }
@@ -1108,33 +1101,19 @@ impl Api {
         {
             return Ok(None);
         }
-        check_list_resource_version(rt, options, self.store.current_revision())?;
-        let prefix = prefix(rt, ns);
-        let (mut start_after, revision) = match &options.continue_token {
-            Some(token) => decode_continue(token, &prefix)?,
-            None => (None, self.store.current_revision()),
-        };
-        let mut items = Vec::new();
-        loop {
-            let want = if options.limit > 0 { (options.limit - items.len()).max(64) } else { 0 };
-            let page = self.store.list(&prefix, start_after.as_deref(), want)?;
-            for kv in &page.items {
-                if options.fields.as_ref().is_some_and(|f| !f.matches(&key_stub(rt, &kv.key))) {
-                    continue;
-                }
-                let Some(bytes) = served_bytes(rt, &kv.value, kv.mod_revision) else { return Ok(None) };
-                items.push(bytes);
-                if options.limit > 0 && items.len() == options.limit {
-                    let more = !self.store.list(&prefix, Some(&kv.key), 1)?.items.is_empty();
-                    let token = more.then(|| encode_continue(revision, &kv.key));
-                    return Ok(Some((items, revision, token)));
-                }
+        let current = self.store.current_revision();
+        check_list_resource_version(rt, options, current)?;
+        let page = self.page(rt, ns, options, current, |kv| {
+            if options.fields.as_ref().is_some_and(|f| !f.matches(&key_stub(rt, &kv.key))) {
+                return None;
             }
-            match page.more_after {
-                Some(after) if options.limit > 0 => start_after = Some(after),
-                _ => return Ok(Some((items, revision, None))),
-            }
-        }
+            // Objects written before storage was metadata-first are decoded once more.
+            Some(
+                served_bytes(rt, &kv.value, kv.mod_revision)
+                    .unwrap_or_else(|| serde_json::to_vec(&decode(rt, kv)).expect("values serialize")),
+            )
+        })?;
+        Ok(Some(page))
     }
 
     /// Starts a watch: for `resource_version` None/"0" every current object comes first as a
@@ -1195,10 +1174,44 @@ impl Api {
     }
 }
 
-impl ApiError {
-    /// Whether a write lost a race the caller may simply retry (no client precondition).
-    fn details_mark_retry(&self) -> bool {
-        self.code == 409 && self.reason == "Conflict" && self.message.starts_with("retry:")
+/// Applies `fieldValidation` to the pruned fields: Strict refuses with `strict_message`,
+/// Warn returns `Warning` texts, Ignore drops them silently.
+fn unknown_fields(
+    unknown: Vec<String>,
+    opts: &WriteOptions,
+    strict_message: impl FnOnce(&[String]) -> String,
+) -> ApiResult<Vec<String>> {
+    if unknown.is_empty() {
+        return Ok(Vec::new());
+    }
+    match opts.field_validation {
+        FieldValidation::Strict => Err(ApiError::bad_request(strict_message(&unknown))),
+        FieldValidation::Warn => Ok(unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect()),
+        FieldValidation::Ignore => Ok(Vec::new()),
+    }
+}
+
+/// Why [`Api::commit`] wrote nothing.
+#[derive(Debug)]
+enum CommitError {
+    /// The stored object changed after it was read: an unconditional write re-reads and
+    /// retries; a write with the client's resourceVersion answers 409.
+    Raced,
+    Api(ApiError),
+}
+
+impl From<ApiError> for CommitError {
+    fn from(e: ApiError) -> CommitError {
+        CommitError::Api(e)
+    }
+}
+
+impl CommitError {
+    fn into_api(self, rt: &ResourceType, name: &str) -> ApiError {
+        match self {
+            CommitError::Raced => ApiError::conflict(rt, name),
+            CommitError::Api(e) => e,
+        }
     }
 }
 
@@ -1289,15 +1302,11 @@ fn check_list_resource_version(rt: &ResourceType, options: &ListOptions, current
     Ok(())
 }
 
-fn store_write_error(rt: &ResourceType, name: &str, e: StoreError) -> ApiError {
+fn store_write_error(rt: &ResourceType, name: &str, e: StoreError) -> CommitError {
     match e {
-        StoreError::AlreadyExists(_) => ApiError::already_exists(rt, name),
-        StoreError::Conflict { .. } | StoreError::NotFound(_) => {
-            let mut e = ApiError::conflict(rt, name);
-            e.message = format!("retry:{}", e.message);
-            e
-        }
-        other => other.into(),
+        StoreError::AlreadyExists(_) => ApiError::already_exists(rt, name).into(),
+        StoreError::Conflict { .. } | StoreError::NotFound(_) => CommitError::Raced,
+        other => ApiError::from(other).into(),
     }
 }
 

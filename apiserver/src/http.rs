@@ -232,13 +232,7 @@ async fn route(
     };
     // A create names its object in the body; authorisation by name (a node creating its own
     // Hypervisor or Lease) needs it.
-    let body_name = if verb == Verb::Create {
-        serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|b| b.pointer("/metadata/name").and_then(Value::as_str).map(String::from))
-    } else {
-        None
-    };
+    let body_name = if verb == Verb::Create { created_name(&body) } else { None };
     let decision = auth::authorize(
         &identity,
         verb,
@@ -433,6 +427,20 @@ async fn route(
             }
         }
     }
+}
+
+/// `metadata.name` of a JSON body, read without building the whole document (the body is
+/// decoded for real later).
+fn created_name(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        metadata: Option<Meta>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        name: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.metadata?.name
 }
 
 /// A JSON list assembled from already-serialized items.

@@ -267,6 +267,47 @@ struct Op {
     returns: Returns,
 }
 
+/// get / put / patch of one object (`suffix` "Status" for the status subresource; `what`
+/// is how the description names the target).
+fn read_op(g: &str, ns: &str, kind: &str, suffix: &str, what: &str) -> Op {
+    Op {
+        method: "get",
+        action: "get",
+        operation_id: format!("read{g}{ns}{kind}{suffix}"),
+        description: format!("read {what} {kind}"),
+        params: Vec::new(),
+        body: Body::None,
+        codes: &[OK],
+        returns: Returns::Kind,
+    }
+}
+
+fn replace_op(g: &str, ns: &str, kind: &str, suffix: &str, what: &str) -> Op {
+    Op {
+        method: "put",
+        action: "put",
+        operation_id: format!("replace{g}{ns}{kind}{suffix}"),
+        description: format!("replace {what} {kind}"),
+        params: write_params(false),
+        body: Body::Object,
+        codes: &[OK, CREATED],
+        returns: Returns::Kind,
+    }
+}
+
+fn patch_op(g: &str, ns: &str, kind: &str, suffix: &str, what: &str) -> Op {
+    Op {
+        method: "patch",
+        action: "patch",
+        operation_id: format!("patch{g}{ns}{kind}{suffix}"),
+        description: format!("partially update {what} {kind}"),
+        params: write_params(true),
+        body: Body::Patch,
+        codes: &[OK, CREATED],
+        returns: Returns::Kind,
+    }
+}
+
 const OK: (&str, &str) = ("200", "OK");
 const CREATED: (&str, &str) = ("201", "Created");
 const ACCEPTED: (&str, &str) = ("202", "Accepted");
@@ -486,26 +527,8 @@ fn endpoints(rt: &ResourceType) -> Vec<Endpoint> {
         path: format!("{collection}/{{name}}"),
         params: item_params.clone(),
         ops: vec![
-            Op {
-                method: "get",
-                action: "get",
-                operation_id: format!("read{g}{ns}{kind}"),
-                description: format!("read the specified {kind}"),
-                params: Vec::new(),
-                body: Body::None,
-                codes: &[OK],
-                returns: Returns::Kind,
-            },
-            Op {
-                method: "put",
-                action: "put",
-                operation_id: format!("replace{g}{ns}{kind}"),
-                description: format!("replace the specified {kind}"),
-                params: write_params(false),
-                body: Body::Object,
-                codes: &[OK, CREATED],
-                returns: Returns::Kind,
-            },
+            read_op(&g, ns, kind, "", "the specified"),
+            replace_op(&g, ns, kind, "", "the specified"),
             Op {
                 method: "delete",
                 action: "delete",
@@ -516,16 +539,7 @@ fn endpoints(rt: &ResourceType) -> Vec<Endpoint> {
                 codes: &[OK, ACCEPTED],
                 returns: Returns::Status,
             },
-            Op {
-                method: "patch",
-                action: "patch",
-                operation_id: format!("patch{g}{ns}{kind}"),
-                description: format!("partially update the specified {kind}"),
-                params: write_params(true),
-                body: Body::Patch,
-                codes: &[OK, CREATED],
-                returns: Returns::Kind,
-            },
+            patch_op(&g, ns, kind, "", "the specified"),
         ],
     });
     if rt.status_subresource {
@@ -533,36 +547,9 @@ fn endpoints(rt: &ResourceType) -> Vec<Endpoint> {
             path: format!("{collection}/{{name}}/status"),
             params: item_params,
             ops: vec![
-                Op {
-                    method: "get",
-                    action: "get",
-                    operation_id: format!("read{g}{ns}{kind}Status"),
-                    description: format!("read status of the specified {kind}"),
-                    params: Vec::new(),
-                    body: Body::None,
-                    codes: &[OK],
-                    returns: Returns::Kind,
-                },
-                Op {
-                    method: "put",
-                    action: "put",
-                    operation_id: format!("replace{g}{ns}{kind}Status"),
-                    description: format!("replace status of the specified {kind}"),
-                    params: write_params(false),
-                    body: Body::Object,
-                    codes: &[OK, CREATED],
-                    returns: Returns::Kind,
-                },
-                Op {
-                    method: "patch",
-                    action: "patch",
-                    operation_id: format!("patch{g}{ns}{kind}Status"),
-                    description: format!("partially update status of the specified {kind}"),
-                    params: write_params(true),
-                    body: Body::Patch,
-                    codes: &[OK, CREATED],
-                    returns: Returns::Kind,
-                },
+                read_op(&g, ns, kind, "Status", "status of the specified"),
+                replace_op(&g, ns, kind, "Status", "status of the specified"),
+                patch_op(&g, ns, kind, "Status", "status of the specified"),
             ],
         });
     }
@@ -1300,15 +1287,7 @@ mod tests {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
     fn crds() -> Vec<CustomResourceDefinition> {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crds");
-        let mut paths: Vec<_> =
-            std::fs::read_dir(dir).expect("crd dir").map(|e| e.expect("entry").path()).collect();
-        paths.sort();
-        paths
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .map(|p| serde_yaml::from_str(&std::fs::read_to_string(p).expect("read")).expect("crd yaml"))
-            .collect()
+        kpve_crds::crdgen::all()
     }
 
     fn registry() -> Registry {

@@ -107,6 +107,11 @@ pub fn ensure_certificates(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The DER certificates in a PEM file's text (e.g. `ca.crt`, for a client's trust root).
+pub fn pem_certs(pem: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
+    rustls_pemfile::certs(&mut &*pem).map(|c| c.map(|c| c.to_vec())).collect()
+}
+
 /// The rustls configuration for a listener: the serving certificate, HTTP/2 and HTTP/1.1 by ALPN.
 pub fn server_tls_config(dir: &Path) -> Result<Arc<rustls::ServerConfig>> {
     let cert_path = dir.join(SERVER_CERT);

@@ -1323,7 +1323,6 @@ pub fn record_update(
 mod tests {
     use super::*;
     use crate::resources::ResourceType;
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use serde_json::json;
 
     const T0: &str = "2026-01-01T00:00:00Z";
@@ -1331,13 +1330,12 @@ mod tests {
     const T2: &str = "2026-01-01T00:02:00Z";
     const T3: &str = "2026-01-01T00:03:00Z";
 
-    /// The real VirtualMachine CRD. `KPVE_CRDS_DIR` (set by the scratch crate's
-    /// `.cargo/config.toml`) overrides the in-repo location.
+    /// The real VirtualMachine CRD.
     fn vm_rt() -> ResourceType {
-        let dir =
-            option_env!("KPVE_CRDS_DIR").unwrap_or(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crds"));
-        let yaml = std::fs::read_to_string(format!("{dir}/virtualmachines.kpve.io.yaml")).expect("VM CRD");
-        let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).expect("CRD parses");
+        let crd = kpve_crds::crdgen::all()
+            .into_iter()
+            .find(|c| c.spec.names.kind == "VirtualMachine")
+            .expect("the VirtualMachine CRD");
         ResourceType::from_crd(&crd).into_iter().next().expect("a served version")
     }
 

@@ -603,19 +603,9 @@ fn human_nanos(nanos: i128) -> String {
 mod tests {
     use super::*;
     use crate::resources::Registry;
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
     fn registry() -> Registry {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crds");
-        let mut paths: Vec<_> =
-            std::fs::read_dir(dir).expect("crd dir").map(|e| e.expect("entry").path()).collect();
-        paths.sort();
-        let crds: Vec<CustomResourceDefinition> = paths
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .map(|p| serde_yaml::from_str(&std::fs::read_to_string(p).expect("read")).expect("crd yaml"))
-            .collect();
-        Registry::new(&crds)
+        Registry::new(&kpve_crds::crdgen::all())
     }
 
     fn now() -> Timestamp {

@@ -16,3 +16,20 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
 }
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `label  p50 … p95 … p99 … max …  (n=…)` of `samples`, which it sorts.
+pub fn summary(label: &str, samples: &mut [Duration]) -> String {
+    samples.sort();
+    format!(
+        "{label:<40} p50 {:>8.3} ms  p95 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms  (n={})",
+        ms(percentile(samples, 50.0)),
+        ms(percentile(samples, 95.0)),
+        ms(percentile(samples, 99.0)),
+        ms(samples.last().copied().unwrap_or_default()),
+        samples.len()
+    )
+}

@@ -360,33 +360,15 @@ impl Agent {
         let plan = match self.plan(vm, vmid, &run).await {
             Ok(plan) => plan,
             Err(stall) => {
-                let figures = json!({"phase": if pid.is_some() { "Running" } else { "Failed" }});
-                return self
-                    .write_status(
-                        vm,
-                        figures,
-                        vec![
-                            condition(condition_type::STALLED, true, stall.reason, &stall.message),
-                            condition(condition_type::READY, false, stall.reason, &stall.message),
-                            condition(condition_type::RECONCILING, false, stall.reason, ""),
-                        ],
-                    )
-                    .await;
+                let phase = if pid.is_some() { "Running" } else { "Failed" };
+                return self.stalled(vm, phase, stall).await;
             }
         };
         let argv = match argv::render(&vm.spec, &plan) {
             Ok(argv) => argv,
             Err(e) => {
-                let message = e.to_string();
                 return self
-                    .write_status(
-                        vm,
-                        json!({"phase": "Failed"}),
-                        vec![
-                            condition(condition_type::STALLED, true, "InvalidSpec", &message),
-                            condition(condition_type::READY, false, "InvalidSpec", &message),
-                        ],
-                    )
+                    .stalled(vm, "Failed", Stall { reason: "InvalidSpec", message: e.to_string() })
                     .await;
             }
         };
@@ -431,16 +413,7 @@ impl Agent {
                     }
                     Err(e) => {
                         let message = format!("QEMU did not start: {e}");
-                        return self
-                            .write_status(
-                                vm,
-                                json!({"phase": "Failed"}),
-                                vec![
-                                    condition(condition_type::STALLED, true, "StartFailed", &message),
-                                    condition(condition_type::READY, false, "StartFailed", &message),
-                                ],
-                            )
-                            .await;
+                        return self.stalled(vm, "Failed", Stall { reason: "StartFailed", message }).await;
                     }
                 }
             }
@@ -547,6 +520,17 @@ impl Agent {
             condition(condition_type::RESTART_REQUIRED, false, "InSync", "")
         });
         self.write_status(vm, figures, conditions).await
+    }
+
+    /// Reports that the guest cannot converge: Stalled with the reason, not Ready, not
+    /// Reconciling (nothing will change until the spec or the node does).
+    async fn stalled(&self, vm: &VirtualMachine, phase: &str, stall: Stall) -> anyhow::Result<()> {
+        let conditions = vec![
+            condition(condition_type::STALLED, true, stall.reason, &stall.message),
+            condition(condition_type::READY, false, stall.reason, &stall.message),
+            condition(condition_type::RECONCILING, false, stall.reason, ""),
+        ];
+        self.write_status(vm, json!({ "phase": phase }), conditions).await
     }
 
     /// Volumes, NICs and kernel: everything besides the spec the command line needs.
@@ -659,7 +643,7 @@ impl Agent {
 
     fn running_pid(&self, run: &LaunchPaths, vmid: u32) -> Option<u32> {
         let pid = host::read_pid(&run.pid_file())?;
-        host::process_alive(pid, &format!("{}", run.run_dir.display())).then_some(pid).filter(|_| vmid > 0)
+        (vmid > 0 && host::process_alive(pid, &run.run_dir.display().to_string())).then_some(pid)
     }
 
     async fn qmp(&self, run: &LaunchPaths) -> Option<Qmp> {
@@ -708,10 +692,8 @@ impl Agent {
         })?;
         let status = qmp.query_status().await?;
         drop(qmp);
-        for nic in vm.spec.nics.iter().enumerate() {
-            if let (index, nic) = nic
-                && let Some(bridge) = &nic.bridge
-            {
+        for (index, nic) in vm.spec.nics.iter().enumerate() {
+            if let Some(bridge) = &nic.bridge {
                 let tap = format!("tap{vmid}i{index}");
                 let out = tokio::process::Command::new("ip")
                     .args(["link", "set", &tap, "master", bridge, "up"])

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{input_dir, load, pretty};
+use common::{input_names, load, pretty};
 use kpve_node_agent::qemu::argv::render;
 
 fn check(name: &str) {
@@ -56,14 +56,7 @@ fn proxmox_simple_conf() {
 
 #[test]
 fn every_input_has_a_test() {
-    let mut names: Vec<String> = std::fs::read_dir(input_dir())
-        .unwrap()
-        .map(|e| e.unwrap())
-        // Subdirectories hold other drivers' inputs (lxc/).
-        .filter(|e| e.file_type().unwrap().is_file())
-        .map(|e| e.file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    let names = input_names();
     let source = include_str!("argv_golden.rs");
     for name in names {
         assert!(source.contains(&format!("check(\"{name}\")")), "tests/input/{name} is not checked");

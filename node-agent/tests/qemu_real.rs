@@ -276,14 +276,7 @@ async fn every_input_starts_under_qemu() {
         && std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
             s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
         });
-    let mut names: Vec<String> = std::fs::read_dir(common::input_dir())
-        .unwrap()
-        .map(|e| e.unwrap())
-        // Subdirectories hold other drivers' inputs (lxc/).
-        .filter(|e| e.file_type().unwrap().is_file())
-        .map(|e| e.file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    let names = common::input_names();
     for name in names {
         let (spec, mut plan) = common::load(&name);
         if !plan.nics.is_empty() && !can_make_taps {

@@ -135,12 +135,24 @@ impl Server {
         self.kubectl_stdin(args, None)
     }
 
+    /// kubectl against this server, with its own discovery cache `cache`.
+    fn kubectl_command(&self, cache: &str) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig").arg(self.kubeconfig()).arg("--cache-dir").arg(self.dir.path().join(cache));
+        cmd
+    }
+
+    /// kubectl running while the test goes on (`wait`, a `delete` that waits): join for
+    /// its output. `cache` keeps its discovery cache apart from the foreground kubectl's.
+    pub fn kubectl_background(&self, cache: &str, args: &[&str]) -> std::thread::JoinHandle<Output> {
+        let mut cmd = self.kubectl_command(cache);
+        cmd.args(args);
+        std::thread::spawn(move || cmd.output().unwrap())
+    }
+
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .arg("--cache-dir")
-            .arg(self.dir.path().join("kube-cache"))
+        let mut child = self
+            .kubectl_command("kube-cache")
             .args(args)
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())

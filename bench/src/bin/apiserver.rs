@@ -13,25 +13,13 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use kpve_apiserver::store::Store;
 use kpve_apiserver::store::sqlite::SqliteStore;
-use kpve_bench::percentile;
+use kpve_bench::summary;
 use kpve_crds::VirtualMachine;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn summary(label: &str, samples: &mut [Duration]) -> String {
-    samples.sort();
-    format!(
-        "{label:<34} p50 {:>8.3} ms  p95 {:>8.3} ms  p99 {:>8.3} ms  (n={})",
-        ms(percentile(samples, 50.0)),
-        ms(percentile(samples, 95.0)),
-        ms(percentile(samples, 99.0)),
-        samples.len()
-    )
-}
+/// The one object the write, GET and watch measurements hammer, as the store keys it.
+const HOT: &str = "/registry/kpve.io/virtualmachines/default/hot";
 
 fn vm(name: &str) -> VirtualMachine {
     serde_json::from_value(json!({
@@ -83,7 +71,7 @@ async fn main() {
     let raw_dir = tempfile::tempdir().unwrap();
     let raw = Arc::new(SqliteStore::open(&raw_dir.path().join("raw.db")).unwrap());
     let value = serde_json::to_vec(&vm("hot")).unwrap();
-    raw.create("/registry/kpve.io/virtualmachines/default/hot", value.clone()).unwrap();
+    raw.create(HOT, value.clone()).unwrap();
 
     // 1. Durable single-object writes.
     let mut api_lat = Vec::with_capacity(writes);
@@ -100,10 +88,7 @@ async fn main() {
     let mut rev = raw.current_revision();
     for _ in 0..writes {
         let t = Instant::now();
-        rev = raw
-            .update("/registry/kpve.io/virtualmachines/default/hot", rev, value.clone())
-            .unwrap()
-            .mod_revision;
+        rev = raw.update(HOT, rev, value.clone()).unwrap().mod_revision;
         raw_lat.push(t.elapsed());
     }
     let raw_rate = writes as f64 / start.elapsed().as_secs_f64();
@@ -143,7 +128,7 @@ async fn main() {
     let mut raw_lat = Vec::with_capacity(writes);
     for _ in 0..writes {
         let t = Instant::now();
-        let kv = raw.get("/registry/kpve.io/virtualmachines/default/hot").unwrap().unwrap();
+        let kv = raw.get(HOT).unwrap().unwrap();
         let _: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
         raw_lat.push(t.elapsed());
     }
@@ -262,17 +247,13 @@ async fn main() {
         h.await.unwrap();
     }
     // Raw: the store's own watch fan-out to the same number of in-process watchers.
-    let mut receivers: Vec<_> = (0..watchers)
-        .map(|_| raw.watch("/registry/kpve.io/virtualmachines/default/hot", raw.current_revision()).unwrap())
-        .collect();
+    let mut receivers: Vec<_> =
+        (0..watchers).map(|_| raw.watch(HOT, raw.current_revision()).unwrap()).collect();
     let mut raw_lat = Vec::new();
-    let mut rev = raw.get("/registry/kpve.io/virtualmachines/default/hot").unwrap().unwrap().mod_revision;
+    let mut rev = raw.get(HOT).unwrap().unwrap().mod_revision;
     for _ in 0..rounds {
         let t = Instant::now();
-        rev = raw
-            .update("/registry/kpve.io/virtualmachines/default/hot", rev, value.clone())
-            .unwrap()
-            .mod_revision;
+        rev = raw.update(HOT, rev, value.clone()).unwrap().mod_revision;
         for w in &mut receivers {
             w.events.recv().await.unwrap();
             raw_lat.push(t.elapsed());

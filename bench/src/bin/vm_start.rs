@@ -8,15 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kpve_bench::percentile;
+use kpve_bench::{ms, percentile, summary};
 use kpve_crds::VirtualMachine;
 use kpve_node_agent::qemu::qmp::Qmp;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 async fn qmp_running(socket: &Path, deadline: Instant) -> Duration {
     let start = Instant::now();
@@ -29,17 +25,6 @@ async fn qmp_running(socket: &Path, deadline: Instant) -> Duration {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-}
-
-fn summary(label: &str, samples: &mut [Duration]) -> String {
-    samples.sort();
-    format!(
-        "{label:<40} p50 {:>8.1} ms  p95 {:>8.1} ms  max {:>8.1} ms  (n={})",
-        ms(percentile(samples, 50.0)),
-        ms(percentile(samples, 95.0)),
-        ms(*samples.last().unwrap()),
-        samples.len()
-    )
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -61,13 +46,12 @@ async fn main() {
         kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap())
             .unwrap();
     // The agent authenticates as the node, as in `kpve server`.
-    let mut node_config = client_config(
+    let node_config = client_config(
         dir.path(),
         running.address.port(),
         &std::fs::read_to_string(dir.path().join("node-token")).unwrap(),
     )
     .await;
-    node_config.accept_invalid_certs = false;
     let node_client = kube::Client::try_from(node_config).unwrap();
     tokio::spawn(kpve_controllers::run(client.clone(), Default::default()));
     tokio::spawn(kpve_node_agent::agent::run(

@@ -14,6 +14,18 @@ pub fn input_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/input")
 }
 
+/// The QEMU test inputs, sorted (subdirectories hold other drivers' inputs, e.g. lxc/).
+pub fn input_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(input_dir())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Where Proxmox's `local` dir storage keeps a volume.
 pub fn volume_path(vmid: u32, id: &str, volume: Option<&str>, format: &str) -> PathBuf {
     match volume.and_then(|v| v.split_once(':')) {
