@@ -27,7 +27,7 @@ fi
 missing=()
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" || missing+=("$1"); }
 
-runtime_pkgs=(qemu-system-x86 qemu-utils lxc nftables fuse3 iproute2 bridge-utils uidmap)
+runtime_pkgs=(qemu-system-x86 qemu-utils lxc nftables fuse3 iproute2 bridge-utils uidmap xz-utils zstd)
 test_pkgs=(busybox-static cpio python3-pip)
 for p in "${runtime_pkgs[@]}"; do need "$p"; done
 if [ "$want_test" = 1 ]; then for p in "${test_pkgs[@]}"; do need "$p"; done; fi
@@ -49,6 +49,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
 else
   echo "install-host-deps: host packages present"
 fi
+
+# Unprivileged containers map ids 0..65535 onto 100000.. as on Proxmox; newuidmap (uidmap)
+# only lets root do that when /etc/subuid and /etc/subgid grant the range.
+for f in /etc/subuid /etc/subgid; do
+  if ! grep -qsE '^(root|0):100000:65536$' "$f"; then
+    echo "root:100000:65536" >> "$f"
+    echo "install-host-deps: granted root:100000:65536 in $f (unprivileged containers)"
+  fi
+done
 
 if [ "$want_test" = 1 ]; then
   # A Debian cloud kernel boots test guests to userspace in seconds; kept out of /boot.

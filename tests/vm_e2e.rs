@@ -152,26 +152,8 @@ fn a_declared_vm_boots_follows_its_power_state_restarts_on_request_and_is_delete
 fn an_agent_killed_with_sigkill_leaves_the_guest_running_and_adopts_it() {
     let server = Server::start_with_controllers();
     let initrd = test_initramfs(server.data_dir());
-    let token = server.token("node", Some("node1"));
-    let token_file = server.data_dir().join("agent-token");
-    std::fs::write(&token_file, &token).unwrap();
     let agent_dir = server.data_dir().join("agent-node1");
-    let spawn_agent = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_kpve"))
-            .args(["agent", "--node", "node1"])
-            .arg("--server")
-            .arg(format!("https://127.0.0.1:{}", server.port))
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--ca-file")
-            .arg(server.data_dir().join("ca.crt"))
-            .arg("--data-dir")
-            .arg(&agent_dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(server.data_dir().join("agent.log")).unwrap())
-            .spawn()
-            .unwrap()
-    };
+    let spawn_agent = || server.spawn_agent("node1", &agent_dir);
     let mut agent = spawn_agent();
     // The agent runs as its own process here (the server runs with --no-agent); the
     // server's scheduler binds the guest to it.

@@ -1,30 +1,17 @@
 //! What the scheduler and the guest controller need to know about a guest kind, so one
 //! generic reconciler serves both `VirtualMachine` and `LinuxContainer`.
 
-use std::fmt::Debug;
-
-use kpve_crds::kube::Resource;
-use kpve_crds::kube::core::NamespaceResourceScope;
-use kpve_crds::{GuestStatus, LinuxContainer, VirtualMachine};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use kpve_crds::{GuestObject, LinuxContainer, VirtualMachine};
 
 use crate::scheduler::GuestDemand;
 
-/// A guest kind: a namespaced resource with a [`GuestStatus`].
-pub trait GuestKind:
-    Resource<DynamicType = (), Scope = NamespaceResourceScope>
-    + Clone
-    + Debug
-    + DeserializeOwned
-    + Serialize
-    + Send
-    + Sync
-    + 'static
-{
+/// A guest kind, as the scheduler sees it.
+pub trait GuestKind: GuestObject {
     fn demand(&self) -> GuestDemand;
-    fn guest_status(&self) -> Option<&GuestStatus>;
-    fn spec_vmid(&self) -> Option<u32>;
+
+    fn spec_vmid(&self) -> Option<u32> {
+        self.guest_spec().vmid()
+    }
 
     /// The node the guest is bound to, if any.
     fn node(&self) -> Option<&str> {
@@ -36,22 +23,10 @@ impl GuestKind for VirtualMachine {
     fn demand(&self) -> GuestDemand {
         GuestDemand::for_vm(&self.spec)
     }
-    fn guest_status(&self) -> Option<&GuestStatus> {
-        self.status.as_ref()
-    }
-    fn spec_vmid(&self) -> Option<u32> {
-        self.spec.vmid
-    }
 }
 
 impl GuestKind for LinuxContainer {
     fn demand(&self) -> GuestDemand {
         GuestDemand::for_container(&self.spec)
-    }
-    fn guest_status(&self) -> Option<&GuestStatus> {
-        self.status.as_ref()
-    }
-    fn spec_vmid(&self) -> Option<u32> {
-        self.spec.vmid
     }
 }

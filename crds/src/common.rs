@@ -240,6 +240,22 @@ pub struct GuestStatus {
     pub firewall_generation: Option<i64>,
 }
 
+/// A guest resource (VirtualMachine, LinuxContainer): what the scheduler, the guest
+/// controller and the node agent need of either kind.
+pub trait GuestObject:
+    kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Serialize
+    + Send
+    + Sync
+    + 'static
+{
+    fn guest_spec(&self) -> &(dyn GuestSpec + Sync);
+    fn guest_status(&self) -> Option<&GuestStatus>;
+}
+
 /// Fields every guest kind declares the same way.
 pub trait GuestSpec {
     fn vmid(&self) -> Option<u32>;
@@ -247,4 +263,5 @@ pub trait GuestSpec {
     fn placement(&self) -> &Placement;
     fn ha(&self) -> Option<&HaSpec>;
     fn firewall(&self) -> Option<&GuestFirewall>;
+    fn startup(&self) -> Option<&Startup>;
 }

@@ -316,6 +316,15 @@ pub struct RawLxc {
 
 crate::serde_default!(Features);
 
+impl crate::common::GuestObject for LinuxContainer {
+    fn guest_spec(&self) -> &(dyn GuestSpec + Sync) {
+        &self.spec
+    }
+    fn guest_status(&self) -> Option<&GuestStatus> {
+        self.status.as_ref()
+    }
+}
+
 impl GuestSpec for LinuxContainerSpec {
     fn vmid(&self) -> Option<u32> {
         self.vmid
@@ -331,5 +340,8 @@ impl GuestSpec for LinuxContainerSpec {
     }
     fn firewall(&self) -> Option<&GuestFirewall> {
         self.firewall.as_ref()
+    }
+    fn startup(&self) -> Option<&Startup> {
+        self.startup.as_ref()
     }
 }

@@ -450,6 +450,15 @@ pub struct IpConfig {
 crate::serde_default!(VirtualMachineSpec, CpuSpec, MemorySpec, Agent, CloudInit);
 crate::keyed_new!(Disk, Nic, IpConfig);
 
+impl crate::common::GuestObject for VirtualMachine {
+    fn guest_spec(&self) -> &(dyn GuestSpec + Sync) {
+        &self.spec
+    }
+    fn guest_status(&self) -> Option<&GuestStatus> {
+        self.status.as_ref()
+    }
+}
+
 impl GuestSpec for VirtualMachineSpec {
     fn vmid(&self) -> Option<u32> {
         self.vmid
@@ -465,5 +474,8 @@ impl GuestSpec for VirtualMachineSpec {
     }
     fn firewall(&self) -> Option<&GuestFirewall> {
         self.firewall.as_ref()
+    }
+    fn startup(&self) -> Option<&Startup> {
+        self.startup.as_ref()
     }
 }

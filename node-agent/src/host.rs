@@ -81,6 +81,64 @@ pub fn bridge_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).join("bridge").exists()
 }
 
+/// Bytes a network interface received and sent (`/sys/class/net/<if>/statistics`), 0 when absent.
+pub fn link_bytes(name: &str) -> (u64, u64) {
+    let stats = Path::new("/sys/class/net").join(name).join("statistics");
+    let read =
+        |f: &str| std::fs::read_to_string(stats.join(f)).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    (read("rx_bytes").unwrap_or(0), read("tx_bytes").unwrap_or(0))
+}
+
+/// Whether the host's memory controller is on cgroup v1 (hybrid or legacy hierarchy).
+pub fn cgroup_v1_memory() -> bool {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    text.lines().any(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")))
+}
+
+/// Whether the kernel runs AppArmor.
+pub fn apparmor_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled").is_ok_and(|s| s.starts_with('Y'))
+}
+
+/// An executable of that name on PATH.
+pub fn on_path(tool: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(tool)).find(|p| p.is_file())
+}
+
+/// Whether `text` (the content of /etc/subuid or /etc/subgid) gives root ids `start..start+count`.
+pub fn subid_range_granted(text: &str, start: u32, count: u32) -> bool {
+    text.lines().any(|line| {
+        let f: Vec<&str> = line.trim().split(':').collect();
+        let (Some(first), Some(n)) =
+            (f.get(1).and_then(|s| s.parse::<u64>().ok()), f.get(2).and_then(|s| s.parse::<u64>().ok()))
+        else {
+            return false;
+        };
+        matches!(f[0], "root" | "0")
+            && first <= u64::from(start)
+            && u64::from(start) + u64::from(count) <= first + n
+    })
+}
+
+/// Why root cannot map container ids `start..start+count` here, if it cannot: lxc maps ids
+/// with newuidmap/newgidmap whenever both are installed, and those check /etc/subuid and
+/// /etc/subgid even for root (without them root writes the maps itself).
+pub fn idmap_problem(start: u32, count: u32) -> Option<String> {
+    if on_path("newuidmap").is_none() || on_path("newgidmap").is_none() {
+        return None;
+    }
+    let granted =
+        |file: &str| std::fs::read_to_string(file).is_ok_and(|text| subid_range_granted(&text, start, count));
+    if granted("/etc/subuid") && granted("/etc/subgid") {
+        return None;
+    }
+    Some(format!(
+        "unprivileged containers need 'root:{start}:{count}' in /etc/subuid and /etc/subgid (newuidmap is installed); \
+         add it (scripts/install-host-deps.sh does) or set spec.unprivileged: false"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +151,15 @@ mod tests {
         assert!(cpu_ticks(pid).is_some());
         assert!(facts().cpus >= 1);
         assert!(facts().memory_mib > 0);
+    }
+
+    #[test]
+    fn subid_ranges() {
+        assert!(subid_range_granted("root:100000:65536\n", 100_000, 65_536));
+        assert!(subid_range_granted("alice:1:2\n0:0:4294967295\n", 100_000, 65_536));
+        assert!(!subid_range_granted("root:100000:1000\n", 100_000, 65_536));
+        assert!(!subid_range_granted("alice:100000:65536\n", 100_000, 65_536));
+        assert!(!subid_range_granted("", 100_000, 65_536));
     }
 
     #[test]

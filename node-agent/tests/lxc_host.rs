@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use kpve_crds::LinuxContainerSpec;
+use kpve_node_agent::host;
 use kpve_node_agent::lxc::config::{
     CgroupLayout, CtPlan, IdMap, ResolvedMount, ct_volume_name, render, render_seccomp,
 };
@@ -25,54 +26,6 @@ fn skip(reason: &str) {
         panic!("KPVE_REQUIRE_HOST=1 but {reason}");
     }
     eprintln!("skipping the LXC smoke test: {reason}");
-}
-
-fn on_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(tool)).find(|p| p.is_file())
-}
-
-/// Whether `file` (/etc/subuid or /etc/subgid) gives root the whole default range.
-fn root_owns_range(file: &str, map: IdMap, start: u32) -> bool {
-    let Ok(text) = fs::read_to_string(file) else { return false };
-    text.lines().any(|line| {
-        let f: Vec<&str> = line.trim().split(':').collect();
-        let (Some(first), Some(count)) =
-            (f.get(1).and_then(|s| s.parse::<u64>().ok()), f.get(2).and_then(|s| s.parse::<u64>().ok()))
-        else {
-            return false;
-        };
-        matches!(f[0], "root" | "0")
-            && first <= u64::from(start)
-            && u64::from(start) + u64::from(map.count) <= first + count
-    })
-}
-
-/// lxc maps ids with newuidmap/newgidmap whenever both are installed, and those check
-/// /etc/subuid and /etc/subgid even for root; without them root writes the maps itself.
-fn unprivileged_possible(map: IdMap) -> Result<(), String> {
-    if on_path("newuidmap").is_none() || on_path("newgidmap").is_none() {
-        return Ok(());
-    }
-    if root_owns_range("/etc/subuid", map, map.host_uid) && root_owns_range("/etc/subgid", map, map.host_gid)
-    {
-        return Ok(());
-    }
-    Err(format!(
-        "newuidmap is installed and /etc/subuid or /etc/subgid lack 'root:{}:{}'",
-        map.host_uid, map.count
-    ))
-}
-
-fn cgroup_layout() -> CgroupLayout {
-    let text = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let v1_memory =
-        text.lines().any(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")));
-    if v1_memory { CgroupLayout::Legacy } else { CgroupLayout::Unified }
-}
-
-fn host_apparmor() -> bool {
-    fs::read_to_string("/sys/module/apparmor/parameters/enabled").is_ok_and(|s| s.starts_with('Y'))
 }
 
 fn run(tool: &str, args: &[&str]) -> Output {
@@ -123,11 +76,11 @@ fn chown_tree(path: &Path, id: u32) {
 
 #[test]
 fn busybox_container_boots_and_stops() {
-    let Some(lxc_start) = on_path("lxc-start") else { return skip("lxc-start is not installed") };
+    let Some(lxc_start) = host::on_path("lxc-start") else { return skip("lxc-start is not installed") };
     if fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX) != 0 {
         return skip("the test must run as root to start containers");
     }
-    let Some(busybox) = on_path("busybox") else { return skip("busybox is not installed") };
+    let Some(busybox) = host::on_path("busybox") else { return skip("busybox is not installed") };
     let busybox_bytes = fs::read(&busybox).unwrap();
     // The rootfs has no libraries, so only a static busybox runs in it.
     if has_interpreter(&busybox_bytes) {
@@ -136,15 +89,15 @@ fn busybox_container_boots_and_stops() {
     eprintln!("using {}", lxc_start.display());
 
     let map = IdMap::default();
-    let unprivileged = match unprivileged_possible(map) {
-        Ok(()) => true,
-        Err(reason) => {
+    let unprivileged = match host::idmap_problem(map.host_uid, map.count) {
+        None => true,
+        Some(reason) => {
             eprintln!("running privileged: {reason}");
             false
         }
     };
-    let layout = cgroup_layout();
-    let apparmor = host_apparmor();
+    let layout = if host::cgroup_v1_memory() { CgroupLayout::Legacy } else { CgroupLayout::Unified };
+    let apparmor = host::apparmor_enabled();
     eprintln!("unprivileged={unprivileged} cgroup={layout:?} apparmor={apparmor}");
 
     let root = std::env::temp_dir().join(format!("kpve-lxc-smoke-{}", std::process::id()));

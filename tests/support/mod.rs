@@ -190,6 +190,35 @@ impl Server {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
+    /// Starts `kpve agent` for `node` as its own process, with a node token, its state in
+    /// `agent_dir` and its log in `<data dir>/agent.log`.
+    pub fn spawn_agent(&self, node: &str, agent_dir: &Path) -> Child {
+        let token_file = self.dir.path().join(format!("agent-token-{node}"));
+        if !token_file.exists() {
+            std::fs::write(&token_file, self.token("node", Some(node))).unwrap();
+        }
+        Command::new(env!("CARGO_BIN_EXE_kpve"))
+            .args(["agent", "--node", node])
+            .arg("--server")
+            .arg(format!("https://127.0.0.1:{}", self.port))
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--ca-file")
+            .arg(self.dir.path().join("ca.crt"))
+            .arg("--data-dir")
+            .arg(agent_dir)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path().join("agent.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap()
+    }
+
     pub async fn client(&self) -> kube::Client {
         let kubeconfig = kube::config::Kubeconfig::read_from(self.kubeconfig()).unwrap();
         let config =
@@ -214,6 +243,8 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+        // Containers outlive their agent by design: stop every one the agent started.
+        stop_containers(&self.dir.path().join("agent/run"));
         // QEMU outlives its agent by design, and a test may have started a separate agent:
         // whatever still runs out of this server's directory goes with the test.
         let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.dir.path()).status();
@@ -271,4 +302,62 @@ pub fn test_initramfs(dir: &Path) -> PathBuf {
         .unwrap();
     assert!(status.success(), "cpio failed");
     image
+}
+
+/// Hard-stops the containers of an agent's lxcpath (its run root).
+pub fn stop_containers(lxcpath: &Path) {
+    for entry in std::fs::read_dir(lxcpath).into_iter().flatten().flatten() {
+        if entry.path().join("config").exists() {
+            let _ = Command::new("lxc-stop")
+                .arg("-P")
+                .arg(lxcpath)
+                .arg("-n")
+                .arg(entry.file_name())
+                .arg("-k")
+                .current_dir("/")
+                .output();
+        }
+    }
+}
+
+/// What the test container's init writes to its console once it runs.
+pub const CT_MARKER: &str = "KPVE-CT-UP";
+
+/// A minimal OS template: a static busybox rootfs as `<name>.tar.gz` in `dir`. Its init
+/// prints [`CT_MARKER`] and idles, and exits on SIGPWR (lxc's halt signal) like a real init.
+pub fn busybox_template(dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let root = dir.join(format!("{name}-rootfs"));
+    let _ = std::fs::remove_dir_all(&root);
+    for sub in ["bin", "sbin", "etc", "root", "tmp", "proc", "sys", "dev", "run", "var/log"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
+    for applet in ["sh", "hostname", "ip", "cat", "sleep", "ls", "id", "touch", "ping"] {
+        symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/shadow"), "root:*:19000:0:99999:7:::\n").unwrap();
+    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
+    let init = format!(
+        "#!/bin/sh\n\
+         trap 'echo KPVE-CT-HALT; exit 0' PWR TERM\n\
+         echo {CT_MARKER} $(hostname)\n\
+         while true; do sleep 1 & wait $!; done\n"
+    );
+    std::fs::write(root.join("sbin/init"), init).unwrap();
+    std::fs::set_permissions(root.join("sbin/init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let tarball = dir.join(format!("{name}.tar.gz"));
+    let status = Command::new("tar")
+        .args(["--numeric-owner", "-czf"])
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&root)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar failed");
+    std::fs::remove_dir_all(&root).unwrap();
+    tarball
 }

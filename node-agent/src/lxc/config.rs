@@ -152,9 +152,9 @@ pub struct CtPlan {
     pub seccomp_profile: PathBuf,
 }
 
-/// The name of a container volume on a dir pool, as Proxmox names it.
+/// The name of a container volume on a dir pool, as Proxmox names it (a directory).
 pub fn ct_volume_name(vmid: u32, index: usize) -> String {
-    format!("subvol-{vmid}-disk-{index}")
+    format!("subvol-{vmid}-disk-{index}.subvol")
 }
 
 /// The host-side veth name of NIC `net<index>`, as Proxmox names it.
@@ -870,7 +870,7 @@ mod tests {
 
     #[test]
     fn names_follow_proxmox() {
-        assert_eq!(ct_volume_name(101, 0), "subvol-101-disk-0");
+        assert_eq!(ct_volume_name(101, 0), "subvol-101-disk-0.subvol");
         assert_eq!(veth_name(101, 2), "veth101i2");
     }
 

@@ -1,0 +1,804 @@
+//! The agent loop: registers this node (Hypervisor status, a Lease in kube-node-lease), keeps
+//! the dir pool's per-node status, and reconciles every guest bound to this node
+//! (`status.node`) — VirtualMachines through QEMU ([`vm`]), LinuxContainers through LXC
+//! ([`ct`]) — volumes, process, power state, writing observed status back.
+//!
+//! Level-based: each guest is reconciled on every change and every few seconds from what
+//! the API says and what the host shows; nothing depends on why it was called. What it
+//! started is checkpointed under `DATA_DIR/agent/run/<vmid>/`, so a restarted agent adopts
+//! running guests (QEMU through its pid file and QMP, containers through lxc's own state)
+//! instead of restarting them, and removes guests deleted while it was down.
+//!
+//! The two kinds share everything but the driver: a [`Runtime`] says how a guest is
+//! prepared, started, observed, paused and stopped.
+
+mod ct;
+mod vm;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Debug;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kpve_crds::PowerState;
+use kpve_crds::common::{Condition, ConditionStatus, GuestObject, GuestSpec, condition_type, set_condition};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::host::{self, HostFacts};
+use crate::storage::DirPool;
+
+/// Direct kernel boot (appliances, tests): paths on the node, declared as annotations because
+/// Proxmox has no option for it and `args` (raw argv) is refused.
+pub const KERNEL_ANNOTATION: &str = "kpve.io/kernel";
+pub const INITRD_ANNOTATION: &str = "kpve.io/initrd";
+pub const CMDLINE_ANNOTATION: &str = "kpve.io/cmdline";
+/// Status fields that change while nothing happens (written at most every FIGURES_REFRESH).
+const FIGURES: &[&str] = &["mem", "uptime", "cpu", "diskRead", "diskWrite", "netIn", "netOut"];
+const FIGURES_REFRESH: Duration = Duration::from_secs(5);
+
+/// A new value of this annotation restarts the guest (a reboot), applying RestartRequired changes.
+pub const RESTART_ANNOTATION: &str = "kpve.io/restart";
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    /// Agent state lives in `data_dir/agent`; the default `local` pool in `data_dir/storage/local`.
+    pub data_dir: PathBuf,
+    pub heartbeat: Duration,
+    /// How often every guest is re-observed even without a change.
+    pub resync: Duration,
+    /// Graceful shutdown (ACPI) wait before QEMU is stopped hard.
+    pub shutdown_timeout: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(node: impl Into<String>, data_dir: impl Into<PathBuf>) -> AgentConfig {
+        AgentConfig {
+            node: node.into(),
+            data_dir: data_dir.into(),
+            heartbeat: Duration::from_secs(5),
+            resync: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn run_root(&self) -> PathBuf {
+        self.data_dir.join("agent/run")
+    }
+
+    pub fn default_pool_path(&self) -> PathBuf {
+        self.data_dir.join("storage/local")
+    }
+
+    fn manager(&self) -> String {
+        format!("kpve-agent-{}", self.node)
+    }
+}
+
+/// What the agent started, kept on disk for adoption after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Checkpoint {
+    uid: String,
+    namespace: String,
+    name: String,
+    vmid: u32,
+    #[serde(default = "qemu_engine")]
+    engine: String,
+    /// The launch definition the guest runs with (QEMU argv, LXC config lines): a
+    /// different render means RestartRequired.
+    #[serde(alias = "argv")]
+    launch: Vec<String>,
+    started_at: u64,
+    restart_token: Option<String>,
+    #[serde(default)]
+    accelerator: Option<String>,
+    /// Volume slot → volume id the guest was started with.
+    #[serde(default)]
+    volumes: BTreeMap<String, String>,
+}
+
+fn qemu_engine() -> String {
+    "qemu".into()
+}
+
+pub(crate) struct Agent {
+    client: Client,
+    config: AgentConfig,
+    pub(crate) facts: HostFacts,
+    /// Per guest: the last status written without its runtime figures, and when.
+    last_status: Mutex<HashMap<String, (Value, Instant)>>,
+    /// Per (vmid, pid): cumulative CPU seconds and when they were read, for CPU usage
+    /// between two looks.
+    cpu_samples: std::sync::Mutex<HashMap<(u32, u32), (f64, Instant)>>,
+    /// The `local` pool's path (its StoragePool's spec.path, refreshed with each heartbeat).
+    pool_path: std::sync::Mutex<PathBuf>,
+    guests: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(config.run_root())?;
+    let agent = Arc::new(Agent {
+        client,
+        facts: host::facts(),
+        pool_path: std::sync::Mutex::new(config.default_pool_path()),
+        config,
+        last_status: Mutex::new(HashMap::new()),
+        cpu_samples: std::sync::Mutex::new(HashMap::new()),
+        guests: Mutex::new(HashMap::new()),
+    });
+    // The server may still be starting: keep trying, the way a kubelet registers.
+    let mut delay = Duration::from_millis(100);
+    while let Err(e) = agent.register().await {
+        tracing::warn!(error = %e, "node registration failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    tokio::spawn(heartbeat(agent.clone()));
+    tokio::try_join!(guests::<vm::Qemu>(agent.clone()), guests::<ct::Lxc>(agent))?;
+    Ok(())
+}
+
+fn micro_time() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string()
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().round(jiff::Unit::Second).expect("in range").to_string()
+}
+
+impl Agent {
+    fn apply(&self) -> PatchParams {
+        PatchParams::apply(&self.config.manager()).force()
+    }
+
+    async fn register(&self) -> anyhow::Result<()> {
+        let hvs: Api<kpve_crds::Hypervisor> = Api::all(self.client.clone());
+        let name = &self.config.node;
+        let body = json!({"apiVersion": "kpve.io/v1alpha1", "kind": "Hypervisor", "metadata": {"name": name}, "spec": {}});
+        hvs.patch(name, &self.apply(), &Patch::Apply(&body)).await?;
+        self.heartbeat_once().await
+    }
+
+    async fn heartbeat_once(&self) -> anyhow::Result<()> {
+        let name = &self.config.node;
+        let f = &self.facts;
+        let status = json!({
+            "apiVersion": "kpve.io/v1alpha1", "kind": "Hypervisor",
+            "status": {
+                "lastHeartbeatTime": now(),
+                "capacity": {"cpus": f.cpus, "memoryMiB": f.memory_mib},
+                "memoryUsedMiB": (f.memory_mib).saturating_sub(host::meminfo_kib("MemAvailable").unwrap_or(0) / 1024),
+                "accelerator": if f.kvm { "kvm" } else { "tcg" },
+                "versions": {"qemu": f.qemu_version, "kernel": f.kernel, "kpve": env!("CARGO_PKG_VERSION")},
+                "conditions": [{"type": "Ready", "status": "True", "reason": "AgentReady",
+                                "message": "the node agent is running", "lastTransitionTime": now()}],
+            }
+        });
+        // Keep Ready's transition time stable across heartbeats.
+        let hvs: Api<kpve_crds::Hypervisor> = Api::all(self.client.clone());
+        let mut status = status;
+        let current = hvs.get(name).await.ok();
+        if let Some(hv) = &current {
+            ensure_bridges(&hv.spec.bridges).await;
+        }
+        if let Some(hv) = current
+            && let Some(c) = hv.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            && c.status == ConditionStatus::True
+        {
+            status["status"]["conditions"][0]["lastTransitionTime"] = json!(c.last_transition_time);
+        }
+        hvs.patch_status(name, &self.apply(), &Patch::Apply(&status)).await?;
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client.clone(), "kube-node-lease");
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": micro_time()}
+        });
+        leases.patch(name, &self.apply(), &Patch::Apply(&lease)).await?;
+        self.pool_status().await;
+        Ok(())
+    }
+
+    pub(crate) fn pool(&self) -> DirPool {
+        DirPool::new("local", self.pool_path.lock().expect("pool path lock").clone())
+    }
+
+    async fn pool_status(&self) {
+        let pools: Api<kpve_crds::StoragePool> = Api::all(self.client.clone());
+        if let Ok(sp) = pools.get("local").await
+            && let Some(path) = sp.spec.path
+        {
+            *self.pool_path.lock().expect("pool path lock") = PathBuf::from(path);
+        }
+        let pool = self.pool();
+        if pool.activate().is_err() {
+            return;
+        }
+        let usage = pool.usage();
+        let status = json!({
+            "apiVersion": "kpve.io/v1alpha1", "kind": "StoragePool",
+            "status": {"nodes": [{"node": self.config.node, "active": true,
+                                   "total": usage.total, "used": usage.used, "available": usage.available,
+                                   "content": pool.content()}]}
+        });
+        if let Err(e) = pools.patch_status("local", &self.apply(), &Patch::Apply(&status)).await {
+            tracing::debug!(error = %e, "pool status not written");
+        }
+    }
+
+    pub(crate) fn run_dir(&self, vmid: u32) -> PathBuf {
+        self.config.run_root().join(vmid.to_string())
+    }
+
+    pub(crate) fn run_root(&self) -> PathBuf {
+        self.config.run_root()
+    }
+
+    pub(crate) fn node(&self) -> &str {
+        &self.config.node
+    }
+
+    /// A NIC's bridge must exist here (kpve creates declared bridges, never guesses one).
+    pub(crate) fn require_bridge(&self, nic: &str, bridge: Option<&str>) -> Result<(), Stall> {
+        match bridge {
+            Some(bridge) if !host::bridge_exists(bridge) => Err(Stall::new(
+                "BridgeNotFound",
+                format!(
+                    "spec.nics[{nic}].bridge: bridge {bridge:?} does not exist on node {}",
+                    self.config.node
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+async fn heartbeat(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(agent.config.heartbeat);
+    loop {
+        tick.tick().await;
+        if let Err(e) = agent.heartbeat_once().await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+    }
+}
+
+/// What differs between guest kinds: how a guest is prepared on the host, started, observed,
+/// paused and stopped. The reconcile loop, status writing, checkpoints, restart
+/// classification and release are shared ([`Agent::reconcile`]).
+pub(crate) trait Runtime: Send + Sync + 'static {
+    type Guest: GuestObject;
+    /// Host resources resolved for one start (volumes, NICs), kept until the start.
+    type Plan: Send + Sync;
+    /// The resource kind, for status writes.
+    const KIND: &'static str;
+    /// Recorded in the run directory, so each kind's loop only touches its own guests.
+    const ENGINE: &'static str;
+    /// How messages name the running guest ("QEMU", "the container").
+    const PROCESS: &'static str;
+
+    /// Static figures written with every status (`maxmem`, …).
+    fn static_figures(guest: &Self::Guest) -> Value;
+
+    /// Resolves and allocates what the guest needs here and renders its launch definition.
+    fn prepare(
+        agent: &Agent,
+        guest: &Self::Guest,
+        vmid: u32,
+        run: &Path,
+    ) -> impl Future<Output = Result<Prepared<Self::Plan>, Stall>> + Send;
+    /// The guest's process as the host shows it now, if it runs.
+    fn observe(agent: &Agent, vmid: u32, run: &Path) -> impl Future<Output = Option<Observed>> + Send;
+    /// Starts the guest; returns once it runs (or failed, with the host's words).
+    fn start(
+        agent: &Agent,
+        guest: &Self::Guest,
+        vmid: u32,
+        run: &Path,
+        prepared: &Prepared<Self::Plan>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Graceful shutdown for up to `timeout`, then a hard stop; returns once it is gone.
+    fn stop(agent: &Agent, vmid: u32, run: &Path, timeout: Duration) -> impl Future<Output = ()> + Send;
+    /// Freezes or thaws the running guest; whether it worked.
+    fn set_paused(agent: &Agent, vmid: u32, run: &Path, paused: bool) -> impl Future<Output = bool> + Send;
+    /// Runtime figures (mem, cpu, disk and net counters) of the running guest into `figures`.
+    fn figures(
+        agent: &Agent,
+        guest: &Self::Guest,
+        vmid: u32,
+        run: &Path,
+        pid: u32,
+        figures: &mut Value,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// A guest ready to start: what it would run with, and on which volumes.
+pub(crate) struct Prepared<P> {
+    /// The launch definition (QEMU argv, LXC config lines): a different one for a running
+    /// guest means RestartRequired.
+    pub launch: Vec<String>,
+    /// Volume slot (`scsi0`, `rootfs`, `mp0`) → volume id.
+    pub volumes: BTreeMap<String, String>,
+    /// QEMU's accelerator; none for containers.
+    pub accelerator: Option<&'static str>,
+    pub plan: P,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunState {
+    Running,
+    Paused,
+    /// Alive but not (yet) running guest code.
+    Starting,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Observed {
+    pub pid: u32,
+    pub state: RunState,
+}
+
+/// The reconcile loop over guests of one kind bound to this node.
+async fn guests<R: Runtime>(agent: Arc<Agent>) -> anyhow::Result<()> {
+    let api: Api<R::Guest> = Api::all(agent.client.clone());
+    let selector = format!("status.node={}", agent.config.node);
+    let mut stream = watcher(api, watcher::Config::default().fields(&selector)).boxed();
+    let mut bound: HashMap<String, R::Guest> = HashMap::new();
+    let mut init: HashMap<String, R::Guest> = HashMap::new();
+    let mut listed = false;
+    let mut tick = tokio::time::interval(agent.config.resync);
+    loop {
+        tokio::select! {
+            event = stream.next() => {
+                let Some(event) = event else { anyhow::bail!("{} watch ended", R::KIND) };
+                match event {
+                    Ok(watcher::Event::Apply(g) | watcher::Event::InitApply(g)) if !listed => {
+                        init.insert(g.uid().unwrap_or_default(), g);
+                    }
+                    Ok(watcher::Event::Apply(g)) => {
+                        bound.insert(g.uid().unwrap_or_default(), g.clone());
+                        spawn_reconcile::<R>(&agent, g).await;
+                    }
+                    Ok(watcher::Event::Delete(g)) => {
+                        // Gone from the API (or moved away): release what this node holds.
+                        bound.remove(&g.uid().unwrap_or_default());
+                        let vmid = g.guest_spec().vmid().unwrap_or(0);
+                        let agent = agent.clone();
+                        tokio::spawn(async move { agent.release::<R>(vmid).await });
+                    }
+                    Ok(watcher::Event::Init) => {
+                        listed = false;
+                        init.clear();
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        listed = true;
+                        bound = std::mem::take(&mut init);
+                        cleanup_orphans::<R>(&agent, &bound).await;
+                        for g in bound.values() {
+                            spawn_reconcile::<R>(&agent, g.clone()).await;
+                        }
+                    }
+                    Ok(watcher::Event::InitApply(_)) => {}
+                    Err(e) => tracing::warn!(kind = R::KIND, error = %e, "guest watch error"),
+                }
+            }
+            _ = tick.tick(), if listed => {
+                for g in bound.values() {
+                    spawn_reconcile::<R>(&agent, g.clone()).await;
+                }
+            }
+        }
+    }
+}
+
+/// The engine a run directory belongs to (directories from before engines were recorded
+/// are QEMU's).
+fn engine_of(run_dir: &Path) -> String {
+    std::fs::read_to_string(run_dir.join("engine"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "qemu".into())
+}
+
+/// Removes run directories (and their processes and volumes) of this kind's guests no
+/// longer bound here.
+async fn cleanup_orphans<R: Runtime>(agent: &Arc<Agent>, bound: &HashMap<String, R::Guest>) {
+    let known: HashSet<u32> = bound.values().filter_map(|g| g.guest_spec().vmid()).collect();
+    let Ok(entries) = std::fs::read_dir(agent.config.run_root()) else { return };
+    for entry in entries.flatten() {
+        let Some(vmid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if !known.contains(&vmid) && engine_of(&entry.path()) == R::ENGINE {
+            tracing::info!(vmid, kind = R::KIND, "guest deleted while the agent was away; releasing it");
+            agent.release::<R>(vmid).await;
+        }
+    }
+}
+
+/// One guest's reconcile slot: at most one reconcile runs per guest; a change arriving
+/// meanwhile is parked and reconciled right after (a change parked in the instant the
+/// reconcile finishes waits for the next resync).
+struct Slot {
+    running: Arc<Mutex<()>>,
+    pending: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+async fn spawn_reconcile<R: Runtime>(agent: &Arc<Agent>, guest: R::Guest) {
+    let uid = guest.uid().unwrap_or_default();
+    let slot = agent
+        .guests
+        .lock()
+        .await
+        .entry(uid)
+        .or_insert_with(|| Arc::new(Slot { running: Arc::default(), pending: std::sync::Mutex::new(None) }))
+        .clone();
+    let Ok(guard) = slot.running.clone().try_lock_owned() else {
+        *slot.pending.lock().expect("pending lock") = Some(Box::new(guest));
+        return;
+    };
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let mut next = Some(guest);
+        while let Some(guest) = next {
+            let key = format!("{}/{}", guest.namespace().unwrap_or_default(), guest.name_any());
+            if let Err(e) = agent.reconcile::<R>(&guest).await {
+                tracing::warn!(kind = R::KIND, guest = %key, error = %e, "reconcile failed");
+            }
+            next = slot
+                .pending
+                .lock()
+                .expect("pending lock")
+                .take()
+                .and_then(|g| g.downcast::<R::Guest>().ok())
+                .map(|g| *g);
+        }
+    });
+}
+
+/// Why a guest cannot run here; becomes the Stalled condition.
+#[derive(Debug)]
+pub(crate) struct Stall {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Stall {
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Stall {
+        Stall { reason, message: message.into() }
+    }
+}
+
+impl Agent {
+    async fn reconcile<R: Runtime>(&self, guest: &R::Guest) -> anyhow::Result<()> {
+        let spec = guest.guest_spec();
+        let Some(vmid) = spec.vmid() else { return Ok(()) };
+        let run = self.run_dir(vmid);
+        if guest.meta().deletion_timestamp.is_some() {
+            R::stop(self, vmid, &run, self.shutdown_timeout(spec)).await;
+            self.release::<R>(vmid).await;
+            let message = format!("{} stopped and volumes freed on this node", R::PROCESS);
+            return self
+                .write_status::<R>(
+                    guest,
+                    json!({"phase": "Terminating"}),
+                    vec![condition(condition_type::RELEASED, true, "Released", &message)],
+                )
+                .await;
+        }
+        let checkpoint = read_checkpoint(&run);
+        let observed = R::observe(self, vmid, &run).await;
+        let prepared = match R::prepare(self, guest, vmid, &run).await {
+            Ok(prepared) => prepared,
+            Err(stall) => {
+                let phase = if observed.is_some() { "Running" } else { "Failed" };
+                return self.stalled::<R>(guest, phase, stall).await;
+            }
+        };
+        let restart_token =
+            guest.meta().annotations.as_ref().and_then(|a| a.get(RESTART_ANNOTATION)).cloned();
+        let desired = spec.power_state();
+        let mut observed = observed;
+        let mut restart_required = false;
+        // Every spec change falls in one class: live (the launch definition is unchanged:
+        // nothing to do), needs-restart (a different one), or needs-recreate (a volume that
+        // would land elsewhere: kpve does not move or convert volumes behind you).
+        let mut recreate = Vec::new();
+        if let (Some(_), Some(cp)) = (observed, &checkpoint) {
+            for (id, volume) in &prepared.volumes {
+                if let Some(old) = cp.volumes.get(id).filter(|old| *old != volume) {
+                    recreate.push(format!("{id} would move from {old} to {volume}"));
+                }
+            }
+            let differs = cp.launch != prepared.launch;
+            // A new value of the restart annotation is a reboot, applying whatever changed.
+            if recreate.is_empty() && restart_token.is_some() && cp.restart_token != restart_token {
+                R::stop(self, vmid, &run, self.shutdown_timeout(spec)).await;
+                observed = None;
+            } else {
+                restart_required = differs;
+            }
+        }
+        match (desired, observed) {
+            (PowerState::Running | PowerState::Paused, None) => {
+                if let Err(e) = self.start::<R>(guest, vmid, &run, &prepared, restart_token.clone()).await {
+                    let message = format!("{} did not start: {e:#}", R::PROCESS);
+                    return self.stalled::<R>(guest, "Failed", Stall::new("StartFailed", message)).await;
+                }
+                observed = R::observe(self, vmid, &run).await;
+            }
+            (PowerState::Stopped, Some(_)) => {
+                R::stop(self, vmid, &run, self.shutdown_timeout(spec)).await;
+                observed = None;
+            }
+            _ => {}
+        }
+        if let Some(o) = &mut observed {
+            match (desired, o.state) {
+                (PowerState::Paused, RunState::Running) if R::set_paused(self, vmid, &run, true).await => {
+                    o.state = RunState::Paused;
+                }
+                (PowerState::Running, RunState::Paused) if R::set_paused(self, vmid, &run, false).await => {
+                    o.state = RunState::Running;
+                }
+                _ => {}
+            }
+        }
+        let phase = match observed.map(|o| o.state) {
+            None => "Stopped",
+            Some(RunState::Paused) => "Paused",
+            Some(RunState::Running) => "Running",
+            Some(RunState::Starting) => "Starting",
+        };
+        let ready = matches!(
+            (desired, phase),
+            (PowerState::Running, "Running")
+                | (PowerState::Stopped, "Stopped")
+                | (PowerState::Paused, "Paused")
+        );
+        let mut figures = R::static_figures(guest);
+        figures["phase"] = json!(phase);
+        figures["vmid"] = json!(vmid);
+        figures["volumes"] = json!(prepared.volumes);
+        if let Some(accelerator) = prepared.accelerator {
+            figures["accelerator"] = json!(accelerator);
+        }
+        if let Some(o) = observed {
+            figures["pid"] = json!(o.pid);
+            if let Some(cp) = read_checkpoint(&run) {
+                figures["uptime"] = json!(host::unix_now().saturating_sub(cp.started_at));
+                if let Some(accelerator) = cp.accelerator {
+                    figures["accelerator"] = json!(accelerator);
+                }
+            }
+            R::figures(self, guest, vmid, &run, o.pid, &mut figures).await;
+        }
+        let ready_msg = format!("observed {phase}, declared {desired:?}");
+        let mut conditions = vec![
+            condition(
+                condition_type::READY,
+                ready,
+                if ready { "AsDeclared" } else { "Converging" },
+                &ready_msg,
+            ),
+            condition(condition_type::RECONCILING, !ready, if ready { "Idle" } else { "Converging" }, ""),
+            condition(condition_type::STALLED, false, "Progressing", ""),
+        ];
+        conditions.push(if !recreate.is_empty() {
+            condition(
+                condition_type::RESTART_REQUIRED,
+                true,
+                "NeedsRecreate",
+                &format!(
+                    "{}; kpve does not move or convert volumes: remove the volume and add it again (or recreate the guest)",
+                    recreate.join("; ")
+                ),
+            )
+        } else if restart_required {
+            condition(
+                condition_type::RESTART_REQUIRED,
+                true,
+                "ConfigChanged",
+                &format!(
+                    "the running {} differs from the spec; set annotation {RESTART_ANNOTATION} to a new value to restart",
+                    R::PROCESS
+                ),
+            )
+        } else {
+            condition(condition_type::RESTART_REQUIRED, false, "InSync", "")
+        });
+        self.write_status::<R>(guest, figures, conditions).await
+    }
+
+    /// The graceful-stop wait: the guest's `startup.down` (Proxmox's), else the agent's default.
+    fn shutdown_timeout(&self, spec: &(dyn GuestSpec + Sync)) -> Duration {
+        spec.startup()
+            .and_then(|s| s.down)
+            .map(|d| Duration::from_secs(d.into()))
+            .unwrap_or(self.config.shutdown_timeout)
+    }
+
+    /// Starts the guest and checkpoints what it runs with.
+    async fn start<R: Runtime>(
+        &self,
+        guest: &R::Guest,
+        vmid: u32,
+        run: &Path,
+        prepared: &Prepared<R::Plan>,
+        restart_token: Option<String>,
+    ) -> anyhow::Result<()> {
+        std::fs::create_dir_all(run)?;
+        std::fs::write(run.join("engine"), R::ENGINE)?;
+        R::start(self, guest, vmid, run, prepared).await?;
+        let checkpoint = Checkpoint {
+            uid: guest.uid().unwrap_or_default(),
+            namespace: guest.namespace().unwrap_or_default(),
+            name: guest.name_any(),
+            vmid,
+            engine: R::ENGINE.into(),
+            launch: prepared.launch.clone(),
+            started_at: host::unix_now(),
+            restart_token,
+            accelerator: prepared.accelerator.map(str::to_string),
+            volumes: prepared.volumes.clone(),
+        };
+        std::fs::write(run.join("guest.json"), serde_json::to_vec_pretty(&checkpoint)?)?;
+        tracing::info!(vmid, kind = R::KIND, "guest started");
+        Ok(())
+    }
+
+    /// Stops the guest, frees its volumes and forgets it.
+    async fn release<R: Runtime>(&self, vmid: u32) {
+        if vmid == 0 {
+            return;
+        }
+        let run = self.run_dir(vmid);
+        R::stop(self, vmid, &run, self.config.shutdown_timeout).await;
+        if let Err(e) = self.pool().free_guest(vmid) {
+            tracing::warn!(vmid, error = %e, "freeing volumes failed");
+        }
+        let _ = std::fs::remove_dir_all(&run);
+    }
+
+    /// Reports that the guest cannot converge: Stalled with the reason, not Ready, not
+    /// Reconciling (nothing will change until the spec or the node does).
+    async fn stalled<R: Runtime>(&self, guest: &R::Guest, phase: &str, stall: Stall) -> anyhow::Result<()> {
+        let conditions = vec![
+            condition(condition_type::STALLED, true, stall.reason, &stall.message),
+            condition(condition_type::READY, false, stall.reason, &stall.message),
+            condition(condition_type::RECONCILING, false, stall.reason, ""),
+        ];
+        self.write_status::<R>(guest, json!({ "phase": phase }), conditions).await
+    }
+
+    /// CPU usage since the previous look at `key`, from a cumulative CPU-seconds counter,
+    /// as Proxmox's `cpu` (1.0 = one core busy).
+    pub(crate) fn cpu_usage(&self, key: (u32, u32), cpu_seconds: f64) -> Option<f64> {
+        let now = Instant::now();
+        let mut samples = self.cpu_samples.lock().expect("cpu sample lock");
+        let (before, at) = samples.insert(key, (cpu_seconds, now))?;
+        let seconds = now.duration_since(at).as_secs_f64();
+        (seconds > 0.0).then(|| (((cpu_seconds - before).max(0.0)) / seconds * 1000.0).round() / 1000.0)
+    }
+
+    /// Server-side applies the agent's part of the status, only when it changed.
+    async fn write_status<R: Runtime>(
+        &self,
+        guest: &R::Guest,
+        figures: Value,
+        conditions: Vec<Condition>,
+    ) -> anyhow::Result<()> {
+        let now = now();
+        let generation = guest.meta().generation;
+        let existing = guest.guest_status().map(|s| s.conditions.clone()).unwrap_or_default();
+        let mut merged = Vec::new();
+        for mut c in conditions {
+            c.observed_generation = generation;
+            let mut list = existing.clone();
+            set_condition(&mut list, c.clone(), &now);
+            merged.push(list.into_iter().find(|x| x.type_ == c.type_).expect("just set"));
+        }
+        let mut status = figures;
+        status["node"] = json!(self.config.node);
+        status["observedGeneration"] = json!(generation);
+        status["conditions"] = serde_json::to_value(merged)?;
+        let body = json!({"apiVersion": "kpve.io/v1alpha1", "kind": R::KIND, "status": status});
+        let uid = guest.uid().unwrap_or_default();
+        // Runtime figures move all the time: a change of anything else is written at once,
+        // the figures alone at most every FIGURES_REFRESH.
+        let mut comparable = body.clone();
+        if let Some(s) = comparable["status"].as_object_mut() {
+            for figure in FIGURES {
+                s.remove(*figure);
+            }
+        }
+        {
+            let last = self.last_status.lock().await;
+            if let Some((previous, written_at)) = last.get(&uid)
+                && *previous == comparable
+                && (written_at.elapsed() < FIGURES_REFRESH || body["status"].get("pid").is_none())
+            {
+                return Ok(());
+            }
+        }
+        let api: Api<R::Guest> = Api::namespaced(self.client.clone(), &guest.namespace().unwrap_or_default());
+        api.patch_status(&guest.name_any(), &self.apply(), &Patch::Apply(&body)).await?;
+        self.last_status.lock().await.insert(uid, (comparable, Instant::now()));
+        Ok(())
+    }
+}
+
+/// Creates the Linux bridges this node's Hypervisor declares (Proxmox's vmbrN) that do not
+/// exist yet. Existing bridges and anything undeclared are left alone.
+async fn ensure_bridges(bridges: &[kpve_crds::Bridge]) {
+    for bridge in bridges {
+        if host::bridge_exists(&bridge.name) {
+            continue;
+        }
+        let mut steps: Vec<Vec<String>> = vec![vec![
+            "link".into(),
+            "add".into(),
+            "name".into(),
+            bridge.name.clone(),
+            "type".into(),
+            "bridge".into(),
+        ]];
+        if bridge.vlan_aware {
+            steps[0].extend(["vlan_filtering".into(), "1".into()]);
+        }
+        if let Some(mtu) = bridge.mtu {
+            steps.push(vec!["link".into(), "set".into(), bridge.name.clone(), "mtu".into(), mtu.to_string()]);
+        }
+        if let Some(address) = &bridge.address {
+            steps.push(vec!["addr".into(), "add".into(), address.clone(), "dev".into(), bridge.name.clone()]);
+        }
+        for port in &bridge.ports {
+            steps.push(vec!["link".into(), "set".into(), port.clone(), "master".into(), bridge.name.clone()]);
+        }
+        steps.push(vec!["link".into(), "set".into(), bridge.name.clone(), "up".into()]);
+        for args in steps {
+            match tokio::process::Command::new("ip").args(&args).output().await {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    tracing::warn!(bridge = %bridge.name, step = ?args, error = %String::from_utf8_lossy(&out.stderr).trim(), "bridge setup failed");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(bridge = %bridge.name, error = %e, "ip not runnable");
+                    break;
+                }
+            }
+        }
+        tracing::info!(bridge = %bridge.name, "bridge created");
+    }
+}
+
+pub(crate) fn condition(type_: &str, status: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if status { ConditionStatus::True } else { ConditionStatus::False },
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: None,
+        observed_generation: None,
+    }
+}
+
+pub(crate) fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
+    serde_json::from_slice(&std::fs::read(dir.join("guest.json")).ok()?).ok()
+}
+
+/// A stable MAC in Proxmox's OUI (BC:24:11) derived from the guest's uid and NIC index.
+pub(crate) fn generated_mac(uid: &str, index: usize) -> String {
+    let mut h: u32 = 2166136261;
+    for b in uid.bytes().chain(std::iter::once(index as u8)) {
+        h = (h ^ u32::from(b)).wrapping_mul(16777619);
+    }
+    format!("BC:24:11:{:02X}:{:02X}:{:02X}", (h >> 16) as u8, (h >> 8) as u8, h as u8)
+}

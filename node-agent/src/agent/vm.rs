@@ -1,0 +1,279 @@
+//! The QEMU runtime: VirtualMachines as QEMU processes, driven through QMP.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kpve_crds::VirtualMachine;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+use super::{
+    Agent, CMDLINE_ANNOTATION, INITRD_ANNOTATION, KERNEL_ANNOTATION, Observed, Prepared, RunState, Runtime,
+    Stall, generated_mac,
+};
+use crate::host;
+use crate::qemu::argv::{self, Accel, KernelBoot, LaunchPaths, LaunchPlan, ResolvedDisk, ResolvedNic};
+use crate::qemu::qmp::Qmp;
+use crate::storage::{self, DirPool};
+
+pub(crate) struct Qemu;
+
+impl Runtime for Qemu {
+    type Guest = VirtualMachine;
+    type Plan = LaunchPlan;
+    const KIND: &'static str = "VirtualMachine";
+    const ENGINE: &'static str = "qemu";
+    const PROCESS: &'static str = "QEMU";
+
+    fn static_figures(vm: &VirtualMachine) -> Value {
+        json!({"maxmem": u64::from(vm.spec.memory.size) * 1024 * 1024})
+    }
+
+    async fn prepare(
+        agent: &Agent,
+        vm: &VirtualMachine,
+        vmid: u32,
+        run: &Path,
+    ) -> Result<Prepared<LaunchPlan>, Stall> {
+        let plan = plan(agent, vm, vmid, &LaunchPaths::new(run)).await?;
+        let launch = argv::render(&vm.spec, &plan).map_err(|e| Stall::new("InvalidSpec", e.to_string()))?;
+        let volumes = plan.disks.iter().map(|d| (d.id.clone(), volume_id(vm, d, vmid))).collect();
+        Ok(Prepared { launch, volumes, accelerator: Some(plan.accel.as_str()), plan })
+    }
+
+    async fn observe(_agent: &Agent, vmid: u32, run: &Path) -> Option<Observed> {
+        let run = LaunchPaths::new(run);
+        let pid = running_pid(&run, vmid)?;
+        let state = match qmp_status(&run).await.as_deref() {
+            Some("paused") => RunState::Paused,
+            Some("running") | None => RunState::Running,
+            Some(_) => RunState::Starting,
+        };
+        Some(Observed { pid, state })
+    }
+
+    async fn start(
+        _agent: &Agent,
+        vm: &VirtualMachine,
+        vmid: u32,
+        run: &Path,
+        prepared: &Prepared<LaunchPlan>,
+    ) -> anyhow::Result<()> {
+        let run = LaunchPaths::new(run);
+        for stale in [run.qmp_socket(), run.serial_socket(), run.pid_file(), run.serial_log()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let log = std::fs::File::create(run.run_dir.join("qemu.log"))?;
+        let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
+        cmd.args(&prepared.launch)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: signals to the agent (and its death) do not reach QEMU.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn()?;
+        // Reap it while this agent lives; after a restart the adopted process is observed
+        // through its pid file instead.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        let mut qmp = Qmp::connect(&run.qmp_socket(), Duration::from_secs(10)).await.map_err(|e| {
+            let log = std::fs::read_to_string(run.run_dir.join("qemu.log")).unwrap_or_default();
+            anyhow::anyhow!("{e}: {}", log.trim())
+        })?;
+        qmp.query_status().await?;
+        drop(qmp);
+        for (index, nic) in vm.spec.nics.iter().enumerate() {
+            if let Some(bridge) = &nic.bridge {
+                let tap = format!("tap{vmid}i{index}");
+                let out = tokio::process::Command::new("ip")
+                    .args(["link", "set", &tap, "master", bridge, "up"])
+                    .output()
+                    .await?;
+                if !out.status.success() {
+                    anyhow::bail!(
+                        "attaching {tap} to {bridge}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// ACPI powerdown, then quit, then SIGKILL; waits for the process to be gone.
+    async fn stop(_agent: &Agent, vmid: u32, run: &Path, timeout: Duration) {
+        let run = LaunchPaths::new(run);
+        let Some(pid) = running_pid(&run, vmid) else { return };
+        let needle = run.run_dir.display().to_string();
+        let gone = |timeout: Duration| {
+            let needle = needle.clone();
+            async move {
+                let deadline = Instant::now() + timeout;
+                while Instant::now() < deadline {
+                    if !host::process_alive(pid, &needle) {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                false
+            }
+        };
+        if let Some(mut q) = qmp(&run).await {
+            let _ = q.powerdown().await;
+            drop(q);
+            if gone(timeout).await {
+                return;
+            }
+            if let Some(mut q) = qmp(&run).await {
+                let _ = q.quit().await;
+            }
+            if gone(Duration::from_secs(5)).await {
+                return;
+            }
+        }
+        let _ = tokio::process::Command::new("kill").args(["-9", &pid.to_string()]).status().await;
+        gone(Duration::from_secs(5)).await;
+    }
+
+    async fn set_paused(_agent: &Agent, _vmid: u32, run: &Path, paused: bool) -> bool {
+        let Some(mut q) = qmp(&LaunchPaths::new(run)).await else { return false };
+        if paused { q.stop().await.is_ok() } else { q.cont().await.is_ok() }
+    }
+
+    async fn figures(
+        agent: &Agent,
+        vm: &VirtualMachine,
+        vmid: u32,
+        run: &Path,
+        pid: u32,
+        figures: &mut Value,
+    ) {
+        figures["mem"] = json!(host::rss_bytes(pid));
+        // Linux reports process times in USER_HZ = 100 ticks per second.
+        if let Some(cpu) = host::cpu_ticks(pid).and_then(|t| agent.cpu_usage((vmid, pid), t as f64 / 100.0)) {
+            figures["cpu"] = json!(cpu);
+        }
+        // Guest traffic seen from the host: what the tap receives, the guest sent.
+        let (mut net_in, mut net_out) = (0u64, 0u64);
+        for index in 0..vm.spec.nics.len() {
+            let (rx, tx) = host::link_bytes(&format!("tap{vmid}i{index}"));
+            net_out += rx;
+            net_in += tx;
+        }
+        figures["netIn"] = json!(net_in);
+        figures["netOut"] = json!(net_out);
+        if let Some((read, written)) = block_stats(&LaunchPaths::new(run)).await {
+            figures["diskRead"] = json!(read);
+            figures["diskWrite"] = json!(written);
+        }
+    }
+}
+
+/// Volumes, NICs and kernel: everything besides the spec the command line needs.
+async fn plan(agent: &Agent, vm: &VirtualMachine, vmid: u32, run: &LaunchPaths) -> Result<LaunchPlan, Stall> {
+    let pool = agent.pool();
+    pool.activate().map_err(|e| Stall::new("StorageUnavailable", e.to_string()))?;
+    let mut disks = Vec::new();
+    for (index, disk) in vm.spec.disks.iter().enumerate() {
+        let format = disk.format.map(|f| format!("{f:?}").to_lowercase()).unwrap_or_else(|| "qcow2".into());
+        let volume = match (&disk.volume, &disk.pool, &disk.size) {
+            (Some(volume), _, _) => volume.clone(),
+            (None, Some(pool_name), Some(_)) => {
+                format!("{pool_name}:{}", DirPool::volume_name(vmid, index, &format))
+            }
+            (None, _, _) if disk.media.is_some() => continue,
+            _ => {
+                return Err(Stall::new(
+                    "InvalidDisk",
+                    format!("spec.disks[{}]: needs a volume, or a pool and a size", disk.id),
+                ));
+            }
+        };
+        let pool_name = volume.split(':').next().unwrap_or("");
+        if pool_name != pool.name {
+            return Err(Stall::new(
+                "PoolNotFound",
+                format!(
+                    "spec.disks[{}]: storage pool {pool_name:?} does not exist on node {}",
+                    disk.id,
+                    agent.node()
+                ),
+            ));
+        }
+        if let Some(size) = &disk.size {
+            let bytes = storage::parse_size(size).ok_or_else(|| {
+                Stall::new("InvalidDisk", format!("spec.disks[{}].size: {size:?} is not a size", disk.id))
+            })?;
+            pool.allocate(&volume, &format, bytes)
+                .await
+                .map_err(|e| Stall::new("AllocationFailed", format!("spec.disks[{}]: {e}", disk.id)))?;
+        }
+        let path = pool.path_of(&volume).map_err(|e| Stall::new("InvalidDisk", e.to_string()))?;
+        disks.push(ResolvedDisk { id: disk.id.clone(), path, format, media: None });
+    }
+    let mut nics = Vec::new();
+    for (index, nic) in vm.spec.nics.iter().enumerate() {
+        agent.require_bridge(&nic.id, nic.bridge.as_deref())?;
+        let mac = nic.macaddr.clone().unwrap_or_else(|| generated_mac(&vm.uid().unwrap_or_default(), index));
+        nics.push(ResolvedNic { id: nic.id.clone(), tap: format!("tap{vmid}i{index}"), mac });
+    }
+    let annotations = vm.annotations();
+    let kernel = annotations.get(KERNEL_ANNOTATION).map(|k| KernelBoot {
+        kernel: PathBuf::from(k),
+        initrd: annotations.get(INITRD_ANNOTATION).map(PathBuf::from),
+        append: annotations.get(CMDLINE_ANNOTATION).cloned(),
+    });
+    Ok(LaunchPlan {
+        vmid,
+        name: vm.spec.name.clone().unwrap_or_else(|| vm.name_any()),
+        accel: Accel::choose(vm.spec.kvm, agent.facts.kvm),
+        disks,
+        nics,
+        kernel,
+        ovmf_code: None,
+        vhost_net: Path::new("/dev/vhost-net").exists(),
+        log_serial: true,
+        paths: run.clone(),
+    })
+}
+
+fn volume_id(vm: &VirtualMachine, disk: &ResolvedDisk, vmid: u32) -> String {
+    let spec = vm.spec.disks.iter().find(|d| d.id == disk.id);
+    match spec.and_then(|d| d.volume.clone()) {
+        Some(v) => v,
+        None => {
+            let index = vm.spec.disks.iter().position(|d| d.id == disk.id).unwrap_or(0);
+            format!(
+                "{}:{}",
+                spec.and_then(|d| d.pool.clone()).unwrap_or_default(),
+                DirPool::volume_name(vmid, index, &disk.format)
+            )
+        }
+    }
+}
+
+fn running_pid(run: &LaunchPaths, vmid: u32) -> Option<u32> {
+    let pid = host::read_pid(&run.pid_file())?;
+    (vmid > 0 && host::process_alive(pid, &run.run_dir.display().to_string())).then_some(pid)
+}
+
+async fn qmp(run: &LaunchPaths) -> Option<Qmp> {
+    Qmp::connect(&run.qmp_socket(), Duration::from_secs(2)).await.ok()
+}
+
+async fn qmp_status(run: &LaunchPaths) -> Option<String> {
+    qmp(run).await?.query_status().await.ok()
+}
+
+/// Bytes read and written by all of the guest's drives (QMP query-blockstats).
+async fn block_stats(run: &LaunchPaths) -> Option<(u64, u64)> {
+    let stats = qmp(run).await?.execute("query-blockstats", None).await.ok()?;
+    let (mut read, mut written) = (0, 0);
+    for device in stats.as_array()? {
+        read += device.pointer("/stats/rd_bytes").and_then(Value::as_u64).unwrap_or(0);
+        written += device.pointer("/stats/wr_bytes").and_then(Value::as_u64).unwrap_or(0);
+    }
+    Some((read, written))
+}
