@@ -134,7 +134,8 @@ fn a_declared_container_runs_on_its_bridge_follows_power_state_reboots_and_is_de
     let server = Server::start_with_agent();
     install_template(server.data_dir());
     let lan = Lan::new("a", "10.201.0");
-    apply(&server, &manifest("web", "Running", &nic(&lan.bridge, "10.201.0.10")));
+    let keys = "  sshPublicKeys:\n    - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKpveTestKey test@kpve\n";
+    apply(&server, &manifest("web", "Running", &format!("{}{keys}", nic(&lan.bridge, "10.201.0.10"))));
     server.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Running", "ct/web", "--timeout=60s"]);
     server.kubectl_ok(&["wait", "--for=condition=Ready", "ct/web", "--timeout=60s"]);
     let vmid = jsonpath(&server, "web", "{.spec.vmid}");
@@ -165,6 +166,10 @@ fn a_declared_container_runs_on_its_bridge_follows_power_state_reboots_and_is_de
     let root = rootfs(server.data_dir(), &vmid);
     assert_eq!(std::fs::metadata(&root).unwrap().uid(), 100_000);
     assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).unwrap(), "web-host\n");
+    let authorized = root.join("root/.ssh/authorized_keys");
+    assert!(std::fs::read_to_string(&authorized).unwrap().contains("KpveTestKey test@kpve"));
+    assert_eq!(std::fs::metadata(&authorized).unwrap().uid(), 100_000, "owned by the container's root");
+    assert_eq!(std::fs::metadata(&authorized).unwrap().mode() & 0o777, 0o600);
     assert_eq!(
         jsonpath(&server, "web", "{.status.volumes.rootfs}"),
         format!("local:{vmid}/subvol-{vmid}-disk-0.subvol")
@@ -177,6 +182,16 @@ fn a_declared_container_runs_on_its_bridge_follows_power_state_reboots_and_is_de
     });
     assert_eq!(jsonpath(&server, "web", "{.status.maxmem}"), (128u64 << 20).to_string());
     attach(&lxcpath, &vmid, &["touch", "/root/kept"]);
+
+    // Paused: frozen in place, then thawed, the same process throughout.
+    server.kubectl_ok(&["patch", "ct", "web", "--type=merge", "-p", r#"{"spec":{"powerState":"Paused"}}"#]);
+    server.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Paused", "ct/web", "--timeout=60s"]);
+    let info = Command::new("lxc-info").arg("-P").arg(&lxcpath).args(["-n", &vmid, "-s"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("FROZEN"));
+    server.kubectl_ok(&["patch", "ct", "web", "--type=merge", "-p", r#"{"spec":{"powerState":"Running"}}"#]);
+    server.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Running", "ct/web", "--timeout=60s"]);
+    assert_eq!(jsonpath(&server, "web", "{.status.pid}"), pid);
+    assert!(lan.ping("10.201.0.10"));
 
     // Stopped: a graceful shutdown (init saw the halt signal), the process goes.
     server.kubectl_ok(&["patch", "ct", "web", "--type=merge", "-p", r#"{"spec":{"powerState":"Stopped"}}"#]);

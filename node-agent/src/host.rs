@@ -46,6 +46,26 @@ pub fn process_alive(pid: u32, needle: &str) -> bool {
     String::from_utf8_lossy(&cmdline).contains(needle)
 }
 
+/// A process's command line, arguments joined by NUL as the kernel keeps them.
+pub fn cmdline(pid: u32) -> Option<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline")).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// The parent of `pid`.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_field(&stat, 4)?.parse().ok()
+}
+
+/// The child processes of `pid` (its main thread's, which is where a forking parent's are).
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// Field `n` (1-based, as in proc(5)) of /proc/PID/stat; the command name may hold spaces.
 fn stat_field(stat: &str, n: usize) -> Option<&str> {
     let after = stat.rsplit_once(')')?.1;

@@ -323,41 +323,15 @@ pub fn stop_containers(lxcpath: &Path) {
 /// What the test container's init writes to its console once it runs.
 pub const CT_MARKER: &str = "KPVE-CT-UP";
 
-/// A minimal OS template: a static busybox rootfs as `<name>.tar.gz` in `dir`. Its init
-/// prints [`CT_MARKER`] and idles, and exits on SIGPWR (lxc's halt signal) like a real init.
+/// A minimal OS template (`scripts/make-busybox-template.sh`): a static busybox rootfs as
+/// `<name>.tar.gz` in `dir`. Its init prints [`CT_MARKER`] and its host name, idles, and
+/// exits on SIGPWR (lxc's halt signal) like a real init.
 pub fn busybox_template(dir: &Path, name: &str) -> PathBuf {
-    use std::os::unix::fs::{PermissionsExt, symlink};
-    let root = dir.join(format!("{name}-rootfs"));
-    let _ = std::fs::remove_dir_all(&root);
-    for sub in ["bin", "sbin", "etc", "root", "tmp", "proc", "sys", "dev", "run", "var/log"] {
-        std::fs::create_dir_all(root.join(sub)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
-    for applet in ["sh", "hostname", "ip", "cat", "sleep", "ls", "id", "touch", "ping"] {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/shadow"), "root:*:19000:0:99999:7:::\n").unwrap();
-    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
-    let init = format!(
-        "#!/bin/sh\n\
-         trap 'echo KPVE-CT-HALT; exit 0' PWR TERM\n\
-         echo {CT_MARKER} $(hostname)\n\
-         while true; do sleep 1 & wait $!; done\n"
-    );
-    std::fs::write(root.join("sbin/init"), init).unwrap();
-    std::fs::set_permissions(root.join("sbin/init"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
     let tarball = dir.join(format!("{name}.tar.gz"));
-    let status = Command::new("tar")
-        .args(["--numeric-owner", "-czf"])
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/make-busybox-template.sh"))
         .arg(&tarball)
-        .arg("-C")
-        .arg(&root)
-        .arg(".")
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "tar failed");
-    std::fs::remove_dir_all(&root).unwrap();
+    assert!(out.status.success(), "make-busybox-template: {}", String::from_utf8_lossy(&out.stderr));
     tarball
 }

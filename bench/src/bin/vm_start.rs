@@ -31,37 +31,7 @@ async fn qmp_running(socket: &Path, deadline: Instant) -> Duration {
 async fn main() {
     let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = kpve_apiserver::ServerConfig {
-        data_dir: dir.path().into(),
-        listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        node: "bench".into(),
-        bookmark_interval: Duration::from_secs(60),
-        history_window: kpve_apiserver::gc::HISTORY_WINDOW,
-        keep_revisions: kpve_apiserver::gc::KEEP_REVISIONS,
-    };
-    let running = kpve_apiserver::start(config).await.unwrap();
-    let kc = kube::config::Kubeconfig::read_from(dir.path().join("kubeconfig")).unwrap();
-    let client =
-        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap())
-            .unwrap();
-    // The agent authenticates as the node, as in `kpve server`.
-    let node_config = client_config(
-        dir.path(),
-        running.address.port(),
-        &std::fs::read_to_string(dir.path().join("node-token")).unwrap(),
-    )
-    .await;
-    let node_client = kube::Client::try_from(node_config).unwrap();
-    tokio::spawn(kpve_controllers::run(client.clone(), Default::default()));
-    tokio::spawn(kpve_node_agent::agent::run(
-        node_client,
-        kpve_node_agent::agent::AgentConfig::new("bench", dir.path()),
-    ));
-    let hvs: Api<kpve_crds::Hypervisor> = Api::all(client.clone());
-    while hvs.get_opt("bench").await.unwrap().is_none() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let client = kpve_bench::in_process_server(dir.path()).await;
 
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
     let mut kpve_lat = Vec::new();
@@ -97,8 +67,12 @@ async fn main() {
         while argv.is_empty() && Instant::now() < deadline {
             if let Ok(text) = std::fs::read(run_dir.join("guest.json")) {
                 let cp: serde_json::Value = serde_json::from_slice(&text).unwrap();
-                argv =
-                    cp["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
+                argv = cp["launch"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_string())
+                    .collect();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -151,12 +125,4 @@ async fn main() {
 fn argv_run_dir(argv: &[String]) -> PathBuf {
     let pos = argv.iter().position(|a| a == "-pidfile").expect("argv has -pidfile");
     Path::new(&argv[pos + 1]).parent().unwrap().to_path_buf()
-}
-
-async fn client_config(dir: &Path, port: u16, token: &str) -> kube::Config {
-    let kc = kube::config::Kubeconfig::read_from(dir.join("kubeconfig")).unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-    config.cluster_url = format!("https://127.0.0.1:{port}").parse().unwrap();
-    config.auth_info.token = Some(token.trim().to_string().into());
-    config
 }

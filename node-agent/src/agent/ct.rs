@@ -204,25 +204,36 @@ impl Runtime for Lxc {
         })
     }
 
+    /// From the host's process table and cgroups, without running a tool: the monitor
+    /// whose pid `lxc-start -p` wrote (checked by its command line, against pid reuse),
+    /// its child the container's init, and the init's freezer state.
     async fn observe(agent: &Agent, vmid: u32, run: &Path) -> Option<Observed> {
         if !run.join("config").exists() {
             return None;
         }
-        let out = lxc(agent, "lxc-info", vmid, &["-s", "-p"]).await.ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim_start().strip_prefix(':')))
-                .map(str::trim)
+        let expected = format!("[lxc monitor] {} {vmid}", agent.run_root().display());
+        let is_monitor = |pid: u32| host::cmdline(pid).is_some_and(|c| c.trim_end_matches('\0') == expected);
+        let monitor = match host::read_pid(&run.join("lxc.pid")) {
+            Some(pid) if is_monitor(pid) => pid,
+            // The monitor lives as long as the container: gone, so is the container.
+            Some(_) => return None,
+            // No pid file (started by hand?): ask lxc, and remember the monitor.
+            None => {
+                let init = lxc_info_pid(agent, vmid).await?;
+                let monitor = host::parent(init).filter(|&p| is_monitor(p))?;
+                let _ = std::fs::write(run.join("lxc.pid"), format!("{monitor}\n"));
+                monitor
+            }
         };
-        let state = match field("State")? {
-            "RUNNING" => RunState::Running,
-            "FROZEN" | "FREEZING" => RunState::Paused,
-            "STARTING" | "THAWED" => RunState::Starting,
-            _ => return None,
+        let Some(init) = host::children(monitor).first().copied() else {
+            // The monitor alone: the container is being set up or torn down.
+            return Some(Observed { pid: 0, state: RunState::Starting });
         };
-        let pid = field("PID").and_then(|p| p.parse().ok()).unwrap_or(0);
-        Some(Observed { pid, state })
+        let state = match Cgroup::of(init).map(|c| c.frozen()) {
+            Some(Some(true)) => RunState::Paused,
+            _ => RunState::Running,
+        };
+        Some(Observed { pid: init, state })
     }
 
     async fn start(
@@ -256,15 +267,20 @@ impl Runtime for Lxc {
         std::fs::write(run.join("config"), &work.config)?;
         std::fs::write(run.join("rules.seccomp"), &work.seccomp)?;
         let _ = std::fs::remove_file(run.join("console.log"));
-        let started = lxc(agent, "lxc-start", vmid, &["-d"]).await;
-        let waited = match &started {
+        let pid_file = run.join("lxc.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        // Daemonized, lxc-start returns once the container runs (or failed to); the pid file
+        // names its monitor, the parent of the container's init.
+        let started = lxc(agent, "lxc-start", vmid, &["-d", "-p", &pid_file.display().to_string()]).await;
+        match started {
             Ok(out) if out.status.success() => {
-                lxc(agent, "lxc-wait", vmid, &["-s", "RUNNING", "-t", "10"]).await
+                // The daemon writes the pid file a moment after lxc-start returns.
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while host::read_pid(&pid_file).is_none() && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Ok(())
             }
-            _ => started,
-        };
-        match waited {
-            Ok(out) if out.status.success() => Ok(()),
             Ok(out) => {
                 let log = std::fs::read_to_string(run.join("lxc.log")).unwrap_or_default();
                 let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
@@ -277,7 +293,13 @@ impl Runtime for Lxc {
 
     /// SIGPWR to the container's init (`lxc.signal.halt`), a hard stop after `timeout`.
     async fn stop(agent: &Agent, vmid: u32, run: &Path, timeout: Duration) {
-        let Some(observed) = Self::observe(agent, vmid, run).await else { return };
+        let Some(observed) = Self::observe(agent, vmid, run).await else {
+            // Not observable (no pid file): make sure anyway, lxc knows its containers.
+            if run.join("config").exists() {
+                let _ = lxc(agent, "lxc-stop", vmid, &["-k"]).await;
+            }
+            return;
+        };
         if observed.state == RunState::Paused {
             let _ = lxc(agent, "lxc-unfreeze", vmid, &[]).await;
         }
@@ -321,16 +343,25 @@ impl Runtime for Lxc {
         }
         figures["netIn"] = json!(net_in);
         figures["netOut"] = json!(net_out);
-        if let Ok(out) = lxc(agent, "lxc-info", vmid, &["-i"]).await {
-            let ips: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.strip_prefix("IP:"))
-                .map(|ip| ip.trim().to_string())
-                .filter(|ip| !ip.is_empty() && ip != "127.0.0.1" && ip != "::1")
-                .collect();
+        if let Some(ips) = guest_ips(pid) {
             figures["ips"] = json!(ips);
         }
     }
+}
+
+/// The container's init pid as `lxc-info` reports it, if it runs.
+async fn lxc_info_pid(agent: &Agent, vmid: u32) -> Option<u32> {
+    let out = lxc(agent, "lxc-info", vmid, &["-s", "-p"]).await.ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim_start().strip_prefix(':')))
+            .map(str::trim)
+    };
+    if field("State")? == "STOPPED" {
+        return None;
+    }
+    field("PID")?.parse().ok()
 }
 
 /// Runs an lxc tool on container `vmid` in the agent's lxcpath.
@@ -437,6 +468,15 @@ impl Cgroup {
         std::fs::read_to_string(base.join(&self.path).join(file)).ok()
     }
 
+    /// Whether the freezer holds the container (v1 `freezer.state`, v2 `cgroup.events`).
+    fn frozen(&self) -> Option<bool> {
+        if let Some(state) = self.read("freezer", "freezer.state") {
+            return Some(state.trim() != "THAWED");
+        }
+        let events = self.read("", "cgroup.events")?;
+        Some(events.lines().any(|l| l.trim() == "frozen 1"))
+    }
+
     fn memory_bytes(&self) -> Option<u64> {
         let text = if self.v1 {
             self.read("memory", "memory.usage_in_bytes")
@@ -460,5 +500,56 @@ impl Cgroup {
             let usec: u64 = stat.lines().find_map(|l| l.strip_prefix("usage_usec "))?.trim().parse().ok()?;
             Some(usec as f64 / 1e6)
         }
+    }
+}
+
+/// The addresses of the container's interfaces, read from its network namespace through
+/// its init's /proc (no tool run): IPv4 local addresses from `net/fib_trie`, global IPv6
+/// ones from `net/if_inet6`; loopback and link-local left out.
+fn guest_ips(init: u32) -> Option<Vec<String>> {
+    let trie = std::fs::read_to_string(format!("/proc/{init}/net/fib_trie")).ok()?;
+    let inet6 = std::fs::read_to_string(format!("/proc/{init}/net/if_inet6")).unwrap_or_default();
+    Some(parse_ips(&trie, &inet6))
+}
+
+fn parse_ips(fib_trie: &str, if_inet6: &str) -> Vec<String> {
+    let mut ips: Vec<String> = Vec::new();
+    let mut last: Option<&str> = None;
+    for line in fib_trie.lines() {
+        let line = line.trim();
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            last = Some(addr);
+        } else if line == "/32 host LOCAL"
+            && let Some(addr) = last
+            && !addr.starts_with("127.")
+            && !ips.iter().any(|ip| ip == addr)
+        {
+            ips.push(addr.to_string());
+        }
+    }
+    for line in if_inet6.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // address, ifindex, prefix length, scope, flags, name; scope 0 is global.
+        if fields.len() >= 4
+            && fields[3] == "00"
+            && let Ok(bits) = u128::from_str_radix(fields[0], 16)
+        {
+            ips.push(std::net::Ipv6Addr::from(bits).to_string());
+        }
+    }
+    ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ips;
+
+    #[test]
+    fn addresses_from_the_containers_proc() {
+        let trie = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.9.9.0\n        /24 link UNICAST\n     |-- 10.9.9.9\n        /32 host LOCAL\n     |-- 127.0.0.1\n        /32 host LOCAL\nLocal:\n     |-- 10.9.9.9\n        /32 host LOCAL\n";
+        let inet6 = "00000000000000000000000000000001 01 80 10 80       lo\n\
+                     fe80000000000000c4c265fffe0eb9cd 02 40 20 c0     eth0\n\
+                     20010db8000000000000000000000010 02 40 00 80     eth0\n";
+        assert_eq!(parse_ips(trie, inet6), ["10.9.9.9", "2001:db8::10"]);
     }
 }
