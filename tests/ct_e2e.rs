@@ -135,7 +135,8 @@ fn a_declared_container_runs_on_its_bridge_follows_power_state_reboots_and_is_de
     install_template(server.data_dir());
     let lan = Lan::new("a", "10.201.0");
     let keys = "  sshPublicKeys:\n    - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKpveTestKey test@kpve\n";
-    apply(&server, &manifest("web", "Running", &format!("{}{keys}", nic(&lan.bridge, "10.201.0.10"))));
+    let data = "  mountPoints:\n    - id: mp0\n      path: /data\n      pool: local\n      size: 1G\n";
+    apply(&server, &manifest("web", "Running", &format!("{}{keys}{data}", nic(&lan.bridge, "10.201.0.10"))));
     server.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Running", "ct/web", "--timeout=60s"]);
     server.kubectl_ok(&["wait", "--for=condition=Ready", "ct/web", "--timeout=60s"]);
     let vmid = jsonpath(&server, "web", "{.spec.vmid}");
@@ -182,6 +183,26 @@ fn a_declared_container_runs_on_its_bridge_follows_power_state_reboots_and_is_de
     });
     assert_eq!(jsonpath(&server, "web", "{.status.maxmem}"), (128u64 << 20).to_string());
     attach(&lxcpath, &vmid, &["touch", "/root/kept"]);
+    // mp0: its own subvolume, writable by the container's root.
+    attach(&lxcpath, &vmid, &["touch", "/data/written"]);
+    let mp0 = server.data_dir().join(format!("storage/local/images/{vmid}/subvol-{vmid}-disk-1.subvol"));
+    assert_eq!(std::fs::metadata(mp0.join("written")).unwrap().uid(), 100_000);
+    assert_eq!(
+        jsonpath(&server, "web", "{.status.volumes.mp0}"),
+        format!("local:{vmid}/subvol-{vmid}-disk-1.subvol")
+    );
+    // The pool lists the template and both volumes.
+    wait_until("the pool lists the template and the volumes", || {
+        let out = server.kubectl(&["get", "sp", "local", "-o", "jsonpath={.status.nodes[0].content}"]);
+        let content = String::from_utf8_lossy(&out.stdout).into_owned();
+        [
+            format!("local:vztmpl/{TEMPLATE}.tar.gz"),
+            format!("local:{vmid}/subvol-{vmid}-disk-0.subvol"),
+            format!("local:{vmid}/subvol-{vmid}-disk-1.subvol"),
+        ]
+        .iter()
+        .all(|v| content.contains(v.as_str()))
+    });
 
     // Paused: frozen in place, then thawed, the same process throughout.
     server.kubectl_ok(&["patch", "ct", "web", "--type=merge", "-p", r#"{"spec":{"powerState":"Paused"}}"#]);
@@ -243,7 +264,7 @@ fn a_declared_container_runs_on_its_bridge_follows_power_state_reboots_and_is_de
     // Delete: container, rootfs and object gone.
     server.kubectl_ok(&["delete", "ct", "web", "--timeout=60s"]);
     wait_until("init gone after delete", || !alive(&pid));
-    wait_until("rootfs freed", || !root.exists());
+    wait_until("rootfs and mp0 freed", || !root.exists() && !mp0.exists());
     assert!(!run.exists(), "run directory removed");
     assert!(!server.kubectl(&["get", "ct", "web"]).status.success());
 }

@@ -101,18 +101,21 @@ impl DirPool {
         }
     }
 
-    /// Volume ids of guest images present on disk.
+    /// Volume ids present on disk: guest images and subvolumes (`local:100/vm-100-disk-0.qcow2`),
+    /// OS templates (`local:vztmpl/<file>`) and ISO images (`local:iso/<file>`); half-made
+    /// volumes (`*.partial`) are not content.
     pub fn content(&self) -> Vec<String> {
+        let name = |e: &std::fs::DirEntry| e.file_name().to_string_lossy().into_owned();
+        let files = |dir: PathBuf| std::fs::read_dir(dir).into_iter().flatten().flatten();
         let mut out = Vec::new();
-        let images = self.path.join("images");
-        for guest in std::fs::read_dir(&images).into_iter().flatten().flatten() {
-            for file in std::fs::read_dir(guest.path()).into_iter().flatten().flatten() {
-                out.push(format!(
-                    "{}:{}/{}",
-                    self.name,
-                    guest.file_name().to_string_lossy(),
-                    file.file_name().to_string_lossy()
-                ));
+        for guest in files(self.path.join("images")) {
+            for volume in files(guest.path()).filter(|v| !name(v).ends_with(".partial")) {
+                out.push(format!("{}:{}/{}", self.name, name(&guest), name(&volume)));
+            }
+        }
+        for (kind, dir) in [("vztmpl", "template/cache"), ("iso", "template/iso")] {
+            for file in files(self.path.join(dir)).filter(|f| f.path().is_file()) {
+                out.push(format!("{}:{kind}/{}", self.name, name(&file)));
             }
         }
         out.sort();
