@@ -48,7 +48,16 @@ impl DirPool {
     /// `local:100/vm-100-disk-0.qcow2` → path of the file.
     pub fn path_of(&self, volume: &str) -> Result<PathBuf> {
         let (pool, rel) = volume.split_once(':').ok_or_else(|| StorageError::BadVolume(volume.into()))?;
-        if pool != self.name || rel.contains("..") || rel.starts_with('/') {
+        // Exactly `<dir>/<name>`: a deeper path could pass through a symlink a guest made
+        // inside its own volume and reach anywhere on the host.
+        let plain = |s: &str| !s.is_empty() && s != "." && s != ".." && !s.contains('/');
+        let well_formed = rel.split_once('/').is_some_and(|(dir, name)| {
+            plain(name)
+                && (dir == "iso"
+                    || dir == "vztmpl"
+                    || (!dir.is_empty() && dir.bytes().all(|b| b.is_ascii_digit())))
+        });
+        if pool != self.name || !well_formed {
             return Err(StorageError::BadVolume(volume.into()));
         }
         Ok(match rel.split_once('/') {
@@ -173,6 +182,9 @@ mod tests {
         );
         assert!(pool.path_of("other:100/x.raw").is_err());
         assert!(pool.path_of("local:../etc/passwd").is_err());
+        assert!(pool.path_of("local:100/subvol-100-disk-0.subvol/hostroot").is_err(), "one level only");
+        assert!(pool.path_of("local:vztmpl/../x").is_err());
+        assert!(pool.path_of("local:abc/x.raw").is_err());
     }
 
     #[test]

@@ -433,10 +433,9 @@ fn allow_traversal(dir: &Path) -> std::io::Result<()> {
     for ancestor in dir.ancestors() {
         let Ok(meta) = std::fs::metadata(ancestor) else { continue };
         if meta.mode() & 0o001 == 0 {
-            std::fs::set_permissions(
-                ancestor,
-                std::fs::Permissions::from_mode((meta.mode() & 0o7777) | 0o001),
-            )?;
+            let mode = (meta.mode() & 0o7777) | 0o001;
+            tracing::info!(dir = %ancestor.display(), mode = %format!("{mode:o}"), "made searchable for unprivileged containers");
+            std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode))?;
         }
     }
     Ok(())

@@ -371,8 +371,9 @@ async fn guests<R: Runtime>(agent: Arc<Agent>) -> anyhow::Result<()> {
                         // Gone from the API (or moved away): release what this node holds.
                         bound.remove(&g.uid().unwrap_or_default());
                         let vmid = g.guest_spec().vmid().unwrap_or(0);
+                        let uid = g.uid().unwrap_or_default();
                         let agent = agent.clone();
-                        tokio::spawn(async move { agent.release::<R>(vmid).await });
+                        tokio::spawn(async move { agent.release::<R>(vmid, Some(&uid)).await });
                     }
                     Ok(watcher::Event::Init) => {
                         listed = false;
@@ -416,7 +417,7 @@ async fn cleanup_orphans<R: Runtime>(agent: &Arc<Agent>, bound: &HashMap<String,
         let Some(vmid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         if !known.contains(&vmid) && engine_of(&entry.path()) == R::ENGINE {
             tracing::info!(vmid, kind = R::KIND, "guest deleted while the agent was away; releasing it");
-            agent.release::<R>(vmid).await;
+            agent.release::<R>(vmid, None).await;
         }
     }
 }
@@ -482,7 +483,7 @@ impl Agent {
         let run = self.run_dir(vmid);
         if guest.meta().deletion_timestamp.is_some() {
             R::stop(self, vmid, &run, self.shutdown_timeout(spec)).await;
-            self.release::<R>(vmid).await;
+            self.release::<R>(vmid, guest.uid().as_deref()).await;
             let message = format!("{} stopped and volumes freed on this node", R::PROCESS);
             return self
                 .write_status::<R>(
@@ -497,7 +498,12 @@ impl Agent {
         let prepared = match R::prepare(self, guest, vmid, &run).await {
             Ok(prepared) => prepared,
             Err(stall) => {
-                let phase = if observed.is_some() { "Running" } else { "Failed" };
+                // Whatever cannot be prepared, a declared stop still stops.
+                if spec.power_state() == PowerState::Stopped && observed.is_some() {
+                    R::stop(self, vmid, &run, self.shutdown_timeout(spec)).await;
+                }
+                let running = R::observe(self, vmid, &run).await.is_some();
+                let phase = if running { "Running" } else { "Failed" };
                 return self.stalled::<R>(guest, phase, stall).await;
             }
         };
@@ -653,12 +659,23 @@ impl Agent {
         Ok(())
     }
 
-    /// Stops the guest, frees its volumes and forgets it.
-    async fn release<R: Runtime>(&self, vmid: u32) {
+    /// Stops the guest, frees its volumes and forgets it — only if what runs under `vmid`
+    /// here is this kind's and (when `uid` is given) that guest's: a VMID freed by a delete
+    /// may already belong to a new guest by the time a late release runs.
+    async fn release<R: Runtime>(&self, vmid: u32, uid: Option<&str>) {
         if vmid == 0 {
             return;
         }
         let run = self.run_dir(vmid);
+        if run.exists() && engine_of(&run) != R::ENGINE {
+            return;
+        }
+        if let (Some(uid), Some(cp)) = (uid, read_checkpoint(&run))
+            && cp.uid != uid
+        {
+            tracing::info!(vmid, "not releasing: the VMID belongs to another guest now");
+            return;
+        }
         R::stop(self, vmid, &run, self.config.shutdown_timeout).await;
         if let Err(e) = self.pool().free_guest(vmid) {
             tracing::warn!(vmid, error = %e, "freeing volumes failed");

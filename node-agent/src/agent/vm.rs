@@ -106,7 +106,8 @@ impl Runtime for Qemu {
     async fn stop(_agent: &Agent, vmid: u32, run: &Path, timeout: Duration) {
         let run = LaunchPaths::new(run);
         let Some(pid) = running_pid(&run, vmid) else { return };
-        let needle = run.run_dir.display().to_string();
+        // The trailing slash keeps run/100 from matching run/1000's QEMU.
+        let needle = format!("{}/", run.run_dir.display());
         let gone = |timeout: Duration| {
             let needle = needle.clone();
             async move {
@@ -256,7 +257,7 @@ fn volume_id(vm: &VirtualMachine, disk: &ResolvedDisk, vmid: u32) -> String {
 
 fn running_pid(run: &LaunchPaths, vmid: u32) -> Option<u32> {
     let pid = host::read_pid(&run.pid_file())?;
-    (vmid > 0 && host::process_alive(pid, &run.run_dir.display().to_string())).then_some(pid)
+    (vmid > 0 && host::process_alive(pid, &format!("{}/", run.run_dir.display()))).then_some(pid)
 }
 
 async fn qmp(run: &LaunchPaths) -> Option<Qmp> {

@@ -123,7 +123,7 @@ pub fn setup_guest(
         return Ok(());
     }
     write_guest_file(&etc, "hostname", format!("{hostname}\n").as_bytes(), 0o644, owner)?;
-    let hosts = fs::read_to_string(etc.join("hosts")).unwrap_or_default();
+    let hosts = read_regular(&etc.join("hosts")).unwrap_or_default();
     let block = format!("# --- BEGIN PVE ---\n127.0.1.1 {hostname}\n# --- END PVE ---\n");
     write_guest_file(&etc, "hosts", with_managed_block(&hosts, &block).as_bytes(), 0o644, owner)?;
     if spec.nameserver.is_some() || spec.searchdomain.is_some() {
@@ -138,7 +138,7 @@ pub fn setup_guest(
         write_guest_file(&etc, "resolv.conf", resolv.as_bytes(), 0o644, owner)?;
     }
     if let Some(hash) = &spec.password_hash
-        && let Ok(shadow) = fs::read_to_string(etc.join("shadow"))
+        && let Some(shadow) = read_regular(&etc.join("shadow"))
     {
         write_guest_file(&etc, "shadow", with_root_password(&shadow, hash).as_bytes(), 0o640, owner)?;
     }
@@ -157,6 +157,16 @@ pub fn setup_guest(
         }
     }
     Ok(())
+}
+
+/// A guest file's content if it is a regular file (not a symlink a container made to a host
+/// file, a FIFO or a device) of at most 1 MiB.
+fn read_regular(path: &Path) -> Option<String> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_file() || meta.len() > 1 << 20 {
+        return None;
+    }
+    fs::read_to_string(path).ok()
 }
 
 /// Whether `rel` below `root` is a directory reached without any symlink.
@@ -289,8 +299,14 @@ mod tests {
         fs::remove_file(root.join("etc")).unwrap();
         fs::create_dir(root.join("etc")).unwrap();
         std::os::unix::fs::symlink(outside.join("victim"), root.join("etc/hostname")).unwrap();
+        std::fs::write(outside.join("secret"), "host secret\n").unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("etc/hosts")).unwrap();
         setup_guest(&root, &spec, "web", None).unwrap();
         assert!(!outside.join("victim").exists());
+        assert!(
+            !fs::read_to_string(root.join("etc/hosts")).unwrap().contains("host secret"),
+            "no host file copied in"
+        );
         assert_eq!(fs::read_to_string(root.join("etc/hostname")).unwrap(), "web\n");
         assert!(fs::read_to_string(root.join("etc/hosts")).unwrap().contains("127.0.1.1 web"));
     }
