@@ -129,6 +129,26 @@ pub struct HypervisorStatus {
     /// Address other nodes reach this node on (migration, console).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<NodeFirewallStatus>,
+}
+
+/// What the agent's firewall enforces on this node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFirewallStatus {
+    /// Whether kpve's nftables tables are loaded (the cluster firewall is enabled).
+    pub enabled: bool,
+    /// Generation of each input in force, keyed `Kind/name` (`ClusterFirewall/cluster`,
+    /// `SecurityGroup/web`, `IPSet/admins`, `Hypervisor/<node>`, `VirtualMachine/ns/name`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub inputs: std::collections::BTreeMap<String, i64>,
+    /// Number of nftables rules loaded.
+    #[serde(default)]
+    pub rules: u32,
+    /// When the ruleset in force was applied (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

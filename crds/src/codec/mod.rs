@@ -8,6 +8,7 @@
 //! sections onto `VirtualMachineSpec` and `LinuxContainerSpec`.
 
 pub mod conf;
+pub mod fw;
 pub mod lxc;
 pub mod propstr;
 pub mod qemu;

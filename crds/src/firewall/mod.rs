@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::Condition;
 
+pub mod lang;
+pub mod macros;
+
 /// Direction (or group reference) of a rule, as in Proxmox's `IN`/`OUT`/`GROUP`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -130,6 +133,24 @@ pub struct GuestFirewall {
     /// Ordered rules; the first match decides.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<FirewallRule>,
+    /// Guest-local aliases (`guest/name` or unscoped in this guest's rules).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<Alias>,
+    /// Guest-local IP sets; `ipfilter-net0` … restrict the source addresses of that NIC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipsets: Vec<GuestIpSet>,
+}
+
+/// An IP set declared in a guest's firewall (Proxmox `[IPSET name]` in `<vmid>.fw`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GuestIpSet {
+    #[schemars(pattern(r"^[A-Za-z][A-Za-z0-9_-]+$"))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<IpSetEntry>,
 }
 
 /// Firewall of one host (Proxmox `nodes/<node>/host.fw`).
@@ -271,4 +292,76 @@ pub struct IPSetSpec {
     pub comment: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entries: Vec<IpSetEntry>,
+}
+
+/// Kinds whose objects carry firewall rules or addresses.
+pub const RULE_KINDS: &[&str] =
+    &["ClusterFirewall", "SecurityGroup", "IPSet", "Hypervisor", "VirtualMachine", "LinuxContainer"];
+
+/// Semantic checks the schema cannot express: the rule language of every rule, IP set
+/// entries, alias addresses, and unique names. Returns (field path, message) pairs.
+/// References between objects (a `+set`, an alias, a group) are not checked here: objects may
+/// be declared in any order, so the agent reports a missing one as a condition.
+pub fn check_object(kind: &str, object: &serde_json::Value) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    let Some(spec) = object.get("spec") else { return errors };
+    let (base, fw) = match kind {
+        "ClusterFirewall" | "SecurityGroup" => ("spec".to_string(), Some(spec)),
+        "Hypervisor" | "VirtualMachine" | "LinuxContainer" => ("spec.firewall".to_string(), spec.get("firewall")),
+        "IPSet" => ("spec".to_string(), None),
+        _ => return errors,
+    };
+    if kind == "IPSet" {
+        check_entries(spec.get("entries"), "spec.entries", &mut errors);
+        return errors;
+    }
+    let Some(fw) = fw else { return errors };
+    if let Some(rules) = fw.get("rules").and_then(|r| r.as_array()) {
+        for (i, raw) in rules.iter().enumerate() {
+            let field = format!("{base}.rules[{i}]");
+            let Ok(rule) = serde_json::from_value::<FirewallRule>(raw.clone()) else { continue };
+            if kind == "SecurityGroup" && rule.type_ == RuleType::Group {
+                errors.push((format!("{field}.type"), "a security group cannot contain group rules".into()));
+                continue;
+            }
+            if let Err(e) = lang::check_rule(&rule, &field) {
+                errors.push(e);
+            }
+        }
+    }
+    if let Some(aliases) = fw.get("aliases").and_then(|a| a.as_array()) {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, a) in aliases.iter().enumerate() {
+            let name = a.get("name").and_then(|n| n.as_str()).unwrap_or("");
+            if !seen.insert(name.to_ascii_lowercase()) {
+                errors.push((format!("{base}.aliases[{i}].name"), format!("duplicate alias {name:?}")));
+            }
+            if let Some(cidr) = a.get("cidr").and_then(|c| c.as_str())
+                && let Err(e) = lang::parse_net(cidr)
+            {
+                errors.push((format!("{base}.aliases[{i}].cidr"), e));
+            }
+        }
+    }
+    if let Some(sets) = fw.get("ipsets").and_then(|a| a.as_array()) {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, set) in sets.iter().enumerate() {
+            let name = set.get("name").and_then(|n| n.as_str()).unwrap_or("");
+            if !seen.insert(name.to_ascii_lowercase()) {
+                errors.push((format!("{base}.ipsets[{i}].name"), format!("duplicate IP set {name:?}")));
+            }
+            check_entries(set.get("entries"), &format!("{base}.ipsets[{i}].entries"), &mut errors);
+        }
+    }
+    errors
+}
+
+fn check_entries(entries: Option<&serde_json::Value>, base: &str, errors: &mut Vec<(String, String)>) {
+    for (i, e) in entries.and_then(|e| e.as_array()).into_iter().flatten().enumerate() {
+        if let Some(cidr) = e.get("cidr").and_then(|c| c.as_str())
+            && let Err(msg) = lang::parse_net(cidr)
+        {
+            errors.push((format!("{base}[{i}].cidr"), msg));
+        }
+    }
 }
