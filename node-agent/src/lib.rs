@@ -5,6 +5,7 @@
 //! still to come (docs/ARCHITECTURE.md §7).
 
 pub mod agent;
+pub mod firewall;
 pub mod host;
 pub mod lxc;
 pub mod qemu;

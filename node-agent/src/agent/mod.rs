@@ -13,6 +13,7 @@
 //! prepared, started, observed, paused and stopped.
 
 mod ct;
+mod firewall;
 mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -142,7 +143,7 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         delay = (delay * 2).min(Duration::from_secs(5));
     }
     tokio::spawn(heartbeat(agent.clone()));
-    tokio::try_join!(guests::<vm::Qemu>(agent.clone()), guests::<ct::Lxc>(agent))?;
+    tokio::try_join!(guests::<vm::Qemu>(agent.clone()), guests::<ct::Lxc>(agent.clone()), firewall::run(agent))?;
     Ok(())
 }
 

@@ -1,0 +1,385 @@
+//! The agent's firewall loop: watches every firewall input of this node (ClusterFirewall,
+//! SecurityGroups, IPSets, this node's Hypervisor, the guests bound here), recompiles on any
+//! change and applies the ruleset atomically when it differs from the one in force.
+//!
+//! Status: `Hypervisor.status.firewall` lists the generation of each input in force;
+//! condition `FirewallReady` on the Hypervisor and on each firewalled guest says whether the
+//! latest inputs are enforced, and when not (an IP set, alias or group that does not exist, a
+//! ruleset the kernel refused) names the rule while the previous ruleset stays in force.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kpve_crds::common::{Condition, GuestObject};
+use kpve_crds::firewall::lang::{Net, parse_net};
+use kpve_crds::{ClusterFirewall, Hypervisor, IPSet, LinuxContainer, SecurityGroup, VirtualMachine};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::{Agent, condition, generated_mac, now};
+use crate::firewall::{self, Guest, GuestNic, Inputs, RuleError, nft};
+
+/// Condition type on the Hypervisor and on firewalled guests.
+pub const FIREWALL_READY: &str = "FirewallReady";
+/// The name of the one ClusterFirewall object (Proxmox has one cluster.fw).
+pub const CLUSTER_FIREWALL: &str = "cluster";
+
+fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::debug!(error = %e, "firewall watch error");
+            }
+            changed.notify_one();
+        }
+    });
+    reader
+}
+
+struct Stores {
+    cluster: Store<ClusterFirewall>,
+    groups: Store<SecurityGroup>,
+    ipsets: Store<IPSet>,
+    hypervisors: Store<Hypervisor>,
+    vms: Store<VirtualMachine>,
+    cts: Store<LinuxContainer>,
+}
+
+/// What was last applied, to skip identical rulesets and unchanged status.
+#[derive(Default)]
+struct Applied {
+    document: Option<Value>,
+    node_status: Option<Value>,
+    guest_status: BTreeMap<String, Value>,
+}
+
+pub(crate) async fn run(agent: Arc<Agent>) -> anyhow::Result<()> {
+    let client = agent.client.clone();
+    let changed = Arc::new(Notify::new());
+    let on_node = watcher::Config::default().fields(&format!("status.node={}", agent.node()));
+    let stores = Stores {
+        cluster: watch(Api::all(client.clone()), watcher::Config::default(), changed.clone()),
+        groups: watch(Api::all(client.clone()), watcher::Config::default(), changed.clone()),
+        ipsets: watch(Api::all(client.clone()), watcher::Config::default(), changed.clone()),
+        hypervisors: watch(Api::all(client.clone()), watcher::Config::default(), changed.clone()),
+        vms: watch(Api::all(client.clone()), on_node.clone(), changed.clone()),
+        cts: watch(Api::all(client.clone()), on_node, changed.clone()),
+    };
+    for ready in [
+        stores.cluster.wait_until_ready().await,
+        stores.groups.wait_until_ready().await,
+        stores.ipsets.wait_until_ready().await,
+        stores.hypervisors.wait_until_ready().await,
+        stores.vms.wait_until_ready().await,
+        stores.cts.wait_until_ready().await,
+    ] {
+        ready?;
+    }
+    let mut applied = Applied::default();
+    loop {
+        sync(&agent, &stores, &mut applied).await;
+        changed.notified().await;
+    }
+}
+
+fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    match obj.meta().namespace.as_deref() {
+        Some(ns) => format!("{}/{ns}/{}", K::kind(&()), obj.meta().name.as_deref().unwrap_or("")),
+        None => format!("{}/{}", K::kind(&()), obj.meta().name.as_deref().unwrap_or("")),
+    }
+}
+
+/// Inputs of this node's ruleset and the generation of each object they came from.
+fn gather(agent: &Agent, stores: &Stores) -> (Inputs, BTreeMap<String, i64>, Vec<Arc<dyn GuestRef>>) {
+    let mut generations = BTreeMap::new();
+    let mut record = |k: String, g: Option<i64>| {
+        generations.insert(k, g.unwrap_or(0));
+    };
+    let cluster = stores.cluster.get(&reflector::ObjectRef::new(CLUSTER_FIREWALL));
+    if let Some(c) = &cluster {
+        record(key(c.as_ref()), c.meta().generation);
+    }
+    let mut inputs = Inputs {
+        node: agent.node().to_string(),
+        cluster: cluster.map(|c| c.spec.clone()),
+        ..Inputs::default()
+    };
+    for g in stores.groups.state() {
+        record(key(g.as_ref()), g.meta().generation);
+        inputs.groups.insert(g.name_any(), g.spec.clone());
+    }
+    for s in stores.ipsets.state() {
+        record(key(s.as_ref()), s.meta().generation);
+        inputs.ipsets.insert(s.name_any(), s.spec.clone());
+    }
+    if let Some(hv) = stores.hypervisors.get(&reflector::ObjectRef::new(agent.node())) {
+        record(key(hv.as_ref()), hv.meta().generation);
+        inputs.host = hv.spec.firewall.clone();
+        inputs.bridges = hv.spec.bridges.iter().map(|b| b.name.clone()).collect();
+    }
+    let mut guests: Vec<Arc<dyn GuestRef>> = Vec::new();
+    for vm in stores.vms.state() {
+        guests.push(vm);
+    }
+    for ct in stores.cts.state() {
+        guests.push(ct);
+    }
+    guests.retain(|g| g.node() == Some(agent.node()) && g.input().is_some());
+    guests.sort_by_key(|g| g.input().map(|i| i.vmid));
+    for g in &guests {
+        if g.input().is_some_and(|i| i.firewall.is_some()) {
+            generations.insert(g.key(), g.generation());
+        }
+        inputs.guests.extend(g.input());
+    }
+    (inputs, generations, guests)
+}
+
+/// A guest of either kind as the firewall sees it.
+trait GuestRef: Send + Sync {
+    fn key(&self) -> String;
+    fn generation(&self) -> i64;
+    fn node(&self) -> Option<&str>;
+    fn input(&self) -> Option<Guest>;
+    fn api(&self, client: kube::Client) -> (String, Api<kube::api::DynamicObject>);
+}
+
+fn nic_ips(ip: Option<&str>, ip6: Option<&str>) -> Vec<Net> {
+    [ip, ip6].into_iter().flatten().filter_map(|s| parse_net(s).ok().map(|n| Net::host(ip_of(s).unwrap_or(n.addr)))).collect()
+}
+
+fn ip_of(cidr: &str) -> Option<std::net::IpAddr> {
+    cidr.split('/').next()?.parse().ok()
+}
+
+fn dynamic_api<K: Resource<DynamicType = ()>>(client: kube::Client, ns: &str) -> Api<kube::api::DynamicObject> {
+    let ar = kube::api::ApiResource::erase::<K>(&());
+    Api::namespaced_with(client, ns, &ar)
+}
+
+impl GuestRef for VirtualMachine {
+    fn key(&self) -> String {
+        key(self)
+    }
+    fn generation(&self) -> i64 {
+        self.meta().generation.unwrap_or(0)
+    }
+    fn node(&self) -> Option<&str> {
+        self.guest_status().and_then(|s| s.node.as_deref())
+    }
+    fn input(&self) -> Option<Guest> {
+        let vmid = self.spec.vmid?;
+        let uid = self.uid().unwrap_or_default();
+        let ips: BTreeMap<String, Vec<Net>> = self
+            .spec
+            .cloud_init
+            .as_ref()
+            .map(|c| {
+                c.ip_config
+                    .iter()
+                    .map(|i| (i.id.replace("ipconfig", "net"), nic_ips(i.ip.as_deref(), i.ip6.as_deref())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(Guest {
+            vmid,
+            owner: key(self),
+            firewall: self.spec.firewall.clone(),
+            nics: self
+                .spec
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(index, nic)| GuestNic {
+                    id: nic.id.clone(),
+                    ifname: format!("tap{vmid}i{index}"),
+                    mac: Some(nic.macaddr.clone().unwrap_or_else(|| generated_mac(&uid, index))),
+                    bridge: nic.bridge.clone(),
+                    firewall: nic.firewall,
+                    ips: ips.get(&nic.id).cloned().unwrap_or_default(),
+                })
+                .collect(),
+        })
+    }
+    fn api(&self, client: kube::Client) -> (String, Api<kube::api::DynamicObject>) {
+        (self.name_any(), dynamic_api::<VirtualMachine>(client, &self.namespace().unwrap_or_default()))
+    }
+}
+
+impl GuestRef for LinuxContainer {
+    fn key(&self) -> String {
+        key(self)
+    }
+    fn generation(&self) -> i64 {
+        self.meta().generation.unwrap_or(0)
+    }
+    fn node(&self) -> Option<&str> {
+        self.guest_status().and_then(|s| s.node.as_deref())
+    }
+    fn input(&self) -> Option<Guest> {
+        let vmid = self.spec.vmid?;
+        let uid = self.uid().unwrap_or_default();
+        Some(Guest {
+            vmid,
+            owner: key(self),
+            firewall: self.spec.firewall.clone(),
+            nics: self
+                .spec
+                .nics
+                .iter()
+                .map(|nic| {
+                    let n: usize = nic.id.trim_start_matches("net").parse().unwrap_or(0);
+                    GuestNic {
+                        id: nic.id.clone(),
+                        ifname: crate::lxc::config::veth_name(vmid, n),
+                        mac: Some(nic.hwaddr.clone().unwrap_or_else(|| generated_mac(&uid, n))),
+                        bridge: nic.bridge.clone(),
+                        firewall: nic.firewall,
+                        ips: nic_ips(nic.ip.as_deref(), nic.ip6.as_deref()),
+                    }
+                })
+                .collect(),
+        })
+    }
+    fn api(&self, client: kube::Client) -> (String, Api<kube::api::DynamicObject>) {
+        (self.name_any(), dynamic_api::<LinuxContainer>(client, &self.namespace().unwrap_or_default()))
+    }
+}
+
+fn manager(agent: &Agent) -> PatchParams {
+    PatchParams::apply(&format!("kpve-firewall-{}", agent.node())).force()
+}
+
+/// Bridged IP traffic reaches the inet table's forward hook only through bridge netfilter.
+fn ensure_bridge_netfilter() -> Option<String> {
+    for family in ["iptables", "ip6tables"] {
+        let path = format!("/proc/sys/net/bridge/bridge-nf-call-{family}");
+        match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim() == "1" => {}
+            Ok(_) => {
+                if let Err(e) = std::fs::write(&path, "1") {
+                    return Some(format!("{path} is 0 and cannot be set ({e}): bridged guest traffic is not filtered"));
+                }
+            }
+            Err(e) => return Some(format!("{path}: {e}: bridged guest traffic is not filtered")),
+        }
+    }
+    None
+}
+
+async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) {
+    let (inputs, generations, guests) = gather(agent, stores);
+    let result = firewall::compile(&inputs);
+    let outcome: Result<(bool, u32), (String, String, Vec<RuleError>)> = match result {
+        Ok(ruleset) => {
+            let mut outcome = Ok((ruleset.enabled, ruleset.rules));
+            if applied.document.as_ref() != Some(&ruleset.document) {
+                let started = std::time::Instant::now();
+                match nft::apply(&ruleset.document).await {
+                    Ok(()) => {
+                        tracing::info!(enabled = ruleset.enabled, rules = ruleset.rules, elapsed_ms = started.elapsed().as_millis() as u64, "firewall ruleset applied");
+                        applied.document = Some(ruleset.document);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "firewall ruleset not applied");
+                        outcome = Err(("ApplyFailed".into(), e.to_string(), Vec::new()));
+                    }
+                }
+            }
+            outcome
+        }
+        Err(errors) => {
+            let message = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+            tracing::warn!(%message, "firewall inputs refer to objects that do not exist; previous ruleset kept");
+            Err(("UnknownReference".into(), format!("{message}; the previous ruleset stays in force"), errors))
+        }
+    };
+    let warning = match outcome {
+        Ok((true, _)) => ensure_bridge_netfilter(),
+        _ => None,
+    };
+    write_node_status(agent, &outcome, &generations, warning, applied).await;
+    write_guest_status(agent, &outcome, &guests, applied).await;
+}
+
+async fn write_node_status(
+    agent: &Agent,
+    outcome: &Result<(bool, u32), (String, String, Vec<RuleError>)>,
+    generations: &BTreeMap<String, i64>,
+    warning: Option<String>,
+    applied: &mut Applied,
+) {
+    let cond: Condition = match (outcome, &warning) {
+        (Ok((true, rules)), None) => condition(FIREWALL_READY, true, "Enforced", &format!("{rules} nftables rules in force")),
+        (Ok((true, _)), Some(w)) => condition(FIREWALL_READY, false, "BridgeFilterUnavailable", w),
+        (Ok((false, _)), _) => condition(FIREWALL_READY, true, "Disabled", "the cluster firewall is disabled; kpve tables removed"),
+        (Err((reason, message, _)), _) => condition(FIREWALL_READY, false, reason, message),
+    };
+    let mut status = json!({"conditions": [cond]});
+    if let Ok((enabled, rules)) = outcome {
+        status["firewall"] = json!({"enabled": enabled, "inputs": generations, "rules": rules});
+    }
+    if applied.node_status.as_ref() == Some(&status) {
+        return;
+    }
+    let mut body = json!({"apiVersion": "kpve.io/v1alpha1", "kind": "Hypervisor", "status": status.clone()});
+    body["status"]["conditions"][0]["lastTransitionTime"] = json!(now());
+    if outcome.is_ok() {
+        body["status"]["firewall"]["appliedAt"] = json!(now());
+    }
+    let hvs: Api<Hypervisor> = Api::all(agent.client.clone());
+    match hvs.patch_status(agent.node(), &manager(agent), &Patch::Apply(&body)).await {
+        Ok(_) => applied.node_status = Some(status),
+        Err(e) => tracing::warn!(error = %e, "firewall status not written"),
+    }
+}
+
+async fn write_guest_status(
+    agent: &Agent,
+    outcome: &Result<(bool, u32), (String, String, Vec<RuleError>)>,
+    guests: &[Arc<dyn GuestRef>],
+    applied: &mut Applied,
+) {
+    for g in guests {
+        let Some(input) = g.input() else { continue };
+        if input.firewall.is_none() {
+            continue;
+        }
+        let key = g.key();
+        let status = match outcome {
+            Ok((enabled, _)) => json!({
+                "firewallGeneration": g.generation(),
+                "conditions": [condition(FIREWALL_READY, true, if *enabled { "Enforced" } else { "Disabled" },
+                    if *enabled { "the guest's firewall rules are in force" } else { "the cluster firewall is disabled" })],
+            }),
+            Err((reason, message, errors)) => {
+                let own: Vec<String> = errors.iter().filter(|e| e.owner == key).map(|e| e.to_string()).collect();
+                let message = if own.is_empty() { message.clone() } else { format!("{}; the previous ruleset stays in force", own.join("; ")) };
+                json!({"conditions": [condition(FIREWALL_READY, false, reason, &message)]})
+            }
+        };
+        if applied.guest_status.get(&key) == Some(&status) {
+            continue;
+        }
+        let (name, api) = g.api(agent.client.clone());
+        let mut body = json!({"apiVersion": "kpve.io/v1alpha1", "kind": key.split('/').next().unwrap_or(""), "status": status.clone()});
+        body["status"]["conditions"][0]["lastTransitionTime"] = json!(now());
+        match api.patch_status(&name, &manager(agent), &Patch::Apply(&body)).await {
+            Ok(_) => {
+                applied.guest_status.insert(key, status);
+            }
+            Err(e) => tracing::debug!(error = %e, guest = %key, "guest firewall status not written"),
+        }
+    }
+}
