@@ -9,9 +9,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use support::{CT_MARKER, Server, busybox_template, wait_until};
+use support::{CT_MARKER, Server, wait_until};
 
-const TEMPLATE: &str = "kpve-busybox";
+const TEMPLATE: &str = support::BUSYBOX_TEMPLATE;
 
 /// A bridge with one peer: a network namespace whose veth is a port of the bridge. Both
 /// are removed when dropped.
@@ -60,14 +60,6 @@ impl Drop for Lan {
 fn sh(script: &str) {
     let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Puts the test template where the `local` pool of `data_dir` keeps OS templates.
-fn install_template(data_dir: &Path) {
-    let cache = data_dir.join("storage/local/template/cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    let tarball = busybox_template(data_dir, TEMPLATE);
-    std::fs::rename(tarball, cache.join(format!("{TEMPLATE}.tar.gz"))).unwrap();
 }
 
 fn manifest(name: &str, power: &str, extra: &str) -> String {
@@ -132,7 +124,7 @@ fn rootfs(data_dir: &Path, vmid: &str) -> PathBuf {
 #[test]
 fn a_declared_container_runs_on_its_bridge_follows_power_state_reboots_and_is_deleted() {
     let server = Server::start_with_agent();
-    install_template(server.data_dir());
+    support::install_busybox_template(server.data_dir());
     let lan = Lan::new("a", "10.201.0");
     let keys = "  sshPublicKeys:\n    - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKpveTestKey test@kpve\n";
     let data = "  mountPoints:\n    - id: mp0\n      path: /data\n      pool: local\n      size: 1G\n";
@@ -281,7 +273,7 @@ fn an_agent_killed_with_sigkill_leaves_the_container_running_and_adopts_it() {
     let server = Server::start_with_controllers();
     let agent_dir = server.data_dir().join("agent-node1");
     // The `local` pool's path is the server's (its StoragePool's spec.path).
-    install_template(server.data_dir());
+    support::install_busybox_template(server.data_dir());
     let spawn_agent = || server.spawn_agent("node1", &agent_dir);
     let lxcpath = agent_dir.join("agent/run");
     // However the test ends, the containers of this separate agent stop with it.
@@ -325,7 +317,7 @@ fn an_agent_killed_with_sigkill_leaves_the_container_running_and_adopts_it() {
 #[test]
 fn bad_container_specs_get_a_clear_condition_and_leave_nothing_behind() {
     let server = Server::start_with_agent();
-    install_template(server.data_dir());
+    support::install_busybox_template(server.data_dir());
     let stalled = |name: &str, manifest: String, needles: &[&str]| {
         apply(&server, &manifest);
         server.kubectl_ok(&["wait", "--for=condition=Stalled", &format!("ct/{name}"), "--timeout=60s"]);

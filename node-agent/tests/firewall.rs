@@ -20,13 +20,15 @@ fn inputs(case: &str) -> Inputs {
     let dir = case_dir(case);
     let cluster = parse_cluster_fw(&std::fs::read_to_string(dir.join("cluster.fw")).unwrap()).unwrap();
     let host = std::fs::read_to_string(dir.join("host.fw")).ok().map(|t| parse_host_fw(&t).unwrap());
-    let guests: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("guests.json")).unwrap()).unwrap();
+    let guests: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("guests.json")).unwrap()).unwrap();
     let guests = guests
         .iter()
         .map(|g| {
             let vmid = g["vmid"].as_u64().unwrap() as u32;
-            let firewall =
-                std::fs::read_to_string(dir.join(format!("{vmid}.fw"))).ok().map(|t| parse_guest_fw(&t).unwrap());
+            let firewall = std::fs::read_to_string(dir.join(format!("{vmid}.fw")))
+                .ok()
+                .map(|t| parse_guest_fw(&t).unwrap());
             Guest {
                 vmid,
                 owner: g["owner"].as_str().unwrap().to_string(),
@@ -41,7 +43,12 @@ fn inputs(case: &str) -> Inputs {
                         mac: n["mac"].as_str().map(str::to_string),
                         bridge: n["bridge"].as_str().map(str::to_string),
                         firewall: n["firewall"].as_bool().unwrap(),
-                        ips: n["ips"].as_array().unwrap().iter().map(|ip| parse_net(ip.as_str().unwrap()).unwrap()).collect(),
+                        ips: n["ips"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|ip| parse_net(ip.as_str().unwrap()).unwrap())
+                            .collect(),
                     })
                     .collect(),
             }
@@ -74,9 +81,17 @@ fn unknown_ipset_alias_and_group_are_reported_per_rule() {
     let errors = compile(&inp).unwrap_err();
     let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
     let has = |needle: &str| text.iter().any(|t| t.contains(needle));
-    assert!(has("ClusterFirewall/cluster spec.rules[0]: IP set \"admins\" does not exist (rule: IN SSH(ACCEPT) -source +admins -log info)"), "{text:#?}");
+    assert!(
+        has(
+            "ClusterFirewall/cluster spec.rules[0]: IP set \"admins\" does not exist (rule: IN SSH(ACCEPT) -source +admins -log info)"
+        ),
+        "{text:#?}"
+    );
     assert!(has("ClusterFirewall/cluster spec.rules[1]: alias \"office\" does not exist"), "{text:#?}");
-    assert!(has("VirtualMachine/default/web1 spec.firewall.rules[2]: security group \"web\" does not exist"), "{text:#?}");
+    assert!(
+        has("VirtualMachine/default/web1 spec.firewall.rules[2]: security group \"web\" does not exist"),
+        "{text:#?}"
+    );
     assert!(has("LinuxContainer/default/web2 spec.firewall.rules[0]: security group \"web\""), "{text:#?}");
 }
 
@@ -136,7 +151,10 @@ fn the_kernel_accepts_the_compiled_ruleset() {
     let listed = nft(&["list", "ruleset"], None);
     assert!(listed.contains("table inet kpve") && listed.contains("table bridge kpve"), "{listed}");
     assert!(listed.contains("chain g100-net0-in"), "{listed}");
-    let rules = listed.lines().filter(|l| l.starts_with("\t\t") && !l.contains("type filter") && !l.trim().is_empty()).count();
+    let rules = listed
+        .lines()
+        .filter(|l| l.starts_with("\t\t") && !l.contains("type filter") && !l.trim().is_empty())
+        .count();
     assert!(rules as u32 >= ruleset.rules, "{rules} listed < {} compiled", ruleset.rules);
     nft(&["-j", "-f", "-"], Some(&kpve_node_agent::firewall::removal().to_string()));
     let listed = nft(&["list", "tables"], None);

@@ -21,6 +21,8 @@ pub struct Server {
     agent: bool,
     /// Run the controllers inside the server (otherwise `--no-controllers`).
     controllers: bool,
+    /// Network namespace the server (and kubectl) run in; `None` is the host's.
+    netns: Option<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -42,6 +44,7 @@ impl Server {
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             agent: false,
             controllers: false,
+            netns: None,
         };
         server.spawn();
         server
@@ -57,7 +60,18 @@ impl Server {
         Server::start_parts(false, true)
     }
 
+    /// The whole of `kpve server` inside network namespace `netns` (which must exist): its
+    /// agent's nftables tables, bridges and containers live there, away from the host's.
+    /// Reach it with [`Server::kubectl`], which runs in the same namespace.
+    pub fn start_in_netns(netns: &str) -> Server {
+        Server::start_parts_in(true, true, Some(netns.to_string()))
+    }
+
     fn start_parts(agent: bool, controllers: bool) -> Server {
+        Server::start_parts_in(agent, controllers, None)
+    }
+
+    fn start_parts_in(agent: bool, controllers: bool, netns: Option<String>) -> Server {
         let mut server = Server {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
@@ -65,6 +79,7 @@ impl Server {
             extra_args: Vec::new(),
             agent,
             controllers,
+            netns,
         };
         server.spawn();
         server
@@ -90,7 +105,8 @@ impl Server {
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.kubeconfig());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kpve"))
+        let child = self
+            .command(env!("CARGO_BIN_EXE_kpve"))
             .args(["server", "--node", "node1", "--bookmark-interval", "1"])
             .args(if self.agent { None } else { Some("--no-agent") })
             .args(if self.controllers { None } else { Some("--no-controllers") })
@@ -110,11 +126,32 @@ impl Server {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("kpve server exited with {status}:\n{}", self.log());
             }
-            if self.kubeconfig().exists() && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.kubeconfig().exists() && self.serving() {
                 return;
             }
             assert!(Instant::now() < deadline, "kpve server did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `program` in this server's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => netns_command(ns, program),
+            None => Command::new(program),
+        }
+    }
+
+    fn serving(&self) -> bool {
+        match &self.netns {
+            None => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            Some(_) => self
+                .command("bash")
+                .arg("-c")
+                .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{}", self.port))
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
         }
     }
 
@@ -137,7 +174,7 @@ impl Server {
 
     /// kubectl against this server, with its own discovery cache `cache`.
     fn kubectl_command(&self, cache: &str) -> Command {
-        let mut cmd = Command::new("kubectl");
+        let mut cmd = self.command("kubectl");
         cmd.arg("--kubeconfig").arg(self.kubeconfig()).arg("--cache-dir").arg(self.dir.path().join(cache));
         cmd
     }
@@ -244,7 +281,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
         // Containers outlive their agent by design: stop every one the agent started.
-        stop_containers(&self.dir.path().join("agent/run"));
+        stop_containers_in(self.netns.as_deref(), &self.dir.path().join("agent/run"));
         // QEMU outlives its agent by design, and a test may have started a separate agent:
         // whatever still runs out of this server's directory goes with the test.
         let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.dir.path()).status();
@@ -304,11 +341,29 @@ pub fn test_initramfs(dir: &Path) -> PathBuf {
     image
 }
 
+/// `program` in network namespace `ns`, with the host's cgroups still mounted
+/// (`scripts/netns-exec.sh`; LXC needs them, `ip netns exec` hides them).
+pub fn netns_command(ns: &str, program: &str) -> Command {
+    let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-exec.sh"));
+    cmd.args([ns, program]);
+    cmd
+}
+
 /// Hard-stops the containers of an agent's lxcpath (its run root).
 pub fn stop_containers(lxcpath: &Path) {
+    stop_containers_in(None, lxcpath)
+}
+
+/// The same for an agent in network namespace `netns` (LXC's command socket is an abstract
+/// socket, so only a client in the monitor's namespace reaches it).
+pub fn stop_containers_in(netns: Option<&str>, lxcpath: &Path) {
     for entry in std::fs::read_dir(lxcpath).into_iter().flatten().flatten() {
         if entry.path().join("config").exists() {
-            let _ = Command::new("lxc-stop")
+            let mut cmd = match netns {
+                Some(ns) => netns_command(ns, "lxc-stop"),
+                None => Command::new("lxc-stop"),
+            };
+            let _ = cmd
                 .arg("-P")
                 .arg(lxcpath)
                 .arg("-n")
@@ -334,4 +389,16 @@ pub fn busybox_template(dir: &Path, name: &str) -> PathBuf {
         .unwrap();
     assert!(out.status.success(), "make-busybox-template: {}", String::from_utf8_lossy(&out.stderr));
     tarball
+}
+
+/// Name of the template [`install_busybox_template`] puts in place.
+pub const BUSYBOX_TEMPLATE: &str = "kpve-busybox";
+
+/// Puts the busybox test template where the `local` pool of `data_dir` keeps OS templates
+/// (`local:vztmpl/kpve-busybox.tar.gz`).
+pub fn install_busybox_template(data_dir: &Path) {
+    let cache = data_dir.join("storage/local/template/cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let tarball = busybox_template(data_dir, BUSYBOX_TEMPLATE);
+    std::fs::rename(tarball, cache.join(format!("{BUSYBOX_TEMPLATE}.tar.gz"))).unwrap();
 }

@@ -139,10 +139,13 @@ pub fn parse_rule(line: &str) -> std::result::Result<FirewallRule, String> {
         "GROUP" => RuleType::Group,
         _ => return Err(format!("{dir:?}: a rule starts with IN, OUT, FORWARD or GROUP")),
     };
-    let action_word = words.next().ok_or("a rule needs an action (ACCEPT, DROP, REJECT, Macro(ACTION) or a group)")?;
+    let action_word =
+        words.next().ok_or("a rule needs an action (ACCEPT, DROP, REJECT, Macro(ACTION) or a group)")?;
     let (macro_, action) = match action_word.split_once('(') {
         Some((m, rest)) if type_ != RuleType::Group => {
-            let a = rest.strip_suffix(')').ok_or_else(|| format!("{action_word:?}: a macro is written Macro(ACTION)"))?;
+            let a = rest
+                .strip_suffix(')')
+                .ok_or_else(|| format!("{action_word:?}: a macro is written Macro(ACTION)"))?;
             (Some(m.to_string()), a.to_string())
         }
         _ => (None, action_word.to_string()),
@@ -296,7 +299,11 @@ pub fn parse_cluster_fw(text: &str) -> Result<ClusterFw> {
             "ebtables" => spec.ebtables = parse_flag(k, v)?,
             "log_ratelimit" => spec.log_ratelimit = Some(v.clone()),
             _ => {
-                return Err(unknown_option(*n, k, "enable, policy_in, policy_out, policy_forward, ebtables, log_ratelimit"));
+                return Err(unknown_option(
+                    *n,
+                    k,
+                    "enable, policy_in, policy_out, policy_forward, ebtables, log_ratelimit",
+                ));
             }
         }
     }
@@ -348,15 +355,20 @@ pub fn print_cluster_fw(fw: &ClusterFw) -> String {
 pub fn parse_host_fw(text: &str) -> Result<HostFirewall> {
     let raw = read(text, false)?;
     no_extra(&raw, "host.fw", false, false)?;
-    let mut fw = HostFirewall { enable: true, nosmurfs: true, rules: raw.rules.clone(), ..HostFirewall::default() };
+    let mut fw =
+        HostFirewall { enable: true, nosmurfs: true, rules: raw.rules.clone(), ..HostFirewall::default() };
     for (n, k, v) in &raw.options {
         match k.as_str() {
             "enable" => fw.enable = parse_flag(k, v)?,
             "log_level_in" => fw.log_level_in = Some(parse_level(v).map_err(|e| CodecError::invalid(k, e))?),
-            "log_level_out" => fw.log_level_out = Some(parse_level(v).map_err(|e| CodecError::invalid(k, e))?),
+            "log_level_out" => {
+                fw.log_level_out = Some(parse_level(v).map_err(|e| CodecError::invalid(k, e))?)
+            }
             "tcpflags" => fw.tcpflags = parse_flag(k, v)?,
             "nosmurfs" => fw.nosmurfs = parse_flag(k, v)?,
-            _ => return Err(unknown_option(*n, k, "enable, log_level_in, log_level_out, tcpflags, nosmurfs")),
+            _ => {
+                return Err(unknown_option(*n, k, "enable, log_level_in, log_level_out, tcpflags, nosmurfs"));
+            }
         }
     }
     Ok(fw)
@@ -381,7 +393,8 @@ pub fn print_host_fw(fw: &HostFirewall) -> String {
 /// Parses `<vmid>.fw`.
 pub fn parse_guest_fw(text: &str) -> Result<GuestFirewall> {
     let raw = read(text, false)?;
-    let mut fw: GuestFirewall = serde_json::from_value(serde_json::json!({})).expect("every field has a default");
+    let mut fw: GuestFirewall =
+        serde_json::from_value(serde_json::json!({})).expect("every field has a default");
     fw.rules = raw.rules;
     fw.aliases = raw.aliases;
     fw.ipsets = raw
@@ -400,7 +413,9 @@ pub fn parse_guest_fw(text: &str) -> Result<GuestFirewall> {
             "ndp" => fw.ndp = parse_flag(k, v)?,
             "radv" => fw.radv = parse_flag(k, v)?,
             "log_level_in" => fw.log_level_in = Some(parse_level(v).map_err(|e| CodecError::invalid(k, e))?),
-            "log_level_out" => fw.log_level_out = Some(parse_level(v).map_err(|e| CodecError::invalid(k, e))?),
+            "log_level_out" => {
+                fw.log_level_out = Some(parse_level(v).map_err(|e| CodecError::invalid(k, e))?)
+            }
             _ => {
                 return Err(unknown_option(
                     *n,
@@ -514,9 +529,15 @@ IN REJECT -p icmp -icmp-type echo-request
         let fw = parse_cluster_fw(CLUSTER).unwrap();
         assert!(fw.spec.enable);
         assert_eq!(fw.spec.aliases[0].comment.as_deref(), Some("the office"));
-        assert_eq!(fw.ipsets[0].1.entries[1], IpSetEntry { cidr: "10.0.0.13".into(), nomatch: true, comment: Some("not this one".into()) });
+        assert_eq!(
+            fw.ipsets[0].1.entries[1],
+            IpSetEntry { cidr: "10.0.0.13".into(), nomatch: true, comment: Some("not this one".into()) }
+        );
         let ssh = &fw.spec.rules[0];
-        assert_eq!((ssh.macro_.as_deref(), ssh.action.as_str(), ssh.log), (Some("SSH"), "ACCEPT", Some(LogLevel::Info)));
+        assert_eq!(
+            (ssh.macro_.as_deref(), ssh.action.as_str(), ssh.log),
+            (Some("SSH"), "ACCEPT", Some(LogLevel::Info))
+        );
         assert!(!fw.spec.rules[1].enable);
         assert_eq!(fw.spec.rules[2].type_, RuleType::Group);
         assert_eq!(fw.spec.rules[2].iface.as_deref(), Some("net0"));
@@ -553,7 +574,8 @@ OUT DROP -dest 10.9.9.9
         assert!(fw.enable && fw.ipfilter);
         assert_eq!(fw.ipsets[0].name, "ipfilter-net0");
         assert_eq!(print_guest_fw(&fw), guest);
-        let host = "[OPTIONS]\n\nenable: 1\nnosmurfs: 1\ntcpflags: 0\n\n[RULES]\n\nIN ACCEPT -p tcp -dport 9000\n";
+        let host =
+            "[OPTIONS]\n\nenable: 1\nnosmurfs: 1\ntcpflags: 0\n\n[RULES]\n\nIN ACCEPT -p tcp -dport 9000\n";
         assert_eq!(print_host_fw(&parse_host_fw(host).unwrap()), host);
     }
 

@@ -308,7 +308,11 @@ pub fn icmp_type(proto: u8, s: &str) -> Result<Option<u8>, String> {
     let table = if proto == 58 { ICMPV6_TYPES } else { ICMP_TYPES };
     table.iter().find(|(n, _)| *n == s).map(|(_, v)| Some(*v)).ok_or_else(|| {
         let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
-        format!("{s:?} is not an ICMP{} type: allowed are a number or {}", if proto == 58 { "v6" } else { "" }, names.join(", "))
+        format!(
+            "{s:?} is not an ICMP{} type: allowed are a number or {}",
+            if proto == 58 { "v6" } else { "" },
+            names.join(", ")
+        )
     })
 }
 
@@ -319,7 +323,10 @@ pub fn check_rule(rule: &FirewallRule, field: &str) -> Result<(), (String, Strin
     match rule.type_ {
         RuleType::Group => {
             if !is_name(&rule.action) {
-                return err("action", format!("{:?}: a group rule's action is a SecurityGroup name", rule.action));
+                return err(
+                    "action",
+                    format!("{:?}: a group rule's action is a SecurityGroup name", rule.action),
+                );
             }
             for (name, set) in [
                 ("macro", rule.macro_.is_some()),
@@ -331,21 +338,33 @@ pub fn check_rule(rule: &FirewallRule, field: &str) -> Result<(), (String, Strin
                 ("icmpType", rule.icmp_type.is_some()),
             ] {
                 if set {
-                    return err(name, "a group rule takes only action (the group), iface, enable and comment".into());
+                    return err(
+                        name,
+                        "a group rule takes only action (the group), iface, enable and comment".into(),
+                    );
                 }
             }
             return Ok(());
         }
         _ => {
             if !matches!(rule.action.as_str(), "ACCEPT" | "DROP" | "REJECT") {
-                return err("action", format!("Unsupported value: {:?}: supported values: \"ACCEPT\", \"DROP\", \"REJECT\"", rule.action));
+                return err(
+                    "action",
+                    format!(
+                        "Unsupported value: {:?}: supported values: \"ACCEPT\", \"DROP\", \"REJECT\"",
+                        rule.action
+                    ),
+                );
             }
         }
     }
     if let Some(m) = &rule.macro_
         && super::macros::lookup(m).is_none()
     {
-        return err("macro", format!("{m:?} is not a Proxmox firewall macro (SSH, HTTP, HTTPS, DNS, Ping, …)"));
+        return err(
+            "macro",
+            format!("{m:?} is not a Proxmox firewall macro (SSH, HTTP, HTTPS, DNS, Ping, …)"),
+        );
     }
     for (sub, value) in [("source", &rule.source), ("dest", &rule.dest)] {
         if let Some(v) = value
@@ -357,7 +376,12 @@ pub fn check_rule(rule: &FirewallRule, field: &str) -> Result<(), (String, Strin
     let proto = match &rule.proto {
         Some(p) => match protocol_number(p) {
             Some(n) => Some(n),
-            None => return err("proto", format!("{p:?} is not a protocol: use a name (tcp, udp, icmp, icmpv6, …) or 0-255")),
+            None => {
+                return err(
+                    "proto",
+                    format!("{p:?} is not a protocol: use a name (tcp, udp, icmp, icmpv6, …) or 0-255"),
+                );
+            }
         },
         None => None,
     };
@@ -397,10 +421,22 @@ mod tests {
             parse_address("10.1.2.3/24").unwrap(),
             Address::List(vec![AddrItem::Net(Net { addr: "10.1.2.0".parse().unwrap(), prefix: 24 })])
         );
-        assert_eq!(parse_address("+mgmt").unwrap(), Address::IpSet { scope: Scope::Any, name: "mgmt".into() });
-        assert_eq!(parse_address("+dc/mgmt").unwrap(), Address::IpSet { scope: Scope::Dc, name: "mgmt".into() });
-        assert_eq!(parse_address("guest/web").unwrap(), Address::Alias { scope: Scope::Guest, name: "web".into() });
-        assert_eq!(parse_address("office").unwrap(), Address::Alias { scope: Scope::Any, name: "office".into() });
+        assert_eq!(
+            parse_address("+mgmt").unwrap(),
+            Address::IpSet { scope: Scope::Any, name: "mgmt".into() }
+        );
+        assert_eq!(
+            parse_address("+dc/mgmt").unwrap(),
+            Address::IpSet { scope: Scope::Dc, name: "mgmt".into() }
+        );
+        assert_eq!(
+            parse_address("guest/web").unwrap(),
+            Address::Alias { scope: Scope::Guest, name: "web".into() }
+        );
+        assert_eq!(
+            parse_address("office").unwrap(),
+            Address::Alias { scope: Scope::Any, name: "office".into() }
+        );
         let list = parse_address("10.0.0.1,10.0.1.0/24,10.0.2.5-10.0.2.9").unwrap();
         assert!(matches!(list, Address::List(ref v) if v.len() == 3));
         assert!(parse_address("10.0.0.1,fe80::1").unwrap_err().contains("mix"));
@@ -436,7 +472,8 @@ mod tests {
         assert!(e.1.contains("supported values"), "{e:?}");
         let e = check_rule(&rule("{type: in, action: ACCEPT, macro: Nope}"), "r").unwrap_err();
         assert_eq!(e.0, "r.macro");
-        let e = check_rule(&rule("{type: in, action: ACCEPT, proto: icmp, icmpType: bogus}"), "r").unwrap_err();
+        let e =
+            check_rule(&rule("{type: in, action: ACCEPT, proto: icmp, icmpType: bogus}"), "r").unwrap_err();
         assert!(e.1.contains("echo-request"), "{e:?}");
         let e = check_rule(&rule("{type: group, action: web, proto: tcp}"), "r").unwrap_err();
         assert_eq!(e.0, "r.proto");

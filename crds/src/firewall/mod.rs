@@ -307,7 +307,9 @@ pub fn check_object(kind: &str, object: &serde_json::Value) -> Vec<(String, Stri
     let Some(spec) = object.get("spec") else { return errors };
     let (base, fw) = match kind {
         "ClusterFirewall" | "SecurityGroup" => ("spec".to_string(), Some(spec)),
-        "Hypervisor" | "VirtualMachine" | "LinuxContainer" => ("spec.firewall".to_string(), spec.get("firewall")),
+        "Hypervisor" | "VirtualMachine" | "LinuxContainer" => {
+            ("spec.firewall".to_string(), spec.get("firewall"))
+        }
         "IPSet" => ("spec".to_string(), None),
         _ => return errors,
     };

@@ -31,7 +31,13 @@ pub const CLUSTER_FIREWALL: &str = "cluster";
 
 fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
@@ -156,14 +162,21 @@ trait GuestRef: Send + Sync {
 }
 
 fn nic_ips(ip: Option<&str>, ip6: Option<&str>) -> Vec<Net> {
-    [ip, ip6].into_iter().flatten().filter_map(|s| parse_net(s).ok().map(|n| Net::host(ip_of(s).unwrap_or(n.addr)))).collect()
+    [ip, ip6]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| parse_net(s).ok().map(|n| Net::host(ip_of(s).unwrap_or(n.addr))))
+        .collect()
 }
 
 fn ip_of(cidr: &str) -> Option<std::net::IpAddr> {
     cidr.split('/').next()?.parse().ok()
 }
 
-fn dynamic_api<K: Resource<DynamicType = ()>>(client: kube::Client, ns: &str) -> Api<kube::api::DynamicObject> {
+fn dynamic_api<K: Resource<DynamicType = ()>>(
+    client: kube::Client,
+    ns: &str,
+) -> Api<kube::api::DynamicObject> {
     let ar = kube::api::ApiResource::erase::<K>(&());
     Api::namespaced_with(client, ns, &ar)
 }
@@ -269,7 +282,9 @@ fn ensure_bridge_netfilter() -> Option<String> {
             Ok(v) if v.trim() == "1" => {}
             Ok(_) => {
                 if let Err(e) = std::fs::write(&path, "1") {
-                    return Some(format!("{path} is 0 and cannot be set ({e}): bridged guest traffic is not filtered"));
+                    return Some(format!(
+                        "{path} is 0 and cannot be set ({e}): bridged guest traffic is not filtered"
+                    ));
                 }
             }
             Err(e) => return Some(format!("{path}: {e}: bridged guest traffic is not filtered")),
@@ -288,7 +303,12 @@ async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) {
                 let started = std::time::Instant::now();
                 match nft::apply(&ruleset.document).await {
                     Ok(()) => {
-                        tracing::info!(enabled = ruleset.enabled, rules = ruleset.rules, elapsed_ms = started.elapsed().as_millis() as u64, "firewall ruleset applied");
+                        tracing::info!(
+                            enabled = ruleset.enabled,
+                            rules = ruleset.rules,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "firewall ruleset applied"
+                        );
                         applied.document = Some(ruleset.document);
                     }
                     Err(e) => {
@@ -302,7 +322,11 @@ async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) {
         Err(errors) => {
             let message = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
             tracing::warn!(%message, "firewall inputs refer to objects that do not exist; previous ruleset kept");
-            Err(("UnknownReference".into(), format!("{message}; the previous ruleset stays in force"), errors))
+            Err((
+                "UnknownReference".into(),
+                format!("{message}; the previous ruleset stays in force"),
+                errors,
+            ))
         }
     };
     let warning = match outcome {
@@ -321,9 +345,16 @@ async fn write_node_status(
     applied: &mut Applied,
 ) {
     let cond: Condition = match (outcome, &warning) {
-        (Ok((true, rules)), None) => condition(FIREWALL_READY, true, "Enforced", &format!("{rules} nftables rules in force")),
+        (Ok((true, rules)), None) => {
+            condition(FIREWALL_READY, true, "Enforced", &format!("{rules} nftables rules in force"))
+        }
         (Ok((true, _)), Some(w)) => condition(FIREWALL_READY, false, "BridgeFilterUnavailable", w),
-        (Ok((false, _)), _) => condition(FIREWALL_READY, true, "Disabled", "the cluster firewall is disabled; kpve tables removed"),
+        (Ok((false, _)), _) => condition(
+            FIREWALL_READY,
+            true,
+            "Disabled",
+            "the cluster firewall is disabled; kpve tables removed",
+        ),
         (Err((reason, message, _)), _) => condition(FIREWALL_READY, false, reason, message),
     };
     let mut status = json!({"conditions": [cond]});
@@ -364,8 +395,13 @@ async fn write_guest_status(
                     if *enabled { "the guest's firewall rules are in force" } else { "the cluster firewall is disabled" })],
             }),
             Err((reason, message, errors)) => {
-                let own: Vec<String> = errors.iter().filter(|e| e.owner == key).map(|e| e.to_string()).collect();
-                let message = if own.is_empty() { message.clone() } else { format!("{}; the previous ruleset stays in force", own.join("; ")) };
+                let own: Vec<String> =
+                    errors.iter().filter(|e| e.owner == key).map(|e| e.to_string()).collect();
+                let message = if own.is_empty() {
+                    message.clone()
+                } else {
+                    format!("{}; the previous ruleset stays in force", own.join("; "))
+                };
                 json!({"conditions": [condition(FIREWALL_READY, false, reason, &message)]})
             }
         };

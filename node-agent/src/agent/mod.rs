@@ -143,7 +143,11 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         delay = (delay * 2).min(Duration::from_secs(5));
     }
     tokio::spawn(heartbeat(agent.clone()));
-    tokio::try_join!(guests::<vm::Qemu>(agent.clone()), guests::<ct::Lxc>(agent.clone()), firewall::run(agent))?;
+    tokio::try_join!(
+        guests::<vm::Qemu>(agent.clone()),
+        guests::<ct::Lxc>(agent.clone()),
+        firewall::run(agent)
+    )?;
     Ok(())
 }
 

@@ -28,8 +28,8 @@ use kpve_crds::codec::fw::print_rule;
 use kpve_crds::firewall::lang::{self, AddrItem, Address, Net, Scope};
 use kpve_crds::firewall::macros;
 use kpve_crds::{
-    Alias, ClusterFirewallSpec, FirewallRule, GuestFirewall, HostFirewall, IPSetSpec, IpSetEntry, LogLevel, Policy,
-    RuleType, SecurityGroupSpec,
+    Alias, ClusterFirewallSpec, FirewallRule, GuestFirewall, HostFirewall, IPSetSpec, IpSetEntry, LogLevel,
+    Policy, RuleType, SecurityGroupSpec,
 };
 use serde_json::{Value, json};
 
@@ -38,7 +38,8 @@ pub const TABLE: &str = "kpve";
 
 /// Ports the host always accepts after its own rules: SSH, the SPICE proxy, VNC consoles, the
 /// Kubernetes API and the Proxmox API.
-pub const MANAGEMENT_PORTS: &[(u16, u16)] = &[(22, 22), (3128, 3128), (5900, 5999), (6443, 6443), (8006, 8006)];
+pub const MANAGEMENT_PORTS: &[(u16, u16)] =
+    &[(22, 22), (3128, 3128), (5900, 5999), (6443, 6443), (8006, 8006)];
 
 const IN_PORT_SHIFT: u32 = 20;
 const OUT_PORT_SHIFT: u32 = 8;
@@ -361,7 +362,11 @@ impl<'a> Compiler<'a> {
                 let alias = found.ok_or_else(|| format!("alias {name:?} does not exist"))?;
                 let net = lang::parse_net(&alias.cidr)?;
                 let v = (item_value(&AddrItem::Net(net)), None);
-                Ok(if net.is_v4() { Resolved { v4: Some(v), v6: None } } else { Resolved { v4: None, v6: Some(v) } })
+                Ok(if net.is_v4() {
+                    Resolved { v4: Some(v), v6: None }
+                } else {
+                    Resolved { v4: None, v6: Some(v) }
+                })
             }
             Address::IpSet { scope, name } => {
                 if scope != Scope::Dc
@@ -373,7 +378,8 @@ impl<'a> Compiler<'a> {
                 if scope == Scope::Guest {
                     return Err(format!("IP set \"guest/{name}\" does not exist"));
                 }
-                let set = self.inputs.ipsets.get(&name).ok_or_else(|| format!("IP set {name:?} does not exist"))?;
+                let set =
+                    self.inputs.ipsets.get(&name).ok_or_else(|| format!("IP set {name:?} does not exist"))?;
                 Ok(self.entry_sets("inet", &format!("dc-{name}"), &set.entries))
             }
         }
@@ -381,14 +387,26 @@ impl<'a> Compiler<'a> {
 
     fn build(&mut self) {
         let cluster = self.cluster();
-        let host = self.inputs.host.clone().unwrap_or(HostFirewall { enable: true, nosmurfs: true, ..Default::default() });
+        let host = self.inputs.host.clone().unwrap_or(HostFirewall {
+            enable: true,
+            nosmurfs: true,
+            ..Default::default()
+        });
 
         // Shared reject chain: TCP gets a reset, everything else an ICMP "administratively
         // prohibited"; broadcasts are never answered.
         self.chain("inet", "do-reject", None);
         self.rule("inet", "do-reject", vec![eq(meta("pkttype"), json!("broadcast")), verdict("drop")]);
-        self.rule("inet", "do-reject", vec![eq(meta("l4proto"), json!("tcp")), json!({"reject": {"type": "tcp reset"}})]);
-        self.rule("inet", "do-reject", vec![json!({"reject": {"type": "icmpx", "expr": "admin-prohibited"}})]);
+        self.rule(
+            "inet",
+            "do-reject",
+            vec![eq(meta("l4proto"), json!("tcp")), json!({"reject": {"type": "tcp reset"}})],
+        );
+        self.rule(
+            "inet",
+            "do-reject",
+            vec![json!({"reject": {"type": "icmpx", "expr": "admin-prohibited"}})],
+        );
 
         let ct_accept = json!({"vmap": {"key": {"ct": {"key": "state"}}, "data": {"set": [
             ["established", {"accept": null}], ["related", {"accept": null}], ["invalid", {"drop": null}]]}}});
@@ -402,19 +420,18 @@ impl<'a> Compiler<'a> {
                 .iter()
                 .enumerate()
                 .map(|(i, r)| (self.host_owner(), format!("spec.firewall.rules[{i}]"), r.clone()))
-                .chain(
-                    cluster
-                        .rules
-                        .iter()
-                        .enumerate()
-                        .map(|(i, r)| ("ClusterFirewall/cluster".to_string(), format!("spec.rules[{i}]"), r.clone())),
-                )
+                .chain(cluster.rules.iter().enumerate().map(|(i, r)| {
+                    ("ClusterFirewall/cluster".to_string(), format!("spec.rules[{i}]"), r.clone())
+                }))
                 .collect();
-            for (owner, field, r) in host_rules.iter().filter(|(_, _, r)| matches!(r.type_, RuleType::In | RuleType::Group)) {
+            for (owner, field, r) in
+                host_rules.iter().filter(|(_, _, r)| matches!(r.type_, RuleType::In | RuleType::Group))
+            {
                 self.compile_rule(r, Ctx::HostIn, "input", None, owner, field, None);
             }
             // Management ports, from the `management` IP set when one is declared.
-            let mgmt = self.inputs.ipsets.contains_key("management").then(|| self.resolve("+management", None));
+            let mgmt =
+                self.inputs.ipsets.contains_key("management").then(|| self.resolve("+management", None));
             let ports = ports_value(MANAGEMENT_PORTS);
             match mgmt {
                 Some(Ok(r)) => {
@@ -437,7 +454,9 @@ impl<'a> Compiler<'a> {
             self.chain("inet", "output", Some(("output", 0)));
             self.rule("inet", "output", vec![eq(meta("oifname"), json!("lo")), verdict("accept")]);
             self.rule("inet", "output", vec![ct_accept.clone()]);
-            for (owner, field, r) in host_rules.iter().filter(|(_, _, r)| matches!(r.type_, RuleType::Out | RuleType::Group)) {
+            for (owner, field, r) in
+                host_rules.iter().filter(|(_, _, r)| matches!(r.type_, RuleType::Out | RuleType::Group))
+            {
                 self.compile_rule(r, Ctx::HostOut, "output", None, owner, field, None);
             }
             self.policy("output", cluster.policy_out, host.log_level_out, "host-out", Ctx::HostOut);
@@ -481,29 +500,30 @@ impl<'a> Compiler<'a> {
         }
         // Bridged traffic that no guest rule decided is not routed traffic.
         let mut bridges: BTreeSet<&str> = self.inputs.bridges.iter().map(String::as_str).collect();
-        bridges.extend(self.inputs.guests.iter().flat_map(|g| g.nics.iter().filter_map(|n| n.bridge.as_deref())));
+        bridges.extend(
+            self.inputs.guests.iter().flat_map(|g| g.nics.iter().filter_map(|n| n.bridge.as_deref())),
+        );
         if cluster.policy_forward != Policy::ACCEPT && !bridges.is_empty() {
             let pairs: Vec<Value> = bridges.iter().map(|b| json!({"concat": [b, b]})).collect();
             self.rule(
                 "inet",
                 "forward",
-                vec![eq(json!({"concat": [meta("iifname"), meta("oifname")]}), json!({"set": pairs})), verdict("accept")],
+                vec![
+                    eq(json!({"concat": [meta("iifname"), meta("oifname")]}), json!({"set": pairs})),
+                    verdict("accept"),
+                ],
             );
         }
-        let forward_rules: Vec<(String, String, FirewallRule)> = host
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (self.host_owner(), format!("spec.firewall.rules[{i}]"), r.clone()))
-            .chain(
-                cluster
-                    .rules
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| ("ClusterFirewall/cluster".to_string(), format!("spec.rules[{i}]"), r.clone())),
-            )
-            .filter(|(_, _, r)| r.type_ == RuleType::Forward)
-            .collect();
+        let forward_rules: Vec<(String, String, FirewallRule)> =
+            host.rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (self.host_owner(), format!("spec.firewall.rules[{i}]"), r.clone()))
+                .chain(cluster.rules.iter().enumerate().map(|(i, r)| {
+                    ("ClusterFirewall/cluster".to_string(), format!("spec.rules[{i}]"), r.clone())
+                }))
+                .filter(|(_, _, r)| r.type_ == RuleType::Forward)
+                .collect();
         for (owner, field, r) in &forward_rules {
             self.compile_rule(r, Ctx::Forward, "forward", None, owner, field, None);
         }
@@ -524,19 +544,28 @@ impl<'a> Compiler<'a> {
         if fw.macfilter
             && let Some(mac) = &nic.mac
         {
-            self.rule("bridge", &from, vec![ne(payload("ether", "saddr"), json!(mac.to_ascii_lowercase())), verdict("drop")]);
+            self.rule(
+                "bridge",
+                &from,
+                vec![ne(payload("ether", "saddr"), json!(mac.to_ascii_lowercase())), verdict("drop")],
+            );
         }
         if fw.ipfilter {
             // Proxmox: the ipfilter-netN set when declared, else the NIC's configured addresses;
             // always the link-local address derived from the MAC.
-            let mut entries: Vec<IpSetEntry> = match fw.ipsets.iter().find(|s| s.name == format!("ipfilter-{}", nic.id)) {
-                Some(set) => set.entries.clone(),
-                None => nic
-                    .ips
-                    .iter()
-                    .map(|n| IpSetEntry { cidr: Net::host(n.addr).to_string(), nomatch: false, comment: None })
-                    .collect(),
-            };
+            let mut entries: Vec<IpSetEntry> =
+                match fw.ipsets.iter().find(|s| s.name == format!("ipfilter-{}", nic.id)) {
+                    Some(set) => set.entries.clone(),
+                    None => nic
+                        .ips
+                        .iter()
+                        .map(|n| IpSetEntry {
+                            cidr: Net::host(n.addr).to_string(),
+                            nomatch: false,
+                            comment: None,
+                        })
+                        .collect(),
+                };
             if let Some(ll) = nic.mac.as_deref().and_then(link_local) {
                 entries.push(IpSetEntry { cidr: ll.to_string(), nomatch: false, comment: None });
             }
@@ -555,12 +584,28 @@ impl<'a> Compiler<'a> {
             );
             match &r.v4 {
                 Some((set4, _)) => {
-                    self.rule("bridge", &from, vec![ne(payload("ip", "saddr"), set4.clone()), verdict("drop")]);
-                    self.rule("bridge", &from, vec![ne(payload("arp", "saddr ip"), set4.clone()), verdict("drop")]);
+                    self.rule(
+                        "bridge",
+                        &from,
+                        vec![ne(payload("ip", "saddr"), set4.clone()), verdict("drop")],
+                    );
+                    self.rule(
+                        "bridge",
+                        &from,
+                        vec![ne(payload("arp", "saddr ip"), set4.clone()), verdict("drop")],
+                    );
                 }
                 None => {
-                    self.rule("bridge", &from, vec![eq(payload("ether", "type"), json!("ip")), verdict("drop")]);
-                    self.rule("bridge", &from, vec![eq(payload("ether", "type"), json!("arp")), verdict("drop")]);
+                    self.rule(
+                        "bridge",
+                        &from,
+                        vec![eq(payload("ether", "type"), json!("ip")), verdict("drop")],
+                    );
+                    self.rule(
+                        "bridge",
+                        &from,
+                        vec![eq(payload("ether", "type"), json!("arp")), verdict("drop")],
+                    );
                 }
             }
             let mut six = vec![ne(payload("ip6", "saddr"), json!("::"))];
@@ -571,9 +616,7 @@ impl<'a> Compiler<'a> {
             six.push(verdict("drop"));
             self.rule("bridge", &from, six);
         }
-        let stamp = |mask: u32, value: u32| {
-            json!({"mangle": {"key": meta("mark"), "value": {"|": [{"&": [meta("mark"), !mask]}, value]}}})
-        };
+        let stamp = |mask: u32, value: u32| json!({"mangle": {"key": meta("mark"), "value": {"|": [{"&": [meta("mark"), !mask]}, value]}}});
         self.rule("bridge", &from, vec![stamp(IN_PORT_MASK, id << IN_PORT_SHIFT)]);
         self.chain("bridge", &to, None);
         self.rule("bridge", &to, vec![stamp(OUT_PORT_MASK, id << OUT_PORT_SHIFT)]);
@@ -584,10 +627,22 @@ impl<'a> Compiler<'a> {
         self.chain("inet", &in_chain, None);
         let icmp6 = |types: &[&str]| eq(payload("icmpv6", "type"), json!({"set": types}));
         if fw.dhcp {
-            self.rule("inet", &out_chain, vec![eq(payload("udp", "sport"), json!(68)), eq(payload("udp", "dport"), json!(67)), verdict("return")]);
-            self.rule("inet", &out_chain, vec![eq(payload("udp", "sport"), json!(546)), eq(payload("udp", "dport"), json!(547)), verdict("return")]);
-            self.rule("inet", &in_chain, vec![eq(payload("udp", "sport"), json!(67)), eq(payload("udp", "dport"), json!(68)), verdict("accept")]);
-            self.rule("inet", &in_chain, vec![eq(payload("udp", "sport"), json!(547)), eq(payload("udp", "dport"), json!(546)), verdict("accept")]);
+            // Client → server leaves the guest (v4, v6); server → client reaches it.
+            let udp = |sport: u16, dport: u16, v: &str| {
+                vec![
+                    eq(payload("udp", "sport"), json!(sport)),
+                    eq(payload("udp", "dport"), json!(dport)),
+                    verdict(v),
+                ]
+            };
+            for (chain, sport, dport, v) in [
+                (&out_chain, 68, 67, "return"),
+                (&out_chain, 546, 547, "return"),
+                (&in_chain, 67, 68, "accept"),
+                (&in_chain, 547, 546, "accept"),
+            ] {
+                self.rule("inet", chain, udp(sport, dport, v));
+            }
         }
         if !fw.radv {
             self.rule("inet", &out_chain, vec![icmp6(&["nd-router-advert"]), verdict("drop")]);
@@ -604,8 +659,12 @@ impl<'a> Compiler<'a> {
                 continue;
             }
             match r.type_ {
-                RuleType::In => self.compile_rule(r, Ctx::GuestIn, &in_chain, Some(guest), &guest.owner, &field, None),
-                RuleType::Out => self.compile_rule(r, Ctx::GuestOut, &out_chain, Some(guest), &guest.owner, &field, None),
+                RuleType::In => {
+                    self.compile_rule(r, Ctx::GuestIn, &in_chain, Some(guest), &guest.owner, &field, None)
+                }
+                RuleType::Out => {
+                    self.compile_rule(r, Ctx::GuestOut, &out_chain, Some(guest), &guest.owner, &field, None)
+                }
                 RuleType::Group => {
                     self.compile_rule(r, Ctx::GuestIn, &in_chain, Some(guest), &guest.owner, &field, None);
                     self.compile_rule(r, Ctx::GuestOut, &out_chain, Some(guest), &guest.owner, &field, None);
@@ -614,7 +673,13 @@ impl<'a> Compiler<'a> {
             }
         }
         self.policy(&in_chain, fw.policy_in, fw.log_level_in, &format!("{}-in", guest.vmid), Ctx::GuestIn);
-        self.policy(&out_chain, fw.policy_out, fw.log_level_out, &format!("{}-out", guest.vmid), Ctx::GuestOut);
+        self.policy(
+            &out_chain,
+            fw.policy_out,
+            fw.log_level_out,
+            &format!("{}-out", guest.vmid),
+            Ctx::GuestOut,
+        );
     }
 
     fn action(&self, action: &str, ctx: Ctx) -> Value {
@@ -677,27 +742,38 @@ impl<'a> Compiler<'a> {
             for (i, gr) in group.rules.iter().enumerate() {
                 if gr.type_ == want {
                     let f = format!("spec.rules[{i}]");
-                    self.compile_rule(gr, ctx, chain, guest, &group_owner, &f, r.iface.as_deref().or(iface_override));
+                    self.compile_rule(
+                        gr,
+                        ctx,
+                        chain,
+                        guest,
+                        &group_owner,
+                        &f,
+                        r.iface.as_deref().or(iface_override),
+                    );
                 }
             }
             return;
         }
         // Patterns: one per macro entry, or the rule's own proto/ports.
-        let patterns: Vec<(Option<String>, Option<String>, Option<String>)> = match r.macro_.as_deref().and_then(macros::lookup) {
-            Some(m) => m
-                .entries
-                .iter()
-                .map(|e| {
-                    (
-                        Some(e.proto.to_string()),
-                        e.dport.map(str::to_string).or_else(|| r.dport.clone()),
-                        e.sport.map(str::to_string).or_else(|| r.sport.clone()),
-                    )
-                })
-                .collect(),
-            None if r.macro_.is_some() => return fail(self, format!("{:?} is not a firewall macro", r.macro_)),
-            None => vec![(r.proto.clone(), r.dport.clone(), r.sport.clone())],
-        };
+        let patterns: Vec<(Option<String>, Option<String>, Option<String>)> =
+            match r.macro_.as_deref().and_then(macros::lookup) {
+                Some(m) => m
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        (
+                            Some(e.proto.to_string()),
+                            e.dport.map(str::to_string).or_else(|| r.dport.clone()),
+                            e.sport.map(str::to_string).or_else(|| r.sport.clone()),
+                        )
+                    })
+                    .collect(),
+                None if r.macro_.is_some() => {
+                    return fail(self, format!("{:?} is not a firewall macro", r.macro_));
+                }
+                None => vec![(r.proto.clone(), r.dport.clone(), r.sport.clone())],
+            };
         let source = match r.source.as_deref().map(|s| self.resolve(s, guest)).transpose() {
             Ok(s) => s,
             Err(e) => return fail(self, e),
