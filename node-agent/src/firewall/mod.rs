@@ -122,13 +122,20 @@ pub fn compile(inputs: &Inputs) -> Result<Ruleset, Vec<RuleError>> {
     if !enabled {
         return Ok(Ruleset { document: removal(), enabled: false, rules: 0 });
     }
-    let mut c = Compiler { inputs, cmds: Vec::new(), sets: BTreeMap::new(), errors: Vec::new(), rules: 0 };
+    let mut c = Compiler {
+        inputs,
+        cmds: Vec::new(),
+        sets: BTreeMap::new(),
+        errors: Vec::new(),
+        chain_rules: Vec::new(),
+        chain_index: BTreeMap::new(),
+    };
     c.build();
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
-    let rules = c.rules;
-    Ok(Ruleset { document: c.finish(), enabled: true, rules })
+    let (document, rules) = c.finish();
+    Ok(Ruleset { document, enabled: true, rules })
 }
 
 /// The document that removes kpve's tables (and nothing else); harmless when they are absent.
@@ -150,10 +157,97 @@ struct SetDef {
 
 struct Compiler<'a> {
     inputs: &'a Inputs,
+    /// Chain declarations, in order.
     cmds: Vec<Value>,
     sets: BTreeMap<String, SetDef>,
     errors: Vec<RuleError>,
-    rules: u32,
+    /// Rules per (family, chain), chains in declaration order.
+    chain_rules: Vec<((String, String), Vec<Pending>)>,
+    chain_index: BTreeMap<(String, String), usize>,
+}
+
+/// A rule waiting to be emitted. Consecutive rules of one chain that differ only in the
+/// literal values they match, with the same statements after the matches (same verdict,
+/// same log), are one rule over a set: `ip saddr . tcp dport { a . 22, b . 22 } accept`. First
+/// match wins either way, and the packet pays one set lookup instead of one rule per line.
+struct Pending {
+    exprs: Vec<Value>,
+    merge: Option<Mergeable>,
+}
+
+struct Mergeable {
+    lefts: Vec<Value>,
+    tail: Vec<Value>,
+    tuples: Vec<Vec<Value>>,
+}
+
+/// Alternatives of one match value: a literal, or the literals of an anonymous set.
+fn literal_alternatives(right: &Value) -> Option<Vec<Value>> {
+    let literal = |v: &Value| match v {
+        Value::String(s) => !s.starts_with('@'),
+        Value::Number(_) => true,
+        Value::Object(o) => o.contains_key("prefix") || o.contains_key("range"),
+        _ => false,
+    };
+    match right.get("set").and_then(Value::as_array) {
+        Some(items) if items.iter().all(literal) => Some(items.clone()),
+        Some(_) => None,
+        None => literal(right).then(|| vec![right.clone()]),
+    }
+}
+
+/// Cross products above this size are not worth a concatenated set.
+const MAX_TUPLES_PER_RULE: usize = 64;
+
+fn mergeable(exprs: &[Value]) -> Option<Mergeable> {
+    let mut lefts = Vec::new();
+    let mut tuples: Vec<Vec<Value>> = vec![vec![]];
+    let mut rest = exprs;
+    while let Some((first, tail)) = rest.split_first() {
+        let Some(m) = first.get("match") else { break };
+        if m.get("op").and_then(Value::as_str) != Some("==") || m["left"].get("concat").is_some() {
+            return None;
+        }
+        let alternatives = literal_alternatives(&m["right"])?;
+        if tuples.len() * alternatives.len() > MAX_TUPLES_PER_RULE {
+            return None;
+        }
+        tuples = tuples
+            .iter()
+            .flat_map(|t| {
+                alternatives
+                    .iter()
+                    .map(move |a| t.iter().cloned().chain(std::iter::once(a.clone())).collect())
+            })
+            .collect();
+        lefts.push(m["left"].clone());
+        rest = tail;
+    }
+    if lefts.is_empty() || rest.iter().any(|e| e.get("match").is_some()) {
+        return None;
+    }
+    Some(Mergeable { lefts, tail: rest.to_vec(), tuples })
+}
+
+impl Pending {
+    fn emit(self) -> Vec<Value> {
+        match self.merge {
+            Some(m) if m.tuples.len() > 1 => {
+                let (left, right) = if m.lefts.len() == 1 {
+                    (m.lefts[0].clone(), m.tuples.into_iter().map(|mut t| t.remove(0)).collect::<Vec<_>>())
+                } else {
+                    (
+                        json!({"concat": m.lefts}),
+                        m.tuples.into_iter().map(|t| json!({"concat": t})).collect::<Vec<_>>(),
+                    )
+                };
+                let mut exprs = vec![eq(left, json!({"set": right}))];
+                exprs.extend(m.tail);
+                exprs
+            }
+            _ => self.exprs,
+        }
+    }
 }
 
 /// Where a rule is compiled: the chain its verdicts end and the names it may use.
@@ -274,11 +368,25 @@ impl<'a> Compiler<'a> {
     }
 
     fn rule(&mut self, family: &str, chain: &str, expr: Vec<Value>) {
-        self.rules += 1;
-        self.add("rule", json!({"family": family, "table": TABLE, "chain": chain, "expr": expr}));
+        let key = (family.to_string(), chain.to_string());
+        let idx = *self.chain_index.entry(key.clone()).or_insert_with(|| {
+            self.chain_rules.push((key, Vec::new()));
+            self.chain_rules.len() - 1
+        });
+        let pending = &mut self.chain_rules[idx].1;
+        let merge = mergeable(&expr);
+        if let (Some(new), Some(Pending { merge: Some(last), .. })) = (&merge, pending.last_mut())
+            && last.lefts == new.lefts
+            && last.tail == new.tail
+        {
+            last.tuples.extend(new.tuples.iter().cloned());
+            return;
+        }
+        pending.push(Pending { exprs: expr, merge });
     }
 
-    fn finish(self) -> Value {
+    /// The document and the number of rules it loads.
+    fn finish(self) -> (Value, u32) {
         let mut out = Vec::new();
         for family in ["inet", "bridge"] {
             // add + delete + add: one transaction that replaces the table whether or not it existed.
@@ -297,7 +405,14 @@ impl<'a> Compiler<'a> {
             out.push(json!({"add": {"set": body}}));
         }
         out.extend(self.cmds);
-        json!({ "nftables": out })
+        let mut count = 0;
+        for ((family, chain), rules) in self.chain_rules {
+            for rule in rules {
+                count += 1;
+                out.push(json!({"add": {"rule": {"family": family, "table": TABLE, "chain": chain, "expr": rule.emit()}}}));
+            }
+        }
+        (json!({ "nftables": out }), count)
     }
 
     /// Declares (once) the v4/v6 sets of a list of entries; returns the set references.
@@ -883,6 +998,46 @@ mod tests {
     #[test]
     fn link_local_follows_eui64() {
         assert_eq!(link_local("BC:24:11:00:00:01").unwrap().to_string(), "fe80::be24:11ff:fe00:1");
+    }
+
+    fn host_rules(lines: &[&str]) -> Inputs {
+        let rules = lines.iter().map(|l| kpve_crds::codec::fw::parse_rule(l).unwrap()).collect();
+        let cluster: ClusterFirewallSpec = serde_json::from_value(json!({"enable": true})).unwrap();
+        Inputs { cluster: Some(ClusterFirewallSpec { rules, ..cluster }), ..Inputs::default() }
+    }
+
+    fn input_chain(ruleset: &Ruleset) -> Vec<Value> {
+        ruleset.document["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .filter(|r| r["chain"] == "input")
+            .map(|r| r["expr"].clone())
+            .collect()
+    }
+
+    #[test]
+    fn consecutive_rules_with_one_verdict_become_one_set_lookup() {
+        let r = compile(&host_rules(&[
+            "IN ACCEPT -source 10.0.0.1 -p tcp -dport 22",
+            "IN ACCEPT -source 10.0.0.0/24 -p tcp -dport 80,443",
+            "IN ACCEPT -source 10.9.0.1-10.9.0.9 -p tcp -dport 8000:8100",
+            "IN DROP -source 10.0.0.7 -p tcp -dport 22",
+            "IN ACCEPT -source 10.0.0.8 -p tcp -dport 22",
+        ]))
+        .unwrap();
+        let chain = input_chain(&r);
+        // lo, conntrack, the three merged accepts, the drop, the last accept, management, policy.
+        assert_eq!(chain.len(), 7, "{chain:#?}");
+        let merged = &chain[2][0]["match"];
+        assert_eq!(merged["left"]["concat"].as_array().unwrap().len(), 2);
+        assert_eq!(merged["right"]["set"].as_array().unwrap().len(), 4, "1 + 2 + 1 tuples");
+        assert_eq!(
+            chain[3].as_array().unwrap().last().unwrap(),
+            &json!({"drop": null}),
+            "a different verdict keeps its place"
+        );
     }
 
     #[test]
