@@ -5,9 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use kpve_crds::codec::fw::{ClusterFw, parse_cluster_fw, print_cluster_fw};
 use kpve_crds::codec::{parse_lxc_config, parse_qemu_config};
 use kpve_crds::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kpve_crds::{LinuxContainer, LinuxContainerSpec, VirtualMachine, VirtualMachineSpec};
+use kpve_crds::{
+    ClusterFirewall, IPSet, LinuxContainer, LinuxContainerSpec, SecurityGroup, VirtualMachine,
+    VirtualMachineSpec,
+};
+use serde::Deserialize;
 
 #[derive(Subcommand, Debug)]
 pub enum Direction {
@@ -33,6 +38,10 @@ pub enum Direction {
     ToQemu { file: PathBuf },
     /// A LinuxContainer manifest to a pve-container config.
     ToLxc { file: PathBuf },
+    /// A Proxmox `cluster.fw` to manifests: the ClusterFirewall, its SecurityGroups and IPSets.
+    FromClusterFw { file: PathBuf },
+    /// Manifests (ClusterFirewall, SecurityGroups, IPSets; other kinds ignored) to `cluster.fw`.
+    ToClusterFw { file: PathBuf },
 }
 
 pub fn run(direction: Direction) -> Result<ExitCode> {
@@ -63,6 +72,47 @@ pub fn run(direction: Direction) -> Result<ExitCode> {
             let ct: LinuxContainer =
                 serde_yaml::from_str(&read(&file)?).with_context(|| file.display().to_string())?;
             print!("{}", LinuxContainerSpec::to_lxc_config(&ct.spec));
+        }
+        Direction::FromClusterFw { file } => {
+            let fw = parse_cluster_fw(&read(&file)?).with_context(|| file.display().to_string())?;
+            let mut docs = vec![serde_yaml::to_string(&ClusterFirewall {
+                metadata: meta("cluster".into()),
+                spec: fw.spec,
+                status: None,
+            })?];
+            for (name, spec) in fw.groups {
+                docs.push(serde_yaml::to_string(&SecurityGroup {
+                    metadata: meta(name),
+                    spec,
+                    status: None,
+                })?);
+            }
+            for (name, spec) in fw.ipsets {
+                docs.push(serde_yaml::to_string(&IPSet { metadata: meta(name), spec, status: None })?);
+            }
+            print!("{}", docs.join("---\n"));
+        }
+        Direction::ToClusterFw { file } => {
+            let text = read(&file)?;
+            let mut spec = None;
+            let (mut groups, mut ipsets) = (Vec::new(), Vec::new());
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value =
+                    serde_yaml::Value::deserialize(doc).with_context(|| file.display().to_string())?;
+                let name = || value["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                match value["kind"].as_str() {
+                    Some("ClusterFirewall") => {
+                        spec = Some(serde_yaml::from_value::<ClusterFirewall>(value)?.spec)
+                    }
+                    Some("SecurityGroup") => {
+                        groups.push((name(), serde_yaml::from_value::<SecurityGroup>(value)?.spec))
+                    }
+                    Some("IPSet") => ipsets.push((name(), serde_yaml::from_value::<IPSet>(value)?.spec)),
+                    _ => {}
+                }
+            }
+            let spec = spec.with_context(|| format!("{}: no ClusterFirewall", file.display()))?;
+            print!("{}", print_cluster_fw(&ClusterFw { spec, groups, ipsets }));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand};
 mod convert;
 mod validate;
 
+// mimalloc: many small JSON values (watch events, the firewall compiler) made glibc malloc
+// the hot spot; see the workspace Cargo.toml.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// kpve — the Proxmox VE control plane as a Kubernetes-style declarative reconciler.
 ///
 /// Declare VMs, containers, storage, firewall rules and HA placement as kpve.io resources;

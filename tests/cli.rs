@@ -61,6 +61,27 @@ fn convert_from_qemu_and_back() {
 }
 
 #[test]
+fn convert_cluster_fw_to_manifests_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let fw = concat!(env!("CARGO_MANIFEST_DIR"), "/node-agent/tests/input/firewall/basic/cluster.fw");
+    let out = kpve(&["convert", "from-cluster-fw", fw]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        yaml.contains("kind: ClusterFirewall")
+            && yaml.contains("kind: SecurityGroup")
+            && yaml.contains("kind: IPSet"),
+        "{yaml}"
+    );
+    let manifest = dir.path().join("fw.yaml");
+    std::fs::write(&manifest, &yaml).unwrap();
+    let out = kpve(&["validate", "-f", manifest.to_str().unwrap()]);
+    assert!(out.status.success(), "converted manifests invalid: {}", String::from_utf8_lossy(&out.stderr));
+    let out = kpve(&["convert", "to-cluster-fw", manifest.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), std::fs::read_to_string(fw).unwrap());
+}
+
+#[test]
 fn unbuilt_subcommands_fail_and_say_so() {
     for sub in ["controllers", "pve-api"] {
         let out = kpve(&[sub]);

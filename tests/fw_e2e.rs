@@ -302,6 +302,9 @@ fn guest_and_host_rules_are_enforced_on_real_packets() {
     enforced_within(Duration::from_secs(1), &net.denied, WEB2, 8080, Probe::Open);
     assert_eq!(probe(&net.denied, WEB1, 80), Probe::Timeout);
     assert_eq!(probe(&net.denied, WEB2, 80), Probe::Refused);
+    // The host itself is held to the guest's IN rules too.
+    assert_eq!(probe(&net.node, WEB1, 8080), Probe::Open);
+    assert_eq!(probe(&net.node, WEB1, 80), Probe::Timeout);
 
     // ipfilter: a source address that is not the container's is dropped at the bridge.
     assert!(attach(&server, &net, 100, "ip addr add 10.202.0.99/24 dev eth0"));
@@ -350,6 +353,14 @@ fn guest_and_host_rules_are_enforced_on_real_packets() {
     apply(&server, &ipset("nosuch", &["10.202.0.0/24"]));
     wait_until("web1 in force again", || ready(&server, &["ct", "web1"]) == "True");
     enforced_within(Duration::from_secs(1), &net.denied, WEB1, 80, Probe::Open);
+
+    // Someone else flushes the ruleset: the agent notices and loads it again.
+    net.nft("flush ruleset");
+    net.nft("add table ip foreign");
+    let flushed = Instant::now();
+    wait_until("kpve tables restored", || net.nft("list tables").contains("table inet kpve"));
+    eprintln!("restored {:?} after a flush", flushed.elapsed());
+    assert_eq!(probe(&net.denied, WEB2, 80), Probe::Refused);
 
     // Off at cluster level: kpve's tables go, the foreign one stays, traffic flows.
     apply(&server, &cluster(false));

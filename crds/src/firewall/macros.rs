@@ -1,6 +1,6 @@
 //! Proxmox's built-in firewall macros (`SSH(ACCEPT)`, `Ping(DROP)`, …): each names one or more
 //! protocol/port patterns. The set and the ports are Proxmox VE's, so a `.fw` file written for
-//! Proxmox means the same here.
+//! Proxmox means the same here. Ping and Trcrt also cover ICMPv6 echo, as Proxmox's do.
 
 /// One pattern of a macro: protocol, destination ports (or ICMP type), source ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +95,7 @@ macros! {
     "POP3", "POP3 traffic", [p("tcp", "110")];
     "POP3S", "Encrypted POP3 traffic", [p("tcp", "995")];
     "PPtP", "Point-to-Point Tunneling Protocol", [proto("47"), p("tcp", "1723")];
-    "Ping", "ICMP echo request", [p("icmp", "echo-request")];
+    "Ping", "ICMP echo request", [p("icmp", "echo-request"), p("icmpv6", "echo-request")];
     "PostgreSQL", "PostgreSQL server", [p("tcp", "5432")];
     "Printer", "Line Printer protocol printing", [p("tcp", "515")];
     "RDP", "Microsoft Remote Desktop Protocol traffic", [p("tcp", "3389")];
@@ -124,7 +124,9 @@ macros! {
     "Telnet", "Telnet traffic", [p("tcp", "23")];
     "Telnets", "Telnet over SSL", [p("tcp", "992")];
     "Time", "RFC 868 Time protocol", [p("tcp", "37")];
-    "Trcrt", "Traceroute (for up to 30 hops) traffic", [p("udp", "33434:33524"), p("icmp", "echo-request")];
+    "Trcrt", "Traceroute (for up to 30 hops) traffic", [
+        p("udp", "33434:33524"), p("icmp", "echo-request"), p("icmpv6", "echo-request"),
+    ];
     "VNC", "VNC traffic for VNC display's 0 - 99", [p("tcp", "5900:5999")];
     "VNCL", "VNC traffic from Vncservers to Vncviewers in listen mode", [p("tcp", "5500")];
     "Web", "WWW traffic (HTTP and HTTPS)", [p("tcp", "80"), p("tcp", "443")];

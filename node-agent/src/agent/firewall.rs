@@ -66,6 +66,11 @@ struct Stores {
 #[derive(Default)]
 struct Applied {
     document: Option<Value>,
+    /// `status.firewall` of the ruleset in force, and when it was applied.
+    in_force: Option<Value>,
+    applied_at: Option<String>,
+    /// Whether the document in force loads kpve's tables (else it removed them).
+    enabled: bool,
     node_status: Option<Value>,
     guest_status: BTreeMap<String, Value>,
 }
@@ -93,11 +98,35 @@ pub(crate) async fn run(agent: Arc<Agent>) -> anyhow::Result<()> {
         ready?;
     }
     let mut applied = Applied::default();
+    let mut next_check = tokio::time::Instant::now() + RESYNC;
     loop {
-        sync(&agent, &stores, &mut applied).await;
-        changed.notified().await;
+        let in_force = sync(&agent, &stores, &mut applied).await;
+        // Watches drive the work; the timer only catches what no watch reports: a ruleset
+        // someone else flushed (checked every RESYNC), or a failed apply (retried sooner).
+        let retry = tokio::time::Instant::now() + RETRY;
+        let wake = if in_force { next_check } else { next_check.min(retry) };
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        if tokio::time::Instant::now() >= next_check {
+            next_check = tokio::time::Instant::now() + RESYNC;
+            match nft::kpve_tables().await {
+                Ok(present) if present == applied.enabled => {}
+                Ok(_) => {
+                    tracing::warn!("kpve's nftables tables changed behind the agent's back; re-applying");
+                    applied.document = None;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list nftables tables"),
+            }
+        }
     }
 }
+
+/// How often the agent checks that its tables are still loaded.
+const RESYNC: std::time::Duration = std::time::Duration::from_secs(10);
+/// How soon a failed apply is retried.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     match obj.meta().namespace.as_deref() {
@@ -293,7 +322,8 @@ fn ensure_bridge_netfilter() -> Option<String> {
     None
 }
 
-async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) {
+/// One compile-and-apply round; true when the latest inputs are in force.
+async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) -> bool {
     let (inputs, generations, guests) = gather(agent, stores);
     let result = firewall::compile(&inputs);
     let outcome: Result<(bool, u32), (String, String, Vec<RuleError>)> = match result {
@@ -310,6 +340,8 @@ async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) {
                             "firewall ruleset applied"
                         );
                         applied.document = Some(ruleset.document);
+                        applied.applied_at = Some(now());
+                        applied.enabled = ruleset.enabled;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "firewall ruleset not applied");
@@ -333,18 +365,20 @@ async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) {
         Ok((true, _)) => ensure_bridge_netfilter(),
         _ => None,
     };
-    write_node_status(agent, &outcome, &generations, warning, applied).await;
-    write_guest_status(agent, &outcome, &guests, applied).await;
+    let in_force = outcome.is_ok();
+    write_node_status(agent, &outcome, &generations, warning.as_deref(), applied).await;
+    write_guest_status(agent, &outcome, &guests, warning.as_deref(), applied).await;
+    in_force
 }
 
 async fn write_node_status(
     agent: &Agent,
     outcome: &Result<(bool, u32), (String, String, Vec<RuleError>)>,
     generations: &BTreeMap<String, i64>,
-    warning: Option<String>,
+    warning: Option<&str>,
     applied: &mut Applied,
 ) {
-    let cond: Condition = match (outcome, &warning) {
+    let cond: Condition = match (outcome, warning) {
         (Ok((true, rules)), None) => {
             condition(FIREWALL_READY, true, "Enforced", &format!("{rules} nftables rules in force"))
         }
@@ -359,15 +393,20 @@ async fn write_node_status(
     };
     let mut status = json!({"conditions": [cond]});
     if let Ok((enabled, rules)) = outcome {
-        status["firewall"] = json!({"enabled": enabled, "inputs": generations, "rules": rules});
+        applied.in_force = Some(json!({"enabled": enabled, "inputs": generations, "rules": rules}));
+    }
+    // On an error the ruleset in force is still the last one: keep reporting it (an apply
+    // without the field would remove it).
+    if let Some(f) = &applied.in_force {
+        status["firewall"] = f.clone();
     }
     if applied.node_status.as_ref() == Some(&status) {
         return;
     }
     let mut body = json!({"apiVersion": "kpve.io/v1alpha1", "kind": "Hypervisor", "status": status.clone()});
     body["status"]["conditions"][0]["lastTransitionTime"] = json!(now());
-    if outcome.is_ok() {
-        body["status"]["firewall"]["appliedAt"] = json!(now());
+    if body["status"].get("firewall").is_some() {
+        body["status"]["firewall"]["appliedAt"] = json!(applied.applied_at.clone().unwrap_or_else(now));
     }
     let hvs: Api<Hypervisor> = Api::all(agent.client.clone());
     match hvs.patch_status(agent.node(), &manager(agent), &Patch::Apply(&body)).await {
@@ -380,20 +419,30 @@ async fn write_guest_status(
     agent: &Agent,
     outcome: &Result<(bool, u32), (String, String, Vec<RuleError>)>,
     guests: &[Arc<dyn GuestRef>],
+    warning: Option<&str>,
     applied: &mut Applied,
 ) {
     for g in guests {
         let Some(input) = g.input() else { continue };
-        if input.firewall.is_none() {
-            continue;
-        }
+        let Some(fw) = &input.firewall else { continue };
         let key = g.key();
+        let filtered_nics = input.nics.iter().filter(|n| n.firewall).count();
         let status = match outcome {
-            Ok((enabled, _)) => json!({
-                "firewallGeneration": g.generation(),
-                "conditions": [condition(FIREWALL_READY, true, if *enabled { "Enforced" } else { "Disabled" },
-                    if *enabled { "the guest's firewall rules are in force" } else { "the cluster firewall is disabled" })],
-            }),
+            Ok((enabled, _)) => {
+                let (ok, reason, message) = match (enabled, fw.enable, filtered_nics, warning) {
+                    (false, ..) => (true, "Disabled", "the cluster firewall is disabled".to_string()),
+                    (true, false, ..) => (true, "NotFiltered", "spec.firewall.enable is false".to_string()),
+                    (true, true, 0, _) => (true, "NotFiltered", "no NIC has firewall: true".to_string()),
+                    (true, true, _, Some(w)) => (false, "BridgeFilterUnavailable", w.to_string()),
+                    (true, true, n, None) => {
+                        (true, "Enforced", format!("the guest's rules are in force on {n} NIC(s)"))
+                    }
+                };
+                json!({
+                    "firewallGeneration": g.generation(),
+                    "conditions": [condition(FIREWALL_READY, ok, reason, &message)],
+                })
+            }
             Err((reason, message, errors)) => {
                 let own: Vec<String> =
                     errors.iter().filter(|e| e.owner == key).map(|e| e.to_string()).collect();

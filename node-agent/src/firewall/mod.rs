@@ -129,6 +129,7 @@ pub fn compile(inputs: &Inputs) -> Result<Ruleset, Vec<RuleError>> {
         errors: Vec::new(),
         chain_rules: Vec::new(),
         chain_index: BTreeMap::new(),
+        in_group: false,
     };
     c.build();
     if !c.errors.is_empty() {
@@ -164,55 +165,73 @@ struct Compiler<'a> {
     /// Rules per (family, chain), chains in declaration order.
     chain_rules: Vec<((String, String), Vec<Pending>)>,
     chain_index: BTreeMap<(String, String), usize>,
+    /// Compiling a security group's rules (names resolve in the datacenter's scope).
+    in_group: bool,
 }
 
 /// A rule waiting to be emitted. Consecutive rules of one chain that differ only in the
 /// literal values they match, with the same statements after the matches (same verdict,
 /// same log), are one rule over a set: `ip saddr . tcp dport { a . 22, b . 22 } accept`. First
 /// match wins either way, and the packet pays one set lookup instead of one rule per line.
+/// Concatenated sets only take exact values: intervals that overlap in every field make the
+/// kernel refuse the set, so a rule with a prefix or range in a multi-field match stays alone.
 struct Pending {
     exprs: Vec<Value>,
-    merge: Option<Mergeable>,
-}
-
-struct Mergeable {
-    lefts: Vec<Value>,
-    tail: Vec<Value>,
-    tuples: Vec<Vec<Value>>,
+    /// Number of leading `==` matches on literals (`None`: the rule cannot merge).
+    shape: Option<usize>,
+    /// Value tuples of the rules merged into this one, after its own.
+    merged: Vec<Vec<Value>>,
 }
 
 /// Alternatives of one match value: a literal, or the literals of an anonymous set.
-fn literal_alternatives(right: &Value) -> Option<Vec<Value>> {
-    let literal = |v: &Value| match v {
+fn literal_alternatives(right: &Value) -> Option<&[Value]> {
+    match right.get("set").and_then(Value::as_array) {
+        Some(items) if items.iter().all(is_literal) => Some(items),
+        Some(_) => None,
+        None => is_literal(right).then(|| std::slice::from_ref(right)),
+    }
+}
+
+fn is_literal(v: &Value) -> bool {
+    match v {
         Value::String(s) => !s.starts_with('@'),
         Value::Number(_) => true,
         Value::Object(o) => o.contains_key("prefix") || o.contains_key("range"),
         _ => false,
-    };
-    match right.get("set").and_then(Value::as_array) {
-        Some(items) if items.iter().all(literal) => Some(items.clone()),
-        Some(_) => None,
-        None => literal(right).then(|| vec![right.clone()]),
     }
+}
+
+fn is_exact(v: &Value) -> bool {
+    matches!(v, Value::String(_) | Value::Number(_))
 }
 
 /// Cross products above this size are not worth a concatenated set.
 const MAX_TUPLES_PER_RULE: usize = 64;
 
-fn mergeable(exprs: &[Value]) -> Option<Mergeable> {
-    let mut lefts = Vec::new();
-    let mut tuples: Vec<Vec<Value>> = vec![vec![]];
-    let mut rest = exprs;
-    while let Some((first, tail)) = rest.split_first() {
-        let Some(m) = first.get("match") else { break };
+/// How many leading matches of `exprs` could merge (and the rest holds no match).
+fn shape(exprs: &[Value]) -> Option<usize> {
+    let mut n = 0;
+    let mut product = 1;
+    for e in exprs {
+        let Some(m) = e.get("match") else { break };
         if m.get("op").and_then(Value::as_str) != Some("==") || m["left"].get("concat").is_some() {
             return None;
         }
-        let alternatives = literal_alternatives(&m["right"])?;
-        if tuples.len() * alternatives.len() > MAX_TUPLES_PER_RULE {
+        product *= literal_alternatives(&m["right"])?.len();
+        if product > MAX_TUPLES_PER_RULE {
             return None;
         }
-        tuples = tuples
+        n += 1;
+    }
+    (n > 0 && !exprs[n..].iter().any(|e| e.get("match").is_some())).then_some(n)
+}
+
+/// The value tuples the first `n` matches of `exprs` accept (their cross product).
+fn tuples(exprs: &[Value], n: usize) -> Vec<Vec<Value>> {
+    let mut out: Vec<Vec<Value>> = vec![vec![]];
+    for e in &exprs[..n] {
+        let alternatives = literal_alternatives(&e["match"]["right"]).expect("checked by shape");
+        out = out
             .iter()
             .flat_map(|t| {
                 alternatives
@@ -220,33 +239,55 @@ fn mergeable(exprs: &[Value]) -> Option<Mergeable> {
                     .map(move |a| t.iter().cloned().chain(std::iter::once(a.clone())).collect())
             })
             .collect();
-        lefts.push(m["left"].clone());
-        rest = tail;
     }
-    if lefts.is_empty() || rest.iter().any(|e| e.get("match").is_some()) {
-        return None;
-    }
-    Some(Mergeable { lefts, tail: rest.to_vec(), tuples })
+    out
 }
 
 impl Pending {
-    fn emit(self) -> Vec<Value> {
-        match self.merge {
-            Some(m) if m.tuples.len() > 1 => {
-                let (left, right) = if m.lefts.len() == 1 {
-                    (m.lefts[0].clone(), m.tuples.into_iter().map(|mut t| t.remove(0)).collect::<Vec<_>>())
-                } else {
-                    (
-                        json!({"concat": m.lefts}),
-                        m.tuples.into_iter().map(|t| json!({"concat": t})).collect::<Vec<_>>(),
-                    )
-                };
-                let mut exprs = vec![eq(left, json!({"set": right}))];
-                exprs.extend(m.tail);
-                exprs
-            }
-            _ => self.exprs,
+    /// Takes `exprs` into this rule if it has the same shape, lefts and tail.
+    fn absorb(&mut self, exprs: &[Value]) -> bool {
+        let (Some(n), Some(m)) = (self.shape, shape(exprs)) else { return false };
+        if n != m
+            || self.exprs[n..] != exprs[n..]
+            || (0..n).any(|i| self.exprs[i]["match"]["left"] != exprs[i]["match"]["left"])
+        {
+            return false;
         }
+        let new = tuples(exprs, n);
+        if n > 1 {
+            let exact = |ts: &[Vec<Value>]| ts.iter().flatten().all(is_exact);
+            if !exact(&new) || (self.merged.is_empty() && !exact(&tuples(&self.exprs, n))) {
+                return false;
+            }
+        }
+        self.merged.extend(new);
+        true
+    }
+
+    fn emit(self) -> Vec<Value> {
+        let Some(n) = self.shape.filter(|_| !self.merged.is_empty()) else { return self.exprs };
+        let mut all = tuples(&self.exprs, n);
+        all.extend(self.merged);
+        let lefts: Vec<Value> = self.exprs[..n].iter().map(|e| e["match"]["left"].clone()).collect();
+        let (left, right) = if n == 1 {
+            (lefts[0].clone(), all.into_iter().map(|mut t| t.remove(0)).collect::<Vec<_>>())
+        } else {
+            let concat = |v: Vec<Value>| obj([("concat", Value::Array(v))]);
+            (concat(lefts), all.into_iter().map(concat).collect::<Vec<_>>())
+        };
+        let mut exprs = vec![eq(left, set_of(right))];
+        exprs.extend(self.exprs[n..].iter().cloned());
+        exprs
+    }
+}
+
+/// Path of a rule in its object (`spec.rules[3]`), formatted only when reported.
+#[derive(Clone, Copy)]
+struct Field(&'static str, usize);
+
+impl std::fmt::Display for Field {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.0, self.1)
     }
 }
 
@@ -267,50 +308,71 @@ struct Resolved {
     v6: Option<(Value, Option<Value>)>,
 }
 
+/// `{k: v, …}` moving the values in. `json!` would serialize every interpolated `Value`
+/// again, copying each subtree once per nesting level; at 10,000 rules that was most of the
+/// compile time.
+fn obj<const N: usize>(pairs: [(&str, Value); N]) -> Value {
+    Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+fn s(v: &str) -> Value {
+    Value::String(v.to_string())
+}
+
 fn verdict(v: &str) -> Value {
-    json!({ v: null })
+    obj([(v, Value::Null)])
 }
 
 fn jump(target: &str) -> Value {
-    json!({"jump": {"target": target}})
+    obj([("jump", obj([("target", s(target))]))])
 }
 
 fn eq(left: Value, right: Value) -> Value {
-    json!({"match": {"op": "==", "left": left, "right": right}})
+    obj([("match", obj([("op", s("==")), ("left", left), ("right", right)]))])
 }
 
 fn ne(left: Value, right: Value) -> Value {
-    json!({"match": {"op": "!=", "left": left, "right": right}})
+    obj([("match", obj([("op", s("!=")), ("left", left), ("right", right)]))])
 }
 
 fn meta(key: &str) -> Value {
-    json!({"meta": {"key": key}})
+    obj([("meta", obj([("key", s(key))]))])
 }
 
 fn payload(protocol: &str, field: &str) -> Value {
-    json!({"payload": {"protocol": protocol, "field": field}})
+    obj([("payload", obj([("protocol", s(protocol)), ("field", s(field))]))])
+}
+
+fn set_of(items: Vec<Value>) -> Value {
+    obj([("set", Value::Array(items))])
 }
 
 fn item_value(item: &AddrItem) -> Value {
     match item {
-        AddrItem::Net(n) if n.prefix == Net::host(n.addr).prefix => json!(n.addr.to_string()),
-        AddrItem::Net(n) => json!({"prefix": {"addr": n.addr.to_string(), "len": n.prefix}}),
-        AddrItem::Range(a, b) => json!({"range": [a.to_string(), b.to_string()]}),
+        AddrItem::Net(n) if n.prefix == Net::host(n.addr).prefix => Value::String(n.addr.to_string()),
+        AddrItem::Net(n) => {
+            obj([("prefix", obj([("addr", Value::String(n.addr.to_string())), ("len", n.prefix.into())]))])
+        }
+        AddrItem::Range(a, b) => {
+            obj([("range", Value::Array(vec![a.to_string().into(), b.to_string().into()]))])
+        }
     }
 }
 
 fn items_value(items: &[AddrItem]) -> Value {
     match items {
         [one] => item_value(one),
-        many => json!({"set": many.iter().map(item_value).collect::<Vec<_>>()}),
+        many => set_of(many.iter().map(item_value).collect()),
     }
 }
 
 fn ports_value(ports: &[(u16, u16)]) -> Value {
-    let one = |&(a, b): &(u16, u16)| if a == b { json!(a) } else { json!({"range": [a, b]}) };
+    let one = |&(a, b): &(u16, u16)| {
+        if a == b { Value::from(a) } else { obj([("range", Value::Array(vec![a.into(), b.into()]))]) }
+    };
     match ports {
         [p] => one(p),
-        many => json!({"set": many.iter().map(one).collect::<Vec<_>>()}),
+        many => set_of(many.iter().map(one).collect()),
     }
 }
 
@@ -353,7 +415,7 @@ impl<'a> Compiler<'a> {
     }
 
     fn add(&mut self, what: &str, body: Value) {
-        self.cmds.push(json!({"add": { what: body }}));
+        self.cmds.push(obj([("add", obj([(what, body)]))]));
     }
 
     fn chain(&mut self, family: &str, name: &str, hook: Option<(&str, i32)>) {
@@ -374,15 +436,11 @@ impl<'a> Compiler<'a> {
             self.chain_rules.len() - 1
         });
         let pending = &mut self.chain_rules[idx].1;
-        let merge = mergeable(&expr);
-        if let (Some(new), Some(Pending { merge: Some(last), .. })) = (&merge, pending.last_mut())
-            && last.lefts == new.lefts
-            && last.tail == new.tail
-        {
-            last.tuples.extend(new.tuples.iter().cloned());
+        if pending.last_mut().is_some_and(|last| last.absorb(&expr)) {
             return;
         }
-        pending.push(Pending { exprs: expr, merge });
+        let shape = shape(&expr);
+        pending.push(Pending { exprs: expr, shape, merged: Vec::new() });
     }
 
     /// The document and the number of rules it loads.
@@ -400,19 +458,25 @@ impl<'a> Compiler<'a> {
                 "flags": ["interval"], "auto-merge": true,
             });
             if !set.elems.is_empty() {
-                body["elem"] = json!(set.elems);
+                body["elem"] = Value::Array(set.elems.clone());
             }
-            out.push(json!({"add": {"set": body}}));
+            out.push(obj([("add", obj([("set", body)]))]));
         }
         out.extend(self.cmds);
         let mut count = 0;
         for ((family, chain), rules) in self.chain_rules {
             for rule in rules {
                 count += 1;
-                out.push(json!({"add": {"rule": {"family": family, "table": TABLE, "chain": chain, "expr": rule.emit()}}}));
+                let body = obj([
+                    ("family", s(&family)),
+                    ("table", s(TABLE)),
+                    ("chain", s(&chain)),
+                    ("expr", Value::Array(rule.emit())),
+                ]);
+                out.push(obj([("add", obj([("rule", body)]))]));
             }
         }
-        (json!({ "nftables": out }), count)
+        (obj([("nftables", Value::Array(out))]), count)
     }
 
     /// Declares (once) the v4/v6 sets of a list of entries; returns the set references.
@@ -426,7 +490,8 @@ impl<'a> Compiler<'a> {
                 .partition(|(nomatch, _)| !nomatch);
             let suffix = if v4 { "v4" } else { "v6" };
             let type_ = if v4 { "ipv4_addr" } else { "ipv6_addr" };
-            let name = format!("{base}-{suffix}");
+            // `:` cannot occur in object or IP set names, so no two sets collide.
+            let name = format!("{base}:{suffix}");
             self.sets.entry(name.clone()).or_insert_with(|| SetDef {
                 family,
                 type_,
@@ -435,7 +500,7 @@ impl<'a> Compiler<'a> {
             let exclude = if nomatch.is_empty() {
                 None
             } else {
-                let nm = format!("{base}-nm-{suffix}");
+                let nm = format!("{base}:nm:{suffix}");
                 self.sets.entry(nm.clone()).or_insert_with(|| SetDef {
                     family,
                     type_,
@@ -457,6 +522,8 @@ impl<'a> Compiler<'a> {
 
     fn resolve(&mut self, addr: &str, guest: Option<&'a Guest>) -> Result<Resolved, String> {
         let parsed = lang::parse_address(addr)?;
+        // A security group means the same for every guest: its names are the datacenter's.
+        let guest = if self.in_group { None } else { guest };
         let guest_fw = guest.and_then(|g| g.firewall.as_ref());
         match parsed {
             Address::List(items) => {
@@ -484,18 +551,20 @@ impl<'a> Compiler<'a> {
                 })
             }
             Address::IpSet { scope, name } => {
+                // Proxmox IP set names are case-insensitive (stored lower-case).
+                let name = name.to_ascii_lowercase();
                 if scope != Scope::Dc
                     && let (Some(g), Some(fw)) = (guest, guest_fw)
-                    && let Some(set) = fw.ipsets.iter().find(|s| s.name == name)
+                    && let Some(set) = fw.ipsets.iter().find(|s| s.name.eq_ignore_ascii_case(&name))
                 {
-                    return Ok(self.entry_sets("inet", &format!("g{}-{}", g.vmid, set.name), &set.entries));
+                    return Ok(self.entry_sets("inet", &format!("g{}:{}", g.vmid, set.name), &set.entries));
                 }
                 if scope == Scope::Guest {
                     return Err(format!("IP set \"guest/{name}\" does not exist"));
                 }
                 let set =
                     self.inputs.ipsets.get(&name).ok_or_else(|| format!("IP set {name:?} does not exist"))?;
-                Ok(self.entry_sets("inet", &format!("dc-{name}"), &set.entries))
+                Ok(self.entry_sets("inet", &format!("dc:{name}"), &set.entries))
             }
         }
     }
@@ -507,6 +576,25 @@ impl<'a> Compiler<'a> {
             nosmurfs: true,
             ..Default::default()
         });
+        let host_owner = self.host_owner();
+        // Host rules first, so that a node can override the cluster's (Proxmox's order).
+        let host_rules: Vec<(&str, Field, &'a FirewallRule)> = {
+            let inputs: &'a Inputs = self.inputs;
+            let host_rules: &'a [FirewallRule] =
+                inputs.host.as_ref().map(|h| h.rules.as_slice()).unwrap_or(&[]);
+            host_rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (host_owner.as_str(), Field("spec.firewall.rules", i), r))
+                .chain(
+                    cluster
+                        .rules
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| ("ClusterFirewall/cluster", Field("spec.rules", i), r)),
+                )
+                .collect()
+        };
 
         // Shared reject chain: TCP gets a reset, everything else an ICMP "administratively
         // prohibited"; broadcasts are never answered.
@@ -525,28 +613,75 @@ impl<'a> Compiler<'a> {
 
         let ct_accept = json!({"vmap": {"key": {"ct": {"key": "state"}}, "data": {"set": [
             ["established", {"accept": null}], ["related", {"accept": null}], ["invalid", {"drop": null}]]}}});
+        // Neighbour discovery is not tracked by conntrack: without it IPv6 stops working.
+        let nd = eq(
+            payload("icmpv6", "type"),
+            json!({"set": ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]}),
+        );
+        let blacklist = match self.inputs.ipsets.contains_key("blacklist") {
+            true => self.resolve("+dc/blacklist", None).ok(),
+            false => None,
+        };
+
+        let ports: Vec<(&'a Guest, &'a GuestNic)> = self
+            .inputs
+            .guests
+            .iter()
+            .filter(|g| g.firewall.as_ref().is_some_and(|f| f.enable))
+            .flat_map(|g| g.nics.iter().filter(|n| n.firewall).map(move |n| (g, n)))
+            .take(MAX_PORTS)
+            .collect();
+        let vmap = |key: Value, set: Vec<Value>| obj([("vmap", obj([("key", key), ("data", set_of(set))]))]);
+        let masked = |mask: u32| obj([("&", Value::Array(vec![meta("mark"), mask.into()]))]);
+        let (mut ingress, mut egress, mut outs, mut ins) = (vec![], vec![], vec![], vec![]);
+        // Guests by address, for traffic that does not cross a bridge port before the inet
+        // hooks see it: from the host itself, and routed to a guest.
+        let (mut by_v4, mut by_v6, mut seen) = (vec![], vec![], BTreeSet::new());
+        for (i, (guest, nic)) in ports.iter().enumerate() {
+            let id = i as u32 + 1;
+            let base = format!("g{}-{}", guest.vmid, nic.id);
+            ingress.push(Value::Array(vec![s(&nic.ifname), jump(&format!("{base}-from"))]));
+            egress.push(Value::Array(vec![s(&nic.ifname), jump(&format!("{base}-to"))]));
+            outs.push(Value::Array(vec![(id << IN_PORT_SHIFT).into(), jump(&format!("{base}-out"))]));
+            ins.push(Value::Array(vec![(id << OUT_PORT_SHIFT).into(), jump(&format!("{base}-in"))]));
+            for ip in &nic.ips {
+                if seen.insert(ip.addr) {
+                    let entry = Value::Array(vec![ip.addr.to_string().into(), jump(&format!("{base}-in"))]);
+                    if ip.is_v4() { by_v4.push(entry) } else { by_v6.push(entry) }
+                }
+            }
+        }
+        let from_guest = (!outs.is_empty()).then(|| vmap(masked(IN_PORT_MASK), outs));
+        let to_guest_by_addr = |this: &mut Self, chain: &str, guard: Option<Value>| {
+            for (fam, entries) in [("ip", &by_v4), ("ip6", &by_v6)] {
+                if !entries.is_empty() {
+                    let mut e: Vec<Value> = guard.iter().cloned().collect();
+                    e.push(vmap(payload(fam, "daddr"), entries.clone()));
+                    this.rule("inet", chain, e);
+                }
+            }
+        };
 
         if host.enable {
             self.chain("inet", "input", Some(("input", 0)));
             self.rule("inet", "input", vec![eq(meta("iifname"), json!("lo")), verdict("accept")]);
+            if let Some(bl) = &blacklist {
+                self.blacklist_rules("input", bl);
+            }
             self.rule("inet", "input", vec![ct_accept.clone()]);
-            let host_rules: Vec<(String, String, FirewallRule)> = host
-                .rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (self.host_owner(), format!("spec.firewall.rules[{i}]"), r.clone()))
-                .chain(cluster.rules.iter().enumerate().map(|(i, r)| {
-                    ("ClusterFirewall/cluster".to_string(), format!("spec.rules[{i}]"), r.clone())
-                }))
-                .collect();
+            self.rule("inet", "input", vec![nd.clone(), verdict("accept")]);
+            // A guest talking to the host passes its own OUT rules first.
+            if let Some(v) = &from_guest {
+                self.rule("inet", "input", vec![v.clone()]);
+            }
             for (owner, field, r) in
                 host_rules.iter().filter(|(_, _, r)| matches!(r.type_, RuleType::In | RuleType::Group))
             {
-                self.compile_rule(r, Ctx::HostIn, "input", None, owner, field, None);
+                self.compile_rule(r, Ctx::HostIn, "input", None, owner, *field, None);
             }
             // Management ports, from the `management` IP set when one is declared.
             let mgmt =
-                self.inputs.ipsets.contains_key("management").then(|| self.resolve("+management", None));
+                self.inputs.ipsets.contains_key("management").then(|| self.resolve("+dc/management", None));
             let ports = ports_value(MANAGEMENT_PORTS);
             match mgmt {
                 Some(Ok(r)) => {
@@ -569,10 +704,13 @@ impl<'a> Compiler<'a> {
             self.chain("inet", "output", Some(("output", 0)));
             self.rule("inet", "output", vec![eq(meta("oifname"), json!("lo")), verdict("accept")]);
             self.rule("inet", "output", vec![ct_accept.clone()]);
+            self.rule("inet", "output", vec![nd.clone(), verdict("accept")]);
+            // The host talking to a guest passes the guest's IN rules.
+            to_guest_by_addr(self, "output", None);
             for (owner, field, r) in
                 host_rules.iter().filter(|(_, _, r)| matches!(r.type_, RuleType::Out | RuleType::Group))
             {
-                self.compile_rule(r, Ctx::HostOut, "output", None, owner, field, None);
+                self.compile_rule(r, Ctx::HostOut, "output", None, owner, *field, None);
             }
             self.policy("output", cluster.policy_out, host.log_level_out, "host-out", Ctx::HostOut);
         }
@@ -585,33 +723,28 @@ impl<'a> Compiler<'a> {
             vec![json!({"vmap": {"key": {"ct": {"key": "state"}}, "data": {"set": [
                 ["established", {"accept": null}], ["related", {"accept": null}]]}}})],
         );
-        let ports: Vec<(&'a Guest, &'a GuestNic)> = self
-            .inputs
-            .guests
-            .iter()
-            .filter(|g| g.firewall.as_ref().is_some_and(|f| f.enable))
-            .flat_map(|g| g.nics.iter().filter(|n| n.firewall).map(move |n| (g, n)))
-            .take(MAX_PORTS)
-            .collect();
         self.chain("bridge", "prerouting", Some(("prerouting", -300)));
         self.chain("bridge", "forward", Some(("forward", -300)));
-        let (mut ingress, mut egress, mut outs, mut ins) = (vec![], vec![], vec![], vec![]);
+        // Every frame entering a bridge starts with kpve's mark bits clear, so a mark some
+        // other software set is never taken for a port number.
+        let clear = !(IN_PORT_MASK | OUT_PORT_MASK);
+        let mangle = |value: Value| obj([("mangle", obj([("key", meta("mark")), ("value", value)]))]);
+        self.rule(
+            "bridge",
+            "prerouting",
+            vec![mangle(obj([("&", Value::Array(vec![meta("mark"), clear.into()]))]))],
+        );
         for (i, (guest, nic)) in ports.iter().enumerate() {
-            let id = i as u32 + 1;
             let base = format!("g{}-{}", guest.vmid, nic.id);
-            self.port_chains(guest, nic, &base, id);
-            ingress.push(json!([nic.ifname, jump(&format!("{base}-from"))]));
-            egress.push(json!([nic.ifname, jump(&format!("{base}-to"))]));
-            outs.push(json!([id << IN_PORT_SHIFT, jump(&format!("{base}-out"))]));
-            ins.push(json!([id << OUT_PORT_SHIFT, jump(&format!("{base}-in"))]));
+            self.port_chains(guest, nic, &base, i as u32 + 1, blacklist.as_ref());
         }
-        if !ports.is_empty() {
-            let vmap = |key: Value, set: Vec<Value>| json!({"vmap": {"key": key, "data": {"set": set}}});
+        if let Some(v) = from_guest {
             self.rule("bridge", "prerouting", vec![vmap(meta("iifname"), ingress)]);
             self.rule("bridge", "forward", vec![vmap(meta("oifname"), egress)]);
-            let masked = |mask: u32| json!({"&": [meta("mark"), mask]});
-            self.rule("inet", "forward", vec![vmap(masked(IN_PORT_MASK), outs)]);
+            self.rule("inet", "forward", vec![v]);
             self.rule("inet", "forward", vec![vmap(masked(OUT_PORT_MASK), ins)]);
+            // Routed to a guest: no egress port stamped yet, so dispatch by address.
+            to_guest_by_addr(self, "forward", Some(eq(masked(OUT_PORT_MASK), 0.into())));
         }
         // Bridged traffic that no guest rule decided is not routed traffic.
         let mut bridges: BTreeSet<&str> = self.inputs.bridges.iter().map(String::as_str).collect();
@@ -624,25 +757,29 @@ impl<'a> Compiler<'a> {
                 "inet",
                 "forward",
                 vec![
-                    eq(json!({"concat": [meta("iifname"), meta("oifname")]}), json!({"set": pairs})),
+                    eq(json!({"concat": [meta("iifname"), meta("oifname")]}), set_of(pairs)),
                     verdict("accept"),
                 ],
             );
         }
-        let forward_rules: Vec<(String, String, FirewallRule)> =
-            host.rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (self.host_owner(), format!("spec.firewall.rules[{i}]"), r.clone()))
-                .chain(cluster.rules.iter().enumerate().map(|(i, r)| {
-                    ("ClusterFirewall/cluster".to_string(), format!("spec.rules[{i}]"), r.clone())
-                }))
-                .filter(|(_, _, r)| r.type_ == RuleType::Forward)
-                .collect();
-        for (owner, field, r) in &forward_rules {
-            self.compile_rule(r, Ctx::Forward, "forward", None, owner, field, None);
+        for (owner, field, r) in host_rules.iter().filter(|(_, _, r)| r.type_ == RuleType::Forward) {
+            self.compile_rule(r, Ctx::Forward, "forward", None, owner, *field, None);
         }
         self.policy("forward", cluster.policy_forward, None, "forward", Ctx::Forward);
+    }
+
+    /// Drops traffic from the datacenter's `blacklist` IP set (Proxmox's special set).
+    fn blacklist_rules(&mut self, chain: &str, bl: &Resolved) {
+        for (fam, m) in [("ip", &bl.v4), ("ip6", &bl.v6)] {
+            if let Some((set, exclude)) = m {
+                let mut e = vec![eq(payload(fam, "saddr"), set.clone())];
+                if let Some(x) = exclude {
+                    e.push(ne(payload(fam, "saddr"), x.clone()));
+                }
+                e.push(verdict("drop"));
+                self.rule("inet", chain, e);
+            }
+        }
     }
 
     fn host_owner(&self) -> String {
@@ -651,7 +788,14 @@ impl<'a> Compiler<'a> {
 
     /// The chains of one firewalled guest NIC: anti-spoofing and port stamping in the bridge
     /// table, the guest's IN and OUT rules in the inet table.
-    fn port_chains(&mut self, guest: &'a Guest, nic: &'a GuestNic, base: &str, id: u32) {
+    fn port_chains(
+        &mut self,
+        guest: &'a Guest,
+        nic: &'a GuestNic,
+        base: &str,
+        id: u32,
+        blacklist: Option<&Resolved>,
+    ) {
         let fw = guest.firewall.as_ref().expect("only firewalled guests have ports");
         let from = format!("{base}-from");
         let to = format!("{base}-to");
@@ -662,30 +806,39 @@ impl<'a> Compiler<'a> {
             self.rule(
                 "bridge",
                 &from,
-                vec![ne(payload("ether", "saddr"), json!(mac.to_ascii_lowercase())), verdict("drop")],
+                vec![ne(payload("ether", "saddr"), s(&mac.to_ascii_lowercase())), verdict("drop")],
             );
         }
-        if fw.ipfilter {
-            // Proxmox: the ipfilter-netN set when declared, else the NIC's configured addresses;
-            // always the link-local address derived from the MAC.
-            let mut entries: Vec<IpSetEntry> =
-                match fw.ipsets.iter().find(|s| s.name == format!("ipfilter-{}", nic.id)) {
-                    Some(set) => set.entries.clone(),
-                    None => nic
-                        .ips
-                        .iter()
-                        .map(|n| IpSetEntry {
-                            cidr: Net::host(n.addr).to_string(),
-                            nomatch: false,
-                            comment: None,
-                        })
-                        .collect(),
-                };
+        let ipfilter_set =
+            fw.ipsets.iter().find(|s| s.name.eq_ignore_ascii_case(&format!("ipfilter-{}", nic.id)));
+        // Proxmox: on with the option, or when the guest declares an ipfilter-netN set.
+        if fw.ipfilter || ipfilter_set.is_some() {
+            // A VLAN header would hide the addresses from the checks below.
+            self.rule(
+                "bridge",
+                &from,
+                vec![eq(payload("ether", "type"), json!({"set": ["8021q", "8021ad"]})), verdict("drop")],
+            );
+            // The NIC's configured addresses, the guest's ipfilter-netN set, and the link-local
+            // address derived from the MAC.
+            let mut entries: Vec<IpSetEntry> = nic
+                .ips
+                .iter()
+                .map(|n| IpSetEntry { cidr: Net::host(n.addr).to_string(), nomatch: false, comment: None })
+                .collect();
+            entries.extend(ipfilter_set.iter().flat_map(|s| s.entries.iter().cloned()));
             if let Some(ll) = nic.mac.as_deref().and_then(link_local) {
                 entries.push(IpSetEntry { cidr: ll.to_string(), nomatch: false, comment: None });
             }
-            let set = format!("ipfilter-{}-{}", guest.vmid, nic.id);
+            let set = format!("ipfilter:{}:{}", guest.vmid, nic.id);
             let r = self.entry_sets("bridge", &set, &entries);
+            let stamp_in = obj([(
+                "mangle",
+                obj([
+                    ("key", meta("mark")),
+                    ("value", json!({"|": [{"&": [meta("mark"), !IN_PORT_MASK]}, id << IN_PORT_SHIFT]})),
+                ]),
+            )]);
             // DHCP discovery comes from 0.0.0.0; duplicate address detection from ::.
             self.rule(
                 "bridge",
@@ -693,43 +846,46 @@ impl<'a> Compiler<'a> {
                 vec![
                     eq(payload("ip", "saddr"), json!("0.0.0.0")),
                     eq(payload("udp", "dport"), json!(67)),
-                    json!({"mangle": {"key": meta("mark"), "value": {"|": [{"&": [meta("mark"), !IN_PORT_MASK]}, id << IN_PORT_SHIFT]}}}),
+                    stamp_in,
                     verdict("accept"),
                 ],
             );
-            match &r.v4 {
-                Some((set4, _)) => {
-                    self.rule(
-                        "bridge",
-                        &from,
-                        vec![ne(payload("ip", "saddr"), set4.clone()), verdict("drop")],
-                    );
-                    self.rule(
-                        "bridge",
-                        &from,
-                        vec![ne(payload("arp", "saddr ip"), set4.clone()), verdict("drop")],
-                    );
-                }
-                None => {
-                    self.rule(
-                        "bridge",
-                        &from,
-                        vec![eq(payload("ether", "type"), json!("ip")), verdict("drop")],
-                    );
-                    self.rule(
-                        "bridge",
-                        &from,
-                        vec![eq(payload("ether", "type"), json!("arp")), verdict("drop")],
-                    );
+            for (fam, arp, slot) in [("ip", Some("arp"), &r.v4), ("ip6", None, &r.v6)] {
+                match slot {
+                    Some((set, exclude)) => {
+                        let mut lefts = vec![payload(fam, "saddr")];
+                        lefts.extend(arp.map(|a| payload(a, "saddr ip")));
+                        for left in lefts {
+                            if let Some(x) = exclude {
+                                self.rule(
+                                    "bridge",
+                                    &from,
+                                    vec![eq(left.clone(), x.clone()), verdict("drop")],
+                                );
+                            }
+                            let mut e = Vec::new();
+                            if fam == "ip6" {
+                                e.push(ne(left.clone(), json!("::")));
+                            }
+                            e.push(ne(left, set.clone()));
+                            e.push(verdict("drop"));
+                            self.rule("bridge", &from, e);
+                        }
+                    }
+                    None => {
+                        let types: Vec<&str> = if fam == "ip" { vec!["ip", "arp"] } else { vec!["ip6"] };
+                        for t in types {
+                            let mut e = Vec::new();
+                            if fam == "ip6" {
+                                e.push(ne(payload("ip6", "saddr"), json!("::")));
+                            }
+                            e.push(eq(payload("ether", "type"), s(t)));
+                            e.push(verdict("drop"));
+                            self.rule("bridge", &from, e);
+                        }
+                    }
                 }
             }
-            let mut six = vec![ne(payload("ip6", "saddr"), json!("::"))];
-            match &r.v6 {
-                Some((set6, _)) => six.push(ne(payload("ip6", "saddr"), set6.clone())),
-                None => six.push(eq(payload("ether", "type"), json!("ip6"))),
-            }
-            six.push(verdict("drop"));
-            self.rule("bridge", &from, six);
         }
         let stamp = |mask: u32, value: u32| json!({"mangle": {"key": meta("mark"), "value": {"|": [{"&": [meta("mark"), !mask]}, value]}}});
         self.rule("bridge", &from, vec![stamp(IN_PORT_MASK, id << IN_PORT_SHIFT)]);
@@ -740,6 +896,9 @@ impl<'a> Compiler<'a> {
         let in_chain = format!("{base}-in");
         self.chain("inet", &out_chain, None);
         self.chain("inet", &in_chain, None);
+        if let Some(bl) = blacklist {
+            self.blacklist_rules(&in_chain, bl);
+        }
         let icmp6 = |types: &[&str]| eq(payload("icmpv6", "type"), json!({"set": types}));
         if fw.dhcp {
             // Client → server leaves the guest (v4, v6); server → client reaches it.
@@ -769,20 +928,20 @@ impl<'a> Compiler<'a> {
             self.rule("inet", &in_chain, vec![icmp6(&nd_in), verdict("accept")]);
         }
         for (i, r) in fw.rules.iter().enumerate() {
-            let field = format!("spec.firewall.rules[{i}]");
+            let field = Field("spec.firewall.rules", i);
             if r.iface.as_deref().is_some_and(|f| f != nic.id) {
                 continue;
             }
             match r.type_ {
                 RuleType::In => {
-                    self.compile_rule(r, Ctx::GuestIn, &in_chain, Some(guest), &guest.owner, &field, None)
+                    self.compile_rule(r, Ctx::GuestIn, &in_chain, Some(guest), &guest.owner, field, None)
                 }
                 RuleType::Out => {
-                    self.compile_rule(r, Ctx::GuestOut, &out_chain, Some(guest), &guest.owner, &field, None)
+                    self.compile_rule(r, Ctx::GuestOut, &out_chain, Some(guest), &guest.owner, field, None)
                 }
                 RuleType::Group => {
-                    self.compile_rule(r, Ctx::GuestIn, &in_chain, Some(guest), &guest.owner, &field, None);
-                    self.compile_rule(r, Ctx::GuestOut, &out_chain, Some(guest), &guest.owner, &field, None);
+                    self.compile_rule(r, Ctx::GuestIn, &in_chain, Some(guest), &guest.owner, field, None);
+                    self.compile_rule(r, Ctx::GuestOut, &out_chain, Some(guest), &guest.owner, field, None);
                 }
                 RuleType::Forward => {}
             }
@@ -831,7 +990,7 @@ impl<'a> Compiler<'a> {
         chain: &str,
         guest: Option<&'a Guest>,
         owner: &str,
-        field: &str,
+        field: Field,
         iface_override: Option<&str>,
     ) {
         if !r.enable {
@@ -845,7 +1004,8 @@ impl<'a> Compiler<'a> {
             });
         };
         if r.type_ == RuleType::Group {
-            let Some(group) = self.inputs.groups.get(&r.action) else {
+            let name = r.action.to_ascii_lowercase();
+            let Some(group) = self.inputs.groups.get(&name) else {
                 return fail(self, format!("security group {:?} does not exist", r.action));
             };
             let want = match ctx {
@@ -853,21 +1013,15 @@ impl<'a> Compiler<'a> {
                 Ctx::HostOut | Ctx::GuestOut => RuleType::Out,
                 Ctx::Forward => RuleType::Forward,
             };
-            let group_owner = format!("SecurityGroup/{}", r.action);
+            let group_owner = format!("SecurityGroup/{name}");
+            let was = std::mem::replace(&mut self.in_group, true);
             for (i, gr) in group.rules.iter().enumerate() {
                 if gr.type_ == want {
-                    let f = format!("spec.rules[{i}]");
-                    self.compile_rule(
-                        gr,
-                        ctx,
-                        chain,
-                        guest,
-                        &group_owner,
-                        &f,
-                        r.iface.as_deref().or(iface_override),
-                    );
+                    let iface = r.iface.as_deref().or(iface_override);
+                    self.compile_rule(gr, ctx, chain, guest, &group_owner, Field("spec.rules", i), iface);
                 }
             }
+            self.in_group = was;
             return;
         }
         // Patterns: one per macro entry, or the rule's own proto/ports.
@@ -897,7 +1051,11 @@ impl<'a> Compiler<'a> {
             Ok(s) => s,
             Err(e) => return fail(self, e),
         };
-        let iface = iface_override.or(r.iface.as_deref());
+        // A group's `-i` and its rule's own `-i` must both hold.
+        let iface = match (iface_override, r.iface.as_deref()) {
+            (Some(a), Some(b)) if a != b => return,
+            (a, b) => a.or(b),
+        };
         let mut prefix = Vec::new();
         if let Some(iface) = iface {
             match ctx {
@@ -1021,22 +1179,32 @@ mod tests {
     fn consecutive_rules_with_one_verdict_become_one_set_lookup() {
         let r = compile(&host_rules(&[
             "IN ACCEPT -source 10.0.0.1 -p tcp -dport 22",
-            "IN ACCEPT -source 10.0.0.0/24 -p tcp -dport 80,443",
-            "IN ACCEPT -source 10.9.0.1-10.9.0.9 -p tcp -dport 8000:8100",
+            "IN ACCEPT -source 10.0.0.2 -p tcp -dport 80,443",
+            "IN ACCEPT -source 10.0.0.3 -p tcp -dport 8080",
+            "IN ACCEPT -source 10.0.0.0/8 -p tcp -dport 22",
             "IN DROP -source 10.0.0.7 -p tcp -dport 22",
             "IN ACCEPT -source 10.0.0.8 -p tcp -dport 22",
+            "IN ACCEPT -source 192.168.0.0/16",
+            "IN ACCEPT -source 192.168.7.0/24",
+            "IN ACCEPT -source 172.16.0.1-172.16.0.9",
         ]))
         .unwrap();
         let chain = input_chain(&r);
-        // lo, conntrack, the three merged accepts, the drop, the last accept, management, policy.
-        assert_eq!(chain.len(), 7, "{chain:#?}");
-        let merged = &chain[2][0]["match"];
+        // lo, conntrack, neighbour discovery, the three merged exact accepts, the /8 (a
+        // prefix never joins a concatenation: overlapping intervals make the kernel refuse
+        // it), the drop, the last accept, the three single-field address rules merged,
+        // management, policy.
+        assert_eq!(chain.len(), 10, "{chain:#?}");
+        let merged = &chain[3][0]["match"];
         assert_eq!(merged["left"]["concat"].as_array().unwrap().len(), 2);
         assert_eq!(merged["right"]["set"].as_array().unwrap().len(), 4, "1 + 2 + 1 tuples");
+        assert!(chain[4][0]["match"]["right"].get("concat").is_none());
+        let verdict = |i: usize| chain[i].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(verdict(5), json!({"drop": null}), "a different verdict keeps its place");
         assert_eq!(
-            chain[3].as_array().unwrap().last().unwrap(),
-            &json!({"drop": null}),
-            "a different verdict keeps its place"
+            chain[7][0]["match"]["right"]["set"].as_array().unwrap().len(),
+            3,
+            "one field: intervals merge"
         );
     }
 

@@ -45,3 +45,24 @@ pub async fn apply_bytes(bytes: &[u8]) -> Result<(), NftError> {
     }
     Ok(())
 }
+
+/// Whether kpve's tables (`inet kpve`, `bridge kpve`) are both loaded.
+pub async fn kpve_tables() -> Result<bool, NftError> {
+    let out = tokio::process::Command::new("nft")
+        .args(["-j", "list", "tables"])
+        .output()
+        .await
+        .map_err(NftError::Spawn)?;
+    if !out.status.success() {
+        return Err(NftError::Rejected(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let ours = |family: &str| {
+        listed["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["table"]["family"] == family && e["table"]["name"] == super::TABLE)
+    };
+    Ok(ours("inet") && ours("bridge"))
+}
