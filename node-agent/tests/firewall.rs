@@ -156,6 +156,8 @@ fn the_kernel_accepts_the_compiled_ruleset() {
         .filter(|l| l.starts_with("\t\t") && !l.contains("type filter") && !l.trim().is_empty())
         .count();
     assert!(rules as u32 >= ruleset.rules, "{rules} listed < {} compiled", ruleset.rules);
+    // What `nft list ruleset` prints reads back (backups and `nft -f` of a listing work).
+    nft(&["-c", "-f", "-"], Some(&listed.replace("table ip foreign", "table ip foreign2")));
     nft(&["-j", "-f", "-"], Some(&kpve_node_agent::firewall::removal().to_string()));
     let listed = nft(&["list", "tables"], None);
     assert_eq!(listed.trim(), "table ip foreign");
