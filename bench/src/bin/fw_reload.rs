@@ -122,12 +122,16 @@ async fn change_to_enforced(runs: usize, dir: &std::path::Path) {
                              "spec": {"entries": [{"cidr": format!("192.0.2.{}", i % 250 + 1)}]}});
             let t = Instant::now();
             let written = sets.patch("bench", &apply, &Patch::Apply(&set)).await.unwrap();
-            tokio::time::timeout(Duration::from_secs(30), enforced(&hvs, "IPSet/bench", written.metadata.generation.unwrap()))
-                .await
-                .expect("IP set change enforced within 30 s");
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                enforced(&hvs, "IPSet/bench", written.metadata.generation.unwrap()),
+            )
+            .await
+            .expect("IP set change enforced within 30 s");
             let set_took = t.elapsed();
             let t = Instant::now();
-            let written = clusters.patch("cluster", &apply, &Patch::Apply(&cluster(20_000 + i))).await.unwrap();
+            let written =
+                clusters.patch("cluster", &apply, &Patch::Apply(&cluster(20_000 + i))).await.unwrap();
             tokio::time::timeout(
                 Duration::from_secs(30),
                 enforced(&hvs, "ClusterFirewall/cluster", written.metadata.generation.unwrap()),
@@ -140,7 +144,8 @@ async fn change_to_enforced(runs: usize, dir: &std::path::Path) {
                 rule_edits.push(t.elapsed());
             }
         }
-        let listed = Command::new("nft").args(["list", "set", "inet", "kpve", "dc/bench/v4"]).output().unwrap();
+        let listed =
+            Command::new("nft").args(["list", "set", "inet", "kpve", "dc/bench/v4"]).output().unwrap();
         assert!(String::from_utf8_lossy(&listed.stdout).contains(&format!("192.0.2.{}", runs % 250 + 1)));
         let chain = Command::new("nft").args(["list", "chain", "inet", "kpve", "input"]).output().unwrap();
         assert!(String::from_utf8_lossy(&chain.stdout).contains(&(20_000 + runs).to_string()));

@@ -69,12 +69,13 @@ fn read(text: &str, allow_groups: bool) -> Result<Raw> {
                 ("OPTIONS", None) => Part::Options,
                 ("ALIASES", None) => Part::Aliases,
                 ("RULES", None) => Part::Rules,
+                // Proxmox stores IP set and group names lower-case.
                 ("IPSET", Some(name)) => {
-                    raw.ipsets.push((name.to_string(), comment, vec![]));
+                    raw.ipsets.push((name.to_ascii_lowercase(), comment, vec![]));
                     Part::IpSet(raw.ipsets.len() - 1)
                 }
                 ("GROUP", Some(name)) if allow_groups => {
-                    raw.groups.push((name.to_string(), comment, vec![]));
+                    raw.groups.push((name.to_ascii_lowercase(), comment, vec![]));
                     Part::Group(raw.groups.len() - 1)
                 }
                 _ => {
@@ -93,7 +94,7 @@ fn read(text: &str, allow_groups: bool) -> Result<Raw> {
             None => return Err(syntax(n, "text before the first section")),
             Some(Part::Options) => {
                 let (k, v) = trimmed.split_once(':').ok_or_else(|| syntax(n, "an option is `key: value`"))?;
-                raw.options.push((n, k.trim().to_string(), v.trim().to_string()));
+                raw.options.push((n, k.trim().to_ascii_lowercase(), v.trim().to_string()));
             }
             Some(Part::Aliases) => {
                 let (body, comment) = split_comment(trimmed);
@@ -351,6 +352,22 @@ pub fn print_cluster_fw(fw: &ClusterFw) -> String {
     out
 }
 
+/// Proxmox host options kpve keeps verbatim (not enforced) besides `nf_conntrack_*`.
+const HOST_KEPT: &[&str] = &[
+    "log_level_forward",
+    "log_nf_conntrack",
+    "ndp",
+    "nftables",
+    "protection_synflood",
+    "protection_synflood_burst",
+    "protection_synflood_rate",
+    "smurf_log_level",
+    "tcp_flags_log_level",
+];
+
+/// Proxmox guest options kpve keeps verbatim (not enforced).
+const GUEST_KEPT: &[&str] = &["ips", "ips_queues", "log_level_forward"];
+
 /// Parses `host.fw`.
 pub fn parse_host_fw(text: &str) -> Result<HostFirewall> {
     let raw = read(text, false)?;
@@ -366,8 +383,15 @@ pub fn parse_host_fw(text: &str) -> Result<HostFirewall> {
             }
             "tcpflags" => fw.tcpflags = parse_flag(k, v)?,
             "nosmurfs" => fw.nosmurfs = parse_flag(k, v)?,
+            k if HOST_KEPT.contains(&k) || k.starts_with("nf_conntrack_") => {
+                fw.options.insert(k.to_string(), v.clone());
+            }
             _ => {
-                return Err(unknown_option(*n, k, "enable, log_level_in, log_level_out, tcpflags, nosmurfs"));
+                let allowed = format!(
+                    "enable, log_level_in, log_level_out, tcpflags, nosmurfs, nf_conntrack_*, {}",
+                    HOST_KEPT.join(", ")
+                );
+                return Err(unknown_option(*n, k, &allowed));
             }
         }
     }
@@ -386,6 +410,9 @@ pub fn print_host_fw(fw: &HostFirewall) -> String {
     }
     out.push_str(&format!("nosmurfs: {}\n", u8::from(fw.nosmurfs)));
     out.push_str(&format!("tcpflags: {}\n", u8::from(fw.tcpflags)));
+    for (k, v) in &fw.options {
+        out.push_str(&format!("{k}: {v}\n"));
+    }
     print_rules(&mut out, "[RULES]", &fw.rules);
     out
 }
@@ -416,11 +443,14 @@ pub fn parse_guest_fw(text: &str) -> Result<GuestFirewall> {
             "log_level_out" => {
                 fw.log_level_out = Some(parse_level(v).map_err(|e| CodecError::invalid(k, e))?)
             }
+            k if GUEST_KEPT.contains(&k) => {
+                fw.options.insert(k.to_string(), v.clone());
+            }
             _ => {
                 return Err(unknown_option(
                     *n,
                     k,
-                    "enable, policy_in, policy_out, ipfilter, macfilter, dhcp, ndp, radv, log_level_in, log_level_out",
+                    "enable, policy_in, policy_out, ipfilter, macfilter, dhcp, ndp, radv, log_level_in, log_level_out, ips, ips_queues, log_level_forward",
                 ));
             }
         }
@@ -445,6 +475,9 @@ pub fn print_guest_fw(fw: &GuestFirewall) -> String {
     out.push_str(&format!("policy_in: {}\n", policy_name(fw.policy_in)));
     out.push_str(&format!("policy_out: {}\n", policy_name(fw.policy_out)));
     out.push_str(&format!("radv: {}\n", u8::from(fw.radv)));
+    for (k, v) in &fw.options {
+        out.push_str(&format!("{k}: {v}\n"));
+    }
     print_aliases(&mut out, &fw.aliases);
     for set in &fw.ipsets {
         print_ipset(&mut out, &set.name, set.comment.as_deref(), &set.entries);
@@ -577,6 +610,17 @@ OUT DROP -dest 10.9.9.9
         let host =
             "[OPTIONS]\n\nenable: 1\nnosmurfs: 1\ntcpflags: 0\n\n[RULES]\n\nIN ACCEPT -p tcp -dport 9000\n";
         assert_eq!(print_host_fw(&parse_host_fw(host).unwrap()), host);
+    }
+
+    #[test]
+    fn proxmox_options_kpve_does_not_enforce_are_kept() {
+        let host = parse_host_fw("[OPTIONS]\nNF_CONNTRACK_MAX: 262144\nprotection_synflood: 1\nenable: 1\n")
+            .unwrap();
+        assert_eq!(host.options.get("nf_conntrack_max").map(String::as_str), Some("262144"));
+        assert!(print_host_fw(&host).contains("protection_synflood: 1\n"));
+        let guest = parse_guest_fw("[OPTIONS]\nips: 1\n[IPSET Admins]\n10.0.0.1\n").unwrap();
+        assert_eq!(guest.options.get("ips").map(String::as_str), Some("1"));
+        assert_eq!(guest.ipsets[0].name, "admins", "IP set names are lower-case, as Proxmox stores them");
     }
 
     #[test]

@@ -139,6 +139,10 @@ pub struct GuestFirewall {
     /// Guest-local IP sets; `ipfilter-net0` … restrict the source addresses of that NIC.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ipsets: Vec<GuestIpSet>,
+    /// Proxmox options kpve keeps verbatim but does not enforce (`ips`, `ips_queues`,
+    /// `log_level_forward`), so a `.fw` file round-trips.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// An IP set declared in a guest's firewall (Proxmox `[IPSET name]` in `<vmid>.fw`).
@@ -171,6 +175,10 @@ pub struct HostFirewall {
     pub nosmurfs: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<FirewallRule>,
+    /// Proxmox host options kpve keeps verbatim but does not enforce (`nf_conntrack_max`,
+    /// `protection_synflood`, `ndp`, `nftables`, …), so a `host.fw` round-trips.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// A named address for use in rules.

@@ -333,7 +333,8 @@ async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) -> bool {
                 let started = std::time::Instant::now();
                 // An IP set edit only replaces the set's elements; anything else reloads
                 // both tables.
-                let delta = applied.document.as_ref().and_then(|prev| firewall::set_delta(prev, &ruleset.document));
+                let delta =
+                    applied.document.as_ref().and_then(|prev| firewall::set_delta(prev, &ruleset.document));
                 match nft::apply(delta.as_ref().unwrap_or(&ruleset.document)).await {
                     Ok(()) => {
                         tracing::info!(

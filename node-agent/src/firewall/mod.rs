@@ -172,7 +172,11 @@ pub fn set_delta(previous: &Value, next: &Value) -> Option<Value> {
         if strip(sx) != strip(sy) {
             return None;
         }
-        let id = obj([("family", sy["family"].clone()), ("table", sy["table"].clone()), ("name", sy["name"].clone())]);
+        let id = obj([
+            ("family", sy["family"].clone()),
+            ("table", sy["table"].clone()),
+            ("name", sy["name"].clone()),
+        ]);
         cmds.push(obj([("flush", obj([("set", id.clone())]))]));
         if let Some(elem) = sy.get("elem") {
             let mut e = id;
@@ -747,6 +751,16 @@ impl<'a> Compiler<'a> {
             {
                 self.compile_rule(r, Ctx::HostOut, "output", None, owner, *field, None);
             }
+            // The node must reach its control plane whatever policy_out says (Proxmox keeps
+            // corosync and the API open the same way).
+            self.rule(
+                "inet",
+                "output",
+                vec![
+                    eq(payload("tcp", "dport"), ports_value(&[(6443, 6443), (8006, 8006)])),
+                    verdict("accept"),
+                ],
+            );
             self.policy("output", cluster.policy_out, host.log_level_out, "host-out", Ctx::HostOut);
         }
 
@@ -1006,14 +1020,41 @@ impl<'a> Compiler<'a> {
             Policy::DROP => "DROP",
             Policy::REJECT => "REJECT",
         };
-        let mut e = Vec::new();
         if policy != Policy::ACCEPT
             && let Some(level) = log.and_then(nft_level)
         {
-            e.push(json!({"log": {"prefix": format!("kpve {tag} policy {action}: "), "level": level}}));
+            let log = self.log_statements(&format!("kpve {tag} policy {action}: "), level);
+            self.rule("inet", chain, log);
         }
-        e.push(self.action(action, ctx));
-        self.rule("inet", chain, e);
+        let verdict = self.action(action, ctx);
+        self.rule("inet", chain, vec![verdict]);
+    }
+
+    /// A rate limit (the cluster's `log_ratelimit`, Proxmox's default `rate=1/second,burst=5`)
+    /// and the log statement.
+    fn log_statements(&self, prefix: &str, level: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let spec = self.cluster().log_ratelimit.clone().unwrap_or_default();
+        let mut enable = true;
+        let (mut rate, mut per, mut burst) = (1u64, "second".to_string(), 5u64);
+        for (k, v) in spec.split(',').filter_map(|kv| kv.split_once('=')) {
+            match k.trim() {
+                "enable" => enable = v.trim() != "0",
+                "rate" => {
+                    if let Some((n, unit)) = v.trim().split_once('/') {
+                        rate = n.parse().unwrap_or(rate);
+                        per = unit.to_string();
+                    }
+                }
+                "burst" => burst = v.trim().parse().unwrap_or(burst),
+                _ => {}
+            }
+        }
+        if enable {
+            out.push(json!({"limit": {"rate": rate, "per": per, "burst": burst}}));
+        }
+        out.push(json!({"log": {"prefix": prefix, "level": level}}));
+        out
     }
 
     /// One rule (a group rule expands to the group's rules of the chain's direction).
@@ -1105,12 +1146,11 @@ impl<'a> Compiler<'a> {
                 Ctx::Forward => prefix.push(eq(meta("iifname"), json!(iface))),
             }
         }
-        let mut verdicts = Vec::new();
-        if let Some(level) = r.log.and_then(nft_level) {
+        let log = r.log.and_then(nft_level).map(|level| {
             let tag = guest.map(|g| g.vmid.to_string()).unwrap_or_else(|| "host".into());
-            verdicts.push(json!({"log": {"prefix": format!("kpve {tag} {}: ", r.action), "level": level}}));
-        }
-        verdicts.push(self.action(&r.action, ctx));
+            self.log_statements(&format!("kpve {tag} {}: ", r.action), level)
+        });
+        let verdict = self.action(&r.action, ctx);
 
         for (proto, dport, sport) in patterns {
             let proto_num = match proto.as_deref().map(|p| lang::protocol_number(p).ok_or(p)) {
@@ -1174,7 +1214,14 @@ impl<'a> Compiler<'a> {
                     }
                 }
                 e.extend(l4.iter().cloned());
-                e.extend(verdicts.iter().cloned());
+                if let Some(log) = &log {
+                    // Logging is rate-limited in a rule of its own: a limit that ran out must
+                    // silence the log, never skip the verdict.
+                    let mut logged = e.clone();
+                    logged.extend(log.iter().cloned());
+                    self.rule("inet", chain, logged);
+                }
+                e.push(verdict.clone());
                 self.rule("inet", chain, e);
                 if !family_specific {
                     break; // one rule covers both families
@@ -1247,8 +1294,10 @@ mod tests {
     fn an_ip_set_edit_is_a_set_update_not_a_reload() {
         let mut inputs = host_rules(&["IN ACCEPT -source +admins -p tcp -dport 22"]);
         let set = |cidrs: &[&str]| -> IPSetSpec {
-            serde_json::from_value(json!({"entries": cidrs.iter().map(|c| json!({"cidr": c})).collect::<Vec<_>>()}))
-                .unwrap()
+            serde_json::from_value(
+                json!({"entries": cidrs.iter().map(|c| json!({"cidr": c})).collect::<Vec<_>>()}),
+            )
+            .unwrap()
         };
         inputs.ipsets.insert("admins".into(), set(&["10.0.0.1"]));
         let before = compile(&inputs).unwrap().document;
@@ -1256,7 +1305,10 @@ mod tests {
         let after = compile(&inputs).unwrap().document;
         let delta = set_delta(&before, &after).expect("only elements changed");
         let text = delta.to_string();
-        assert!(text.contains(r#""flush":{"set":{"family":"inet","table":"kpve","name":"dc/admins/v4"}}"#), "{text}");
+        assert!(
+            text.contains(r#""flush":{"set":{"family":"inet","table":"kpve","name":"dc/admins/v4"}}"#),
+            "{text}"
+        );
         assert!(text.contains("10.0.0.3") && !text.contains("\"rule\""), "{text}");
         // A rule change is not a set update.
         inputs.cluster.as_mut().unwrap().rules[0].dport = Some("2222".into());
