@@ -158,6 +158,20 @@ fn the_kernel_accepts_the_compiled_ruleset() {
     assert!(rules as u32 >= ruleset.rules, "{rules} listed < {} compiled", ruleset.rules);
     // What `nft list ruleset` prints reads back (backups and `nft -f` of a listing work).
     nft(&["-c", "-f", "-"], Some(&listed.replace("table ip foreign", "table ip foreign2")));
+    // An incremental update (an IP set edit and a guest's rule edit) leaves exactly what a
+    // full load of the new document would.
+    let mut edited = inputs("basic");
+    edited.ipsets.get_mut("admins").unwrap().entries[0].cidr = "10.7.0.0/16".into();
+    edited.guests[0].firewall.as_mut().unwrap().rules[0].dport = Some("2222".into());
+    let next = compile(&edited).unwrap().document;
+    let delta = kpve_node_agent::firewall::delta(&ruleset.document, &next).expect("same chains and sets");
+    assert!(delta.to_string().len() < doc.len() / 4, "a delta is small");
+    nft(&["-j", "-f", "-"], Some(&delta.to_string()));
+    let after_delta = nft(&["list", "ruleset"], None);
+    nft(&["-j", "-f", "-"], Some(&next.to_string()));
+    assert_eq!(after_delta, nft(&["list", "ruleset"], None));
+    assert!(after_delta.contains("10.7.0.0/16") && after_delta.contains("2222"));
+
     nft(&["-j", "-f", "-"], Some(&kpve_node_agent::firewall::removal().to_string()));
     let listed = nft(&["list", "tables"], None);
     assert_eq!(listed.trim(), "table ip foreign");

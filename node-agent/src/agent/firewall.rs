@@ -334,14 +334,14 @@ async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) -> bool {
                 // An IP set edit only replaces the set's elements; anything else reloads
                 // both tables.
                 let delta =
-                    applied.document.as_ref().and_then(|prev| firewall::set_delta(prev, &ruleset.document));
+                    applied.document.as_ref().and_then(|prev| firewall::delta(prev, &ruleset.document));
                 match nft::apply(delta.as_ref().unwrap_or(&ruleset.document)).await {
                     Ok(()) => {
                         tracing::info!(
                             enabled = ruleset.enabled,
                             rules = ruleset.rules,
                             elapsed_ms = started.elapsed().as_millis() as u64,
-                            sets_only = delta.is_some(),
+                            incremental = delta.is_some(),
                             "firewall ruleset applied"
                         );
                         applied.document = Some(ruleset.document);

@@ -149,39 +149,76 @@ pub fn removal() -> Value {
     json!({ "nftables": cmds })
 }
 
-/// When `next` differs from `previous` only in the elements of named sets (an IP set was
-/// edited), the transaction that updates just those sets: flush each and add its new
-/// elements. One transaction, so atomic like a full load, but its cost does not grow with
-/// the number of rules. `None` when anything else changed.
-pub fn set_delta(previous: &Value, next: &Value) -> Option<Value> {
-    let (a, b) = (previous["nftables"].as_array()?, next["nftables"].as_array()?);
-    if a.len() != b.len() {
+/// The smallest transaction that turns the ruleset `previous` into `next`, when both declare
+/// the same tables, chains and sets: each changed set is flushed and refilled, each changed
+/// chain flushed and its rules added again; everything else stays. One transaction, so it is
+/// atomic like a full load, but its cost follows what changed (an IP set edit, one guest's
+/// rules), not the size of the ruleset. `None` when chains or sets were added, removed or
+/// redefined: then the full document is loaded.
+pub fn delta(previous: &Value, next: &Value) -> Option<Value> {
+    struct Parts<'v> {
+        frame: Vec<&'v Value>,
+        sets: BTreeMap<(String, String), &'v Value>,
+        rules: BTreeMap<(String, String), Vec<&'v Value>>,
+    }
+    fn parts(doc: &Value) -> Option<Parts<'_>> {
+        let mut p = Parts { frame: Vec::new(), sets: BTreeMap::new(), rules: BTreeMap::new() };
+        let key = |v: &Value, name: &str| {
+            (v["family"].as_str().unwrap_or("").to_string(), v[name].as_str().unwrap_or("").to_string())
+        };
+        for cmd in doc["nftables"].as_array()? {
+            if let Some(set) = cmd["add"].get("set") {
+                p.sets.insert(key(set, "name"), set);
+            } else if let Some(rule) = cmd["add"].get("rule") {
+                p.rules.entry(key(rule, "chain")).or_default().push(&rule["expr"]);
+            } else {
+                // Tables and chain declarations: must be identical for a delta.
+                p.frame.push(cmd);
+            }
+        }
+        Some(p)
+    }
+    let (a, b) = (parts(previous)?, parts(next)?);
+    if a.frame != b.frame || a.sets.keys().ne(b.sets.keys()) {
         return None;
     }
+    let id = |family: &str, name: &str| obj([("family", s(family)), ("table", s(TABLE)), ("name", s(name))]);
     let mut cmds = Vec::new();
-    for (x, y) in a.iter().zip(b) {
-        if x == y {
+    for ((family, name), next_set) in &b.sets {
+        let prev_set = a.sets[&(family.clone(), name.clone())];
+        if prev_set == *next_set {
             continue;
         }
-        let (sx, sy) = (x["add"].get("set")?, y["add"].get("set")?);
         let strip = |v: &Value| {
             let mut v = v.clone();
             v.as_object_mut().map(|o| o.remove("elem"));
             v
         };
-        if strip(sx) != strip(sy) {
+        if strip(prev_set) != strip(next_set) {
             return None;
         }
-        let id = obj([
-            ("family", sy["family"].clone()),
-            ("table", sy["table"].clone()),
-            ("name", sy["name"].clone()),
-        ]);
-        cmds.push(obj([("flush", obj([("set", id.clone())]))]));
-        if let Some(elem) = sy.get("elem") {
-            let mut e = id;
+        cmds.push(obj([("flush", obj([("set", id(family, name))]))]));
+        if let Some(elem) = next_set.get("elem") {
+            let mut e = id(family, name);
             e["elem"] = elem.clone();
             cmds.push(obj([("add", obj([("element", e)]))]));
+        }
+    }
+    let chains: BTreeSet<&(String, String)> = a.rules.keys().chain(b.rules.keys()).collect();
+    for key @ (family, chain) in chains {
+        let (old, new) = (a.rules.get(key), b.rules.get(key));
+        if old == new {
+            continue;
+        }
+        cmds.push(obj([("flush", obj([("chain", id(family, chain))]))]));
+        for expr in new.into_iter().flatten() {
+            let body = obj([
+                ("family", s(family)),
+                ("table", s(TABLE)),
+                ("chain", s(chain)),
+                ("expr", (*expr).clone()),
+            ]);
+            cmds.push(obj([("add", obj([("rule", body)]))]));
         }
     }
     Some(obj([("nftables", Value::Array(cmds))]))
@@ -1291,7 +1328,7 @@ mod tests {
     }
 
     #[test]
-    fn an_ip_set_edit_is_a_set_update_not_a_reload() {
+    fn set_and_rule_edits_are_small_transactions() {
         let mut inputs = host_rules(&["IN ACCEPT -source +admins -p tcp -dport 22"]);
         let set = |cidrs: &[&str]| -> IPSetSpec {
             serde_json::from_value(
@@ -1303,16 +1340,37 @@ mod tests {
         let before = compile(&inputs).unwrap().document;
         inputs.ipsets.insert("admins".into(), set(&["10.0.0.2", "10.0.0.3"]));
         let after = compile(&inputs).unwrap().document;
-        let delta = set_delta(&before, &after).expect("only elements changed");
-        let text = delta.to_string();
+        let text = delta(&before, &after).expect("only elements changed").to_string();
         assert!(
             text.contains(r#""flush":{"set":{"family":"inet","table":"kpve","name":"dc/admins/v4"}}"#),
             "{text}"
         );
         assert!(text.contains("10.0.0.3") && !text.contains("\"rule\""), "{text}");
-        // A rule change is not a set update.
+        // A rule edit replaces the rules of its chain only.
         inputs.cluster.as_mut().unwrap().rules[0].dport = Some("2222".into());
-        assert!(set_delta(&after, &compile(&inputs).unwrap().document).is_none());
+        let edited = compile(&inputs).unwrap().document;
+        let text = delta(&after, &edited).expect("same chains").to_string();
+        assert!(
+            text.contains(r#""flush":{"chain":{"family":"inet","table":"kpve","name":"input"}}"#),
+            "{text}"
+        );
+        assert!(text.contains("2222") && !text.contains("\"output\""), "{text}");
+        // A new chain (a guest's) needs the full document.
+        let guest_fw: GuestFirewall = serde_json::from_value(json!({"enable": true})).unwrap();
+        inputs.guests.push(Guest {
+            vmid: 100,
+            owner: "VirtualMachine/default/a".into(),
+            firewall: Some(guest_fw),
+            nics: vec![GuestNic {
+                id: "net0".into(),
+                ifname: "tap100i0".into(),
+                mac: None,
+                bridge: None,
+                firewall: true,
+                ips: vec![],
+            }],
+        });
+        assert!(delta(&edited, &compile(&inputs).unwrap().document).is_none());
     }
 
     #[test]
