@@ -17,6 +17,7 @@ const ALLOWED: &str = "10.202.0.2";
 const DENIED: &str = "10.202.0.3";
 const WEB1: &str = "10.202.0.10";
 const WEB2: &str = "10.202.0.11";
+const WEB3: &str = "10.202.0.12";
 
 /// The namespaces of the test: the node's own and two peers on its bridge.
 struct Net {
@@ -350,9 +351,23 @@ fn guest_and_host_rules_are_enforced_on_real_packets() {
     );
     assert_eq!(probe(&net.denied, WEB1, 22), Probe::Open, "the previous ruleset stays in force");
     assert_eq!(probe(&net.denied, WEB1, 80), Probe::Timeout);
+    // A guest arriving meanwhile has no chains in the previous ruleset: it is held
+    // fail-closed, not left open.
+    apply(&server, &container("web3", 102, WEB3, "ACCEPT", ""));
+    let out = server.kubectl(&["wait", "--for=jsonpath={.status.phase}=Running", "ct/web3", "--timeout=60s"]);
+    assert!(
+        out.status.success(),
+        "web3 not running:\n{}",
+        server.kubectl_ok(&["get", "ct", "web3", "-o", "yaml"])
+    );
+    wait_until("httpd :80 in 102", || {
+        attach(&server, &net, 102, &format!("/bin/busybox httpd -p {WEB3}:80 -h /tmp"))
+    });
+    assert_eq!(probe(&net.allowed, WEB3, 80), Probe::Timeout, "a new guest is held fail-closed");
     apply(&server, &ipset("nosuch", &["10.202.0.0/24"]));
     wait_until("web1 in force again", || ready(&server, &["ct", "web1"]) == "True");
     enforced_within(Duration::from_secs(1), &net.denied, WEB1, 80, Probe::Open);
+    enforced_within(Duration::from_secs(1), &net.allowed, WEB3, 80, Probe::Open);
 
     // Someone else flushes the ruleset: the agent notices and loads it again.
     net.nft("flush ruleset");

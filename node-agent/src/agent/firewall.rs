@@ -7,7 +7,7 @@
 //! latest inputs are enforced, and when not (an IP set, alias or group that does not exist, a
 //! ruleset the kernel refused) names the rule while the previous ruleset stays in force.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -71,6 +71,8 @@ struct Applied {
     applied_at: Option<String>,
     /// Whether the document in force loads kpve's tables (else it removed them).
     enabled: bool,
+    /// The inputs of the last ruleset that compiled and loaded.
+    inputs: Option<Inputs>,
     node_status: Option<Value>,
     guest_status: BTreeMap<String, Value>,
 }
@@ -322,48 +324,79 @@ fn ensure_bridge_netfilter() -> Option<String> {
     None
 }
 
+/// A guest firewall that lets nothing in or out but established traffic.
+fn fail_closed() -> kpve_crds::GuestFirewall {
+    serde_json::from_value(json!({"enable": true, "policyIn": "DROP", "policyOut": "DROP", "ipfilter": true}))
+        .expect("a valid guest firewall")
+}
+
+/// Loads `ruleset` unless it is what is in force: the changed sets and chains when the
+/// tables keep their shape, else the whole document.
+async fn apply(applied: &mut Applied, ruleset: &firewall::Ruleset) -> Result<(), String> {
+    if applied.document.as_ref() == Some(&ruleset.document) {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let delta = applied.document.as_ref().and_then(|prev| firewall::delta(prev, &ruleset.document));
+    match nft::apply(delta.as_ref().unwrap_or(&ruleset.document)).await {
+        Ok(()) => {
+            tracing::info!(
+                enabled = ruleset.enabled,
+                rules = ruleset.rules,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                incremental = delta.is_some(),
+                "firewall ruleset applied"
+            );
+            applied.document = Some(ruleset.document.clone());
+            applied.applied_at = Some(now());
+            applied.enabled = ruleset.enabled;
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "firewall ruleset not applied");
+            Err(e.to_string())
+        }
+    }
+}
+
 /// One compile-and-apply round; true when the latest inputs are in force.
 async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) -> bool {
     let (inputs, generations, guests) = gather(agent, stores);
     let result = firewall::compile(&inputs);
     let outcome: Result<(bool, u32), (String, String, Vec<RuleError>)> = match result {
-        Ok(ruleset) => {
-            let mut outcome = Ok((ruleset.enabled, ruleset.rules));
-            if applied.document.as_ref() != Some(&ruleset.document) {
-                let started = std::time::Instant::now();
-                // An IP set edit only replaces the set's elements; anything else reloads
-                // both tables.
-                let delta =
-                    applied.document.as_ref().and_then(|prev| firewall::delta(prev, &ruleset.document));
-                match nft::apply(delta.as_ref().unwrap_or(&ruleset.document)).await {
-                    Ok(()) => {
-                        tracing::info!(
-                            enabled = ruleset.enabled,
-                            rules = ruleset.rules,
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            incremental = delta.is_some(),
-                            "firewall ruleset applied"
-                        );
-                        applied.document = Some(ruleset.document);
-                        applied.applied_at = Some(now());
-                        applied.enabled = ruleset.enabled;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "firewall ruleset not applied");
-                        outcome = Err(("ApplyFailed".into(), e.to_string(), Vec::new()));
+        Ok(ruleset) => match apply(applied, &ruleset).await {
+            Ok(()) => {
+                applied.inputs = Some(inputs);
+                Ok((ruleset.enabled, ruleset.rules))
+            }
+            Err(e) => Err(("ApplyFailed".into(), e, Vec::new())),
+        },
+        Err(errors) => {
+            let mut message = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+            tracing::warn!(%message, "firewall inputs refer to objects that do not exist; previous ruleset kept");
+            message.push_str("; the previous ruleset stays in force");
+            // The previous ruleset has no chains for a guest that arrived since: rather than
+            // leave it unfiltered, such a guest is held fail-closed (both policies DROP) until
+            // the inputs compile again.
+            if let Some(last) = &applied.inputs {
+                let mut fallback = last.clone();
+                let known: BTreeSet<u32> = last.guests.iter().map(|g| g.vmid).collect();
+                let held: Vec<Guest> = inputs
+                    .guests
+                    .iter()
+                    .filter(|g| !known.contains(&g.vmid) && g.firewall.as_ref().is_some_and(|f| f.enable))
+                    .map(|g| Guest { firewall: Some(fail_closed()), ..g.clone() })
+                    .collect();
+                if !held.is_empty() {
+                    let vmids: Vec<String> = held.iter().map(|g| g.vmid.to_string()).collect();
+                    message.push_str(&format!("; new guests {} are held fail-closed", vmids.join(", ")));
+                    fallback.guests.extend(held);
+                    if let Ok(ruleset) = firewall::compile(&fallback) {
+                        let _ = apply(applied, &ruleset).await;
                     }
                 }
             }
-            outcome
-        }
-        Err(errors) => {
-            let message = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
-            tracing::warn!(%message, "firewall inputs refer to objects that do not exist; previous ruleset kept");
-            Err((
-                "UnknownReference".into(),
-                format!("{message}; the previous ruleset stays in force"),
-                errors,
-            ))
+            Err(("UnknownReference".into(), message, errors))
         }
     };
     let warning = match outcome {
