@@ -73,6 +73,8 @@ struct Applied {
     enabled: bool,
     /// The inputs of the last ruleset that compiled and loaded.
     inputs: Option<Inputs>,
+    /// Number of rules the document in force loads.
+    rules: u32,
     node_status: Option<Value>,
     guest_status: BTreeMap<String, Value>,
 }
@@ -113,8 +115,9 @@ pub(crate) async fn run(agent: Arc<Agent>) -> anyhow::Result<()> {
         }
         if tokio::time::Instant::now() >= next_check {
             next_check = tokio::time::Instant::now() + RESYNC;
-            match nft::kpve_tables().await {
-                Ok(present) if present == applied.enabled => {}
+            let expected = applied.enabled.then_some(applied.rules);
+            match nft::kpve_rules().await {
+                Ok(found) if found == expected => {}
                 Ok(_) => {
                     tracing::warn!("kpve's nftables tables changed behind the agent's back; re-applying");
                     applied.document = None;
@@ -186,6 +189,8 @@ fn gather(agent: &Agent, stores: &Stores) -> (Inputs, BTreeMap<String, i64>, Vec
 /// A guest of either kind as the firewall sees it.
 trait GuestRef: Send + Sync {
     fn key(&self) -> String;
+    /// The object's uid: a guest deleted and created again under its name is another object.
+    fn object_uid(&self) -> String;
     fn generation(&self) -> i64;
     fn node(&self) -> Option<&str>;
     fn input(&self) -> Option<Guest>;
@@ -215,6 +220,9 @@ fn dynamic_api<K: Resource<DynamicType = ()>>(
 impl GuestRef for VirtualMachine {
     fn key(&self) -> String {
         key(self)
+    }
+    fn object_uid(&self) -> String {
+        self.uid().unwrap_or_default()
     }
     fn generation(&self) -> i64 {
         self.meta().generation.unwrap_or(0)
@@ -264,6 +272,9 @@ impl GuestRef for VirtualMachine {
 impl GuestRef for LinuxContainer {
     fn key(&self) -> String {
         key(self)
+    }
+    fn object_uid(&self) -> String {
+        self.uid().unwrap_or_default()
     }
     fn generation(&self) -> i64 {
         self.meta().generation.unwrap_or(0)
@@ -338,7 +349,13 @@ async fn apply(applied: &mut Applied, ruleset: &firewall::Ruleset) -> Result<(),
     }
     let started = std::time::Instant::now();
     let delta = applied.document.as_ref().and_then(|prev| firewall::delta(prev, &ruleset.document));
-    match nft::apply(delta.as_ref().unwrap_or(&ruleset.document)).await {
+    let mut result = nft::apply(delta.as_ref().unwrap_or(&ruleset.document)).await;
+    if delta.is_some() && result.is_err() {
+        // The kernel does not hold what the delta was computed against: load it all.
+        tracing::warn!(error = %result.as_ref().unwrap_err(), "incremental firewall update refused; loading the whole ruleset");
+        result = nft::apply(&ruleset.document).await;
+    }
+    match result {
         Ok(()) => {
             tracing::info!(
                 enabled = ruleset.enabled,
@@ -350,6 +367,7 @@ async fn apply(applied: &mut Applied, ruleset: &firewall::Ruleset) -> Result<(),
             applied.document = Some(ruleset.document.clone());
             applied.applied_at = Some(now());
             applied.enabled = ruleset.enabled;
+            applied.rules = ruleset.rules;
             Ok(())
         }
         Err(e) => {
@@ -389,11 +407,16 @@ async fn sync(agent: &Agent, stores: &Stores, applied: &mut Applied) -> bool {
                     .collect();
                 if !held.is_empty() {
                     let vmids: Vec<String> = held.iter().map(|g| g.vmid.to_string()).collect();
-                    message.push_str(&format!("; new guests {} are held fail-closed", vmids.join(", ")));
                     fallback.guests.extend(held);
-                    if let Ok(ruleset) = firewall::compile(&fallback) {
-                        let _ = apply(applied, &ruleset).await;
-                    }
+                    let loaded = match firewall::compile(&fallback) {
+                        Ok(ruleset) => apply(applied, &ruleset).await.is_ok(),
+                        Err(_) => false,
+                    };
+                    message.push_str(&if loaded {
+                        format!("; new guests {} are held fail-closed", vmids.join(", "))
+                    } else {
+                        format!("; new guests {} could not be held fail-closed", vmids.join(", "))
+                    });
                 }
             }
             Err(("UnknownReference".into(), message, errors))
@@ -473,7 +496,20 @@ async fn write_guest_status(
                     (true, true, 0, _) => (true, "NotFiltered", "no NIC has firewall: true".to_string()),
                     (true, true, _, Some(w)) => (false, "BridgeFilterUnavailable", w.to_string()),
                     (true, true, n, None) => {
-                        (true, "Enforced", format!("the guest's rules are in force on {n} NIC(s)"))
+                        let unknown: Vec<&str> = input
+                            .nics
+                            .iter()
+                            .filter(|nic| nic.firewall && nic.ips.is_empty())
+                            .map(|nic| nic.id.as_str())
+                            .collect();
+                        let mut m = format!("the guest's rules are in force on {n} NIC(s)");
+                        if !unknown.is_empty() {
+                            m.push_str(&format!(
+                                "; {} have no static address, so traffic from the host itself to them is not filtered",
+                                unknown.join(", ")
+                            ));
+                        }
+                        (true, "Enforced", m)
                     }
                 };
                 json!({
@@ -492,7 +528,8 @@ async fn write_guest_status(
                 json!({"conditions": [condition(FIREWALL_READY, false, reason, &message)]})
             }
         };
-        if applied.guest_status.get(&key) == Some(&status) {
+        let cache_key = format!("{key}#{}", g.object_uid());
+        if applied.guest_status.get(&cache_key) == Some(&status) {
             continue;
         }
         let (name, api) = g.api(agent.client.clone());
@@ -500,7 +537,7 @@ async fn write_guest_status(
         body["status"]["conditions"][0]["lastTransitionTime"] = json!(now());
         match api.patch_status(&name, &manager(agent), &Patch::Apply(&body)).await {
             Ok(_) => {
-                applied.guest_status.insert(key, status);
+                applied.guest_status.insert(cache_key, status);
             }
             Err(e) => tracing::debug!(error = %e, guest = %key, "guest firewall status not written"),
         }

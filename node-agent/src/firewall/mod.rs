@@ -248,8 +248,8 @@ struct Compiler<'a> {
 /// literal values they match, with the same statements after the matches (same verdict,
 /// same log), are one rule over a set: `ip saddr . tcp dport { a . 22, b . 22 } accept`. First
 /// match wins either way, and the packet pays one set lookup instead of one rule per line.
-/// Concatenated sets only take exact values: intervals that overlap in every field make the
-/// kernel refuse the set, so a rule with a prefix or range in a multi-field match stays alone.
+/// Merged sets only take exact values: intervals from different rules may overlap, which
+/// makes the kernel refuse the set, so a rule with a prefix or range stays alone.
 struct Pending {
     exprs: Vec<Value>,
     /// Number of leading `==` matches on literals (`None`: the rule cannot merge).
@@ -328,12 +328,12 @@ impl Pending {
         {
             return false;
         }
+        // Only exact values: intervals from different rules may overlap, and nft refuses a
+        // set with overlapping intervals.
         let new = tuples(exprs, n);
-        if n > 1 {
-            let exact = |ts: &[Vec<Value>]| ts.iter().flatten().all(is_exact);
-            if !exact(&new) || (self.merged.is_empty() && !exact(&tuples(&self.exprs, n))) {
-                return false;
-            }
+        let exact = |ts: &[Vec<Value>]| ts.iter().flatten().all(is_exact);
+        if !exact(&new) || (self.merged.is_empty() && !exact(&tuples(&self.exprs, n))) {
+            return false;
         }
         self.merged.extend(new);
         true
@@ -435,13 +435,77 @@ fn item_value(item: &AddrItem) -> Value {
 }
 
 fn items_value(items: &[AddrItem]) -> Value {
-    match items {
+    match normalize(items).as_slice() {
         [one] => item_value(one),
         many => set_of(many.iter().map(item_value).collect()),
     }
 }
 
+fn bits(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(v) => u32::from(v).into(),
+        IpAddr::V6(v) => v.into(),
+    }
+}
+
+fn addr(v4: bool, b: u128) -> IpAddr {
+    if v4 { IpAddr::from((b as u32).to_be_bytes()) } else { IpAddr::from(b.to_be_bytes()) }
+}
+
+/// The same addresses with no two items overlapping or touching: nft refuses an interval set
+/// whose elements overlap ("conflicting intervals"; JSON input does not auto-merge), so
+/// `10.0.0.0/24, 10.0.0.5` becomes `10.0.0.0/24`. Merged runs print as a prefix when aligned,
+/// else as a range. Items of one family.
+fn normalize(items: &[AddrItem]) -> Vec<AddrItem> {
+    let Some(first) = items.first() else { return Vec::new() };
+    let v4 = first.is_v4();
+    let width = if v4 { 32 } else { 128 };
+    let span = |i: &AddrItem| match *i {
+        AddrItem::Net(n) => {
+            let lo = bits(n.addr);
+            let host =
+                if n.prefix as u32 == width { 0 } else { u128::MAX >> (128 - width + n.prefix as u32) };
+            (lo, lo | host)
+        }
+        AddrItem::Range(a, b) => (bits(a), bits(b)),
+    };
+    let mut spans: Vec<(u128, u128)> = items.iter().map(span).collect();
+    spans.sort();
+    let mut merged: Vec<(u128, u128)> = Vec::new();
+    for (lo, hi) in spans {
+        match merged.last_mut() {
+            Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(lo, hi)| {
+            let size = hi - lo;
+            let aligned = size.checked_add(1).is_some_and(|n| n.is_power_of_two() && lo % n == 0)
+                || (lo == 0 && hi == if v4 { u32::MAX as u128 } else { u128::MAX });
+            if aligned {
+                let host_bits = if size == u128::MAX { 128 } else { (size + 1).trailing_zeros() };
+                AddrItem::Net(Net { addr: addr(v4, lo), prefix: (width - host_bits) as u8 })
+            } else {
+                AddrItem::Range(addr(v4, lo), addr(v4, hi))
+            }
+        })
+        .collect()
+}
+
 fn ports_value(ports: &[(u16, u16)]) -> Value {
+    // Overlapping port ranges make an interval set fail to load, like addresses.
+    let mut sorted = ports.to_vec();
+    sorted.sort();
+    let mut merged: Vec<(u16, u16)> = Vec::new();
+    for (a, b) in sorted {
+        match merged.last_mut() {
+            Some(last) if u32::from(a) <= u32::from(last.1) + 1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    let ports = merged.as_slice();
     let one = |&(a, b): &(u16, u16)| {
         if a == b { Value::from(a) } else { obj([("range", Value::Array(vec![a.into(), b.into()]))]) }
     };
@@ -571,7 +635,10 @@ impl<'a> Compiler<'a> {
             self.sets.entry(name.clone()).or_insert_with(|| SetDef {
                 family,
                 type_,
-                elems: matching.iter().map(|(_, n)| item_value(&AddrItem::Net(*n))).collect(),
+                elems: normalize(&matching.iter().map(|(_, n)| AddrItem::Net(*n)).collect::<Vec<_>>())
+                    .iter()
+                    .map(item_value)
+                    .collect(),
             });
             let exclude = if nomatch.is_empty() {
                 None
@@ -580,7 +647,10 @@ impl<'a> Compiler<'a> {
                 self.sets.entry(nm.clone()).or_insert_with(|| SetDef {
                     family,
                     type_,
-                    elems: nomatch.iter().map(|(_, n)| item_value(&AddrItem::Net(*n))).collect(),
+                    elems: normalize(&nomatch.iter().map(|(_, n)| AddrItem::Net(*n)).collect::<Vec<_>>())
+                        .iter()
+                        .map(item_value)
+                        .collect(),
                 });
                 Some(json!(format!("@{nm}")))
             };
@@ -710,9 +780,30 @@ impl<'a> Compiler<'a> {
         let vmap = |key: Value, set: Vec<Value>| obj([("vmap", obj([("key", key), ("data", set_of(set))]))]);
         let masked = |mask: u32| obj([("&", Value::Array(vec![meta("mark"), mask.into()]))]);
         let (mut ingress, mut egress, mut outs, mut ins) = (vec![], vec![], vec![], vec![]);
-        // Guests by address, for traffic that does not cross a bridge port before the inet
-        // hooks see it: from the host itself, and routed to a guest.
-        let (mut by_v4, mut by_v6, mut seen) = (vec![], vec![], BTreeSet::new());
+        // Guests by bridge and address, for traffic that does not cross a bridge port before
+        // the inet hooks see it: from the host itself, and routed to a guest. An address two
+        // NICs claim, or one no guest can own (multicast, broadcast, loopback, unspecified),
+        // is left out rather than handing its traffic to one of them.
+        let usable = |a: &IpAddr| match a {
+            IpAddr::V4(v) => !(v.is_multicast() || v.is_broadcast() || v.is_loopback() || v.is_unspecified()),
+            IpAddr::V6(v) => !(v.is_multicast() || v.is_loopback() || v.is_unspecified()),
+        };
+        let nic_addrs = |nic: &GuestNic| -> Vec<IpAddr> {
+            let mut a: Vec<IpAddr> = nic.ips.iter().map(|n| n.addr).collect();
+            a.extend(nic.mac.as_deref().and_then(link_local));
+            a.retain(usable);
+            a
+        };
+        let mut claims: BTreeMap<(&str, IpAddr), usize> = BTreeMap::new();
+        for (_, nic) in &ports {
+            if let Some(br) = nic.bridge.as_deref() {
+                for a in nic_addrs(nic) {
+                    *claims.entry((br, a)).or_default() += 1;
+                }
+            }
+        }
+        let guest_bridges: BTreeSet<&str> = ports.iter().filter_map(|(_, n)| n.bridge.as_deref()).collect();
+        let (mut by_v4, mut by_v6) = (vec![], vec![]);
         for (i, (guest, nic)) in ports.iter().enumerate() {
             let id = i as u32 + 1;
             let base = format!("g{}-{}", guest.vmid, nic.id);
@@ -720,23 +811,32 @@ impl<'a> Compiler<'a> {
             egress.push(Value::Array(vec![s(&nic.ifname), jump(&format!("{base}-to"))]));
             outs.push(Value::Array(vec![(id << IN_PORT_SHIFT).into(), jump(&format!("{base}-out"))]));
             ins.push(Value::Array(vec![(id << OUT_PORT_SHIFT).into(), jump(&format!("{base}-in"))]));
-            for ip in &nic.ips {
-                if seen.insert(ip.addr) {
-                    let entry = Value::Array(vec![ip.addr.to_string().into(), jump(&format!("{base}-in"))]);
-                    if ip.is_v4() { by_v4.push(entry) } else { by_v6.push(entry) }
+            let Some(br) = nic.bridge.as_deref() else { continue };
+            for a in nic_addrs(nic) {
+                if claims[&(br, a)] == 1 {
+                    let key = obj([("concat", Value::Array(vec![s(br), a.to_string().into()]))]);
+                    let entry = Value::Array(vec![key, jump(&format!("{base}-in"))]);
+                    if a.is_ipv4() { by_v4.push(entry) } else { by_v6.push(entry) }
                 }
             }
         }
-        let from_guest = (!outs.is_empty()).then(|| vmap(masked(IN_PORT_MASK), outs));
+        // Port marks count only on packets that crossed one of the guests' bridges (kpve clears
+        // its bits on every bridged frame, not on packets from elsewhere).
+        let bridge_set = set_of(guest_bridges.iter().map(|b| s(b)).collect());
+        let from_guest = (!outs.is_empty())
+            .then(|| vec![eq(meta("iifname"), bridge_set.clone()), vmap(masked(IN_PORT_MASK), outs)]);
         let to_guest_by_addr = |this: &mut Self, chain: &str, guard: Option<Value>| {
             for (fam, entries) in [("ip", &by_v4), ("ip6", &by_v6)] {
                 if !entries.is_empty() {
                     let mut e: Vec<Value> = guard.iter().cloned().collect();
-                    e.push(vmap(payload(fam, "daddr"), entries.clone()));
+                    let key = obj([("concat", Value::Array(vec![meta("oifname"), payload(fam, "daddr")]))]);
+                    e.push(vmap(key, entries.clone()));
                     this.rule("inet", chain, e);
                 }
             }
         };
+        let control_plane =
+            vec![eq(payload("tcp", "dport"), ports_value(&[(6443, 6443), (8006, 8006)])), verdict("accept")];
 
         if host.enable {
             self.chain("inet", "input", Some(("input", 0)));
@@ -745,11 +845,12 @@ impl<'a> Compiler<'a> {
                 self.blacklist_rules("input", bl);
             }
             self.rule("inet", "input", vec![ct_accept.clone()]);
-            self.rule("inet", "input", vec![nd.clone(), verdict("accept")]);
-            // A guest talking to the host passes its own OUT rules first.
+            // A guest talking to the host passes its own OUT rules first (its ndp and radv
+            // settings included).
             if let Some(v) = &from_guest {
-                self.rule("inet", "input", vec![v.clone()]);
+                self.rule("inet", "input", v.clone());
             }
+            self.rule("inet", "input", vec![nd.clone(), verdict("accept")]);
             for (owner, field, r) in
                 host_rules.iter().filter(|(_, _, r)| matches!(r.type_, RuleType::In | RuleType::Group))
             {
@@ -781,6 +882,9 @@ impl<'a> Compiler<'a> {
             self.rule("inet", "output", vec![eq(meta("oifname"), json!("lo")), verdict("accept")]);
             self.rule("inet", "output", vec![ct_accept.clone()]);
             self.rule("inet", "output", vec![nd.clone(), verdict("accept")]);
+            // The node must reach its control plane whatever policy_out or a guest claiming an
+            // address says (Proxmox keeps corosync and the API open the same way).
+            self.rule("inet", "output", control_plane.clone());
             // The host talking to a guest passes the guest's IN rules.
             to_guest_by_addr(self, "output", None);
             for (owner, field, r) in
@@ -788,16 +892,6 @@ impl<'a> Compiler<'a> {
             {
                 self.compile_rule(r, Ctx::HostOut, "output", None, owner, *field, None);
             }
-            // The node must reach its control plane whatever policy_out says (Proxmox keeps
-            // corosync and the API open the same way).
-            self.rule(
-                "inet",
-                "output",
-                vec![
-                    eq(payload("tcp", "dport"), ports_value(&[(6443, 6443), (8006, 8006)])),
-                    verdict("accept"),
-                ],
-            );
             self.policy("output", cluster.policy_out, host.log_level_out, "host-out", Ctx::HostOut);
         }
 
@@ -827,10 +921,21 @@ impl<'a> Compiler<'a> {
         if let Some(v) = from_guest {
             self.rule("bridge", "prerouting", vec![vmap(meta("iifname"), ingress)]);
             self.rule("bridge", "forward", vec![vmap(meta("oifname"), egress)]);
-            self.rule("inet", "forward", vec![v]);
-            self.rule("inet", "forward", vec![vmap(masked(OUT_PORT_MASK), ins)]);
-            // Routed to a guest: no egress port stamped yet, so dispatch by address.
-            to_guest_by_addr(self, "forward", Some(eq(masked(OUT_PORT_MASK), 0.into())));
+            self.rule("inet", "forward", v);
+            self.rule(
+                "inet",
+                "forward",
+                vec![eq(meta("oifname"), bridge_set), vmap(masked(OUT_PORT_MASK), ins)],
+            );
+            // Routed to a guest (not bridged within one bridge): no egress port stamped yet,
+            // so dispatch by bridge and address.
+            let same_bridge: Vec<Value> =
+                guest_bridges.iter().map(|b| obj([("concat", Value::Array(vec![s(b), s(b)]))])).collect();
+            let routed = ne(
+                obj([("concat", Value::Array(vec![meta("iifname"), meta("oifname")]))]),
+                set_of(same_bridge),
+            );
+            to_guest_by_addr(self, "forward", Some(routed));
         }
         // Bridged traffic that no guest rule decided is not routed traffic.
         let mut bridges: BTreeSet<&str> = self.inputs.bridges.iter().map(String::as_str).collect();
@@ -1273,6 +1378,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn overlapping_addresses_are_merged_before_nft_sees_them() {
+        let items = |list: &str| match lang::parse_address(list).unwrap() {
+            Address::List(i) => i,
+            _ => unreachable!(),
+        };
+        let show =
+            |v: Vec<AddrItem>| v.iter().map(|i| item_value(i).to_string()).collect::<Vec<_>>().join(" ");
+        assert_eq!(
+            show(normalize(&items("10.0.0.5,10.0.0.0/24"))),
+            r#"{"prefix":{"addr":"10.0.0.0","len":24}}"#
+        );
+        assert_eq!(
+            show(normalize(&items("10.0.0.0/25,10.0.0.128/25"))),
+            r#"{"prefix":{"addr":"10.0.0.0","len":24}}"#
+        );
+        assert_eq!(show(normalize(&items("10.0.0.1,10.0.0.2"))), r#"{"range":["10.0.0.1","10.0.0.2"]}"#);
+        assert_eq!(show(normalize(&items("10.0.0.9,10.0.0.1"))), r#""10.0.0.1" "10.0.0.9""#);
+        assert_eq!(show(normalize(&items("0.0.0.0/0,10.0.0.1"))), r#"{"prefix":{"addr":"0.0.0.0","len":0}}"#);
+        assert_eq!(show(normalize(&items("fd00::/64,fd00::1"))), r#"{"prefix":{"addr":"fd00::","len":64}}"#);
+        assert_eq!(
+            ports_value(&[(8000, 8100), (8080, 8080), (22, 22)]),
+            json!({"set": [22, {"range": [8000, 8100]}]})
+        );
+    }
+
+    #[test]
     fn link_local_follows_eui64() {
         assert_eq!(link_local("BC:24:11:00:00:01").unwrap().to_string(), "fe80::be24:11ff:fe00:1");
     }
@@ -1303,9 +1434,9 @@ mod tests {
             "IN ACCEPT -source 10.0.0.0/8 -p tcp -dport 22",
             "IN DROP -source 10.0.0.7 -p tcp -dport 22",
             "IN ACCEPT -source 10.0.0.8 -p tcp -dport 22",
-            "IN ACCEPT -source 192.168.0.0/16",
-            "IN ACCEPT -source 192.168.7.0/24",
-            "IN ACCEPT -source 172.16.0.1-172.16.0.9",
+            "IN ACCEPT -source 192.168.0.1",
+            "IN ACCEPT -source 192.168.0.2",
+            "IN ACCEPT -source 172.16.0.1",
         ]))
         .unwrap();
         let chain = input_chain(&r);
@@ -1338,14 +1469,14 @@ mod tests {
         };
         inputs.ipsets.insert("admins".into(), set(&["10.0.0.1"]));
         let before = compile(&inputs).unwrap().document;
-        inputs.ipsets.insert("admins".into(), set(&["10.0.0.2", "10.0.0.3"]));
+        inputs.ipsets.insert("admins".into(), set(&["10.0.0.2", "10.0.0.9"]));
         let after = compile(&inputs).unwrap().document;
         let text = delta(&before, &after).expect("only elements changed").to_string();
         assert!(
             text.contains(r#""flush":{"set":{"family":"inet","table":"kpve","name":"dc/admins/v4"}}"#),
             "{text}"
         );
-        assert!(text.contains("10.0.0.3") && !text.contains("\"rule\""), "{text}");
+        assert!(text.contains("10.0.0.9") && !text.contains("\"rule\""), "{text}");
         // A rule edit replaces the rules of its chain only.
         inputs.cluster.as_mut().unwrap().rules[0].dport = Some("2222".into());
         let edited = compile(&inputs).unwrap().document;
