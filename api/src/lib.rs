@@ -1,3 +1,11 @@
 //! The Proxmox VE REST API (`/api2/json` on port 8006) served from kpve resources.
 //!
-//! Not built yet: see docs/ARCHITECTURE.md §9. Parameters map through `kpve_crds::codec`.
+//! Built so far (issue 7, in progress): the wire-level pieces every endpoint shares —
+//! [`envelope`] (the `{"data": …}` envelope, errors with the first line as reason phrase and
+//! the `errors` map), [`ticket`] (authentication tickets and CSRF tokens with key rotation)
+//! and [`upid`] (task ids). Not built yet: the HTTPS server, access control, endpoints and
+//! tasks (docs/ARCHITECTURE.md §9). Parameters will map through `kpve_crds::codec`.
+
+pub mod envelope;
+pub mod ticket;
+pub mod upid;
