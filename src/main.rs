@@ -76,6 +76,10 @@ struct ServerArgs {
     /// This host's node name.
     #[arg(long)]
     node: Option<String>,
+    /// Address of the Proxmox VE API (HTTPS, `/api2/json`); root@pam's password is generated
+    /// into DATA_DIR/pve-root-password on first start.
+    #[arg(long, default_value = "0.0.0.0:8006")]
+    pve_listen: std::net::SocketAddr,
     /// Do not run a node agent for this host.
     #[arg(long)]
     no_agent: bool,
@@ -208,6 +212,20 @@ fn server(args: ServerArgs) -> Result<ExitCode> {
         let running = kpve_apiserver::start(config).await?;
         let server_url = format!("https://{}", running.address);
         let ca = args.data_dir.join("ca.crt");
+        let pve = kpve_api::server::PveApiConfig {
+            data_dir: args.data_dir.clone(),
+            listen: args.pve_listen,
+            tls: kpve_apiserver::pki::server_tls_config(&args.data_dir)?,
+            client: kube_client(&server_url, &running.admin_token, &ca)?,
+        };
+        let (pve_address, pve_task) =
+            kpve_api::server::start(pve).await.context("starting the Proxmox VE API")?;
+        eprintln!("kpve: Proxmox VE API listening on https://{pve_address}/api2/json");
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = pve_task.await {
+                tracing::error!(error = %e, "Proxmox VE API stopped");
+            }
+        });
         if !args.no_controllers {
             let admin = kube_client(&server_url, &running.admin_token, &ca)?;
             tokio::spawn(async move {

@@ -15,6 +15,8 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 pub struct Server {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// Port of the Proxmox VE API (`--pve-listen 127.0.0.1:<port>`).
+    pub pve_port: u16,
     child: Option<Child>,
     extra_args: Vec<String>,
     /// Run the node agent inside the server (otherwise `--no-agent`).
@@ -40,6 +42,7 @@ impl Server {
         let mut server = Server {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
+            pve_port: free_port(),
             child: None,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             agent: false,
@@ -75,6 +78,7 @@ impl Server {
         let mut server = Server {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
+            pve_port: free_port(),
             child: None,
             extra_args: Vec::new(),
             agent,
@@ -114,6 +118,8 @@ impl Server {
             .arg(self.dir.path())
             .arg("--kube-listen")
             .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--pve-listen")
+            .arg(format!("127.0.0.1:{}", self.pve_port))
             .args(&self.extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
