@@ -1,8 +1,10 @@
 //! The Proxmox VE API on its own port, driven by proxmoxer and requests the way Proxmox
 //! clients use it: root@pam logs in with the generated password, reads the version, the
 //! nodes, the guests (a VM created with kubectl shows up with a numeric vmid) and the next
-//! free VMID (a JSON string); wrong passwords, missing tickets, missing CSRF tokens, bad
-//! parameters and unknown routes get Proxmox's status codes and reason phrases.
+//! free VMID (a JSON string); starts and shuts down a container created with kubectl through
+//! tasks it polls to `OK`, reads its status and its config in Proxmox format; wrong
+//! passwords, missing tickets, missing CSRF tokens, bad parameters and unknown routes get
+//! Proxmox's status codes and reason phrases.
 
 mod support;
 
@@ -25,6 +27,27 @@ out["nodes"] = p.nodes.get()
 out["resources"] = p.cluster.resources.get(type="vm")
 out["all"] = p.cluster.resources.get()
 out["nextid"] = p.cluster.nextid.get()
+from proxmoxer.tools import Tasks
+node = p.nodes("node1")
+out["lxc_list"] = node.lxc.get()
+upid = node.lxc(101).status.start.post()
+out["upid"] = upid
+out["start_task"] = Tasks.blocking_status(p, upid, timeout=60)
+out["lxc_current"] = node.lxc(101).status.current.get()
+out["lxc_config"] = node.lxc(101).config.get()
+try:
+    node.lxc(101).status.start.post()
+except Exception as e:
+    out["start_again"] = str(e)
+stop = node.lxc(101).status.shutdown.post()
+out["stop_task"] = Tasks.blocking_status(p, stop, timeout=60)
+out["lxc_after"] = node.lxc(101).status.current.get()
+out["task_log"] = node.tasks(upid).log.get()
+out["qemu_config"] = node.qemu(100).config.get()
+try:
+    node.qemu(999).status.current.get()
+except Exception as e:
+    out["missing"] = str(e)
 try:
     p.cluster.nextid.get(vmid=100)
 except Exception as e:
@@ -67,11 +90,20 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "the root password is private");
     let password = std::fs::read_to_string(&password_file).unwrap().trim().to_string();
+    support::install_busybox_template(server.data_dir());
     server.kubectl_stdin(&["apply", "-f", "-"], Some(&vm_manifest("web", 2, "")));
-    wait_until("web scheduled", || {
-        let out = server.kubectl(&["get", "vm", "web", "-o", "jsonpath={.status.node}"]);
-        String::from_utf8_lossy(&out.stdout) == "node1"
-    });
+    let ct = format!(
+        "apiVersion: kpve.io/v1alpha1\nkind: LinuxContainer\nmetadata: {{name: box, namespace: default}}\nspec:\n  vmid: 101\n  powerState: Stopped\n  hostname: box\n  template: local:vztmpl/{}.tar.gz\n  memory: 128\n  rootfs: {{pool: local, size: 1G}}\n  startup: {{down: 5}}\n",
+        support::BUSYBOX_TEMPLATE
+    );
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(&ct));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (kind, name) in [("vm", "web"), ("ct", "box")] {
+        wait_until(&format!("{name} scheduled"), || {
+            let out = server.kubectl(&["get", kind, name, "-o", "jsonpath={.status.node}"]);
+            String::from_utf8_lossy(&out.stdout) == "node1"
+        });
+    }
 
     let out = Command::new("python3")
         .args(["-c", CLIENT, &server.pve_port.to_string(), &password])
@@ -103,7 +135,32 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
         all.iter().any(|e| e["type"] == "node")
             && all.iter().any(|e| e["type"] == "storage" && e["storage"] == "local")
     );
-    assert_eq!(r["nextid"], Value::from("101"), "nextid is a JSON string");
+    assert_eq!(r["nextid"], Value::from("102"), "nextid is a JSON string");
+
+    // A container through the API: start as a task, status, config through the codec, stop.
+    assert!(
+        r["lxc_list"].as_array().unwrap().iter().any(|g| g["vmid"] == 101 && g["status"] == "stopped"),
+        "{}",
+        r["lxc_list"]
+    );
+    let upid = r["upid"].as_str().unwrap();
+    assert!(upid.starts_with("UPID:node1:") && upid.ends_with(":vzstart:101:root@pam:"), "{upid}");
+    assert_eq!(
+        (r["start_task"]["status"].as_str(), r["start_task"]["exitstatus"].as_str()),
+        (Some("stopped"), Some("OK"))
+    );
+    assert_eq!(r["lxc_current"]["status"], "running", "{}", r["lxc_current"]);
+    assert!(r["lxc_current"]["pid"].is_number());
+    assert_eq!(r["lxc_config"]["hostname"], "box");
+    assert_eq!(r["lxc_config"]["memory"], "128");
+    assert!(r["lxc_config"]["digest"].as_str().is_some_and(|d| d.len() == 40));
+    assert!(r["start_again"].as_str().unwrap().contains("CT 101 already running"), "{}", r["start_again"]);
+    assert_eq!(r["stop_task"]["exitstatus"], "OK");
+    assert_eq!(r["lxc_after"]["status"], "stopped");
+    let log: Vec<&str> = r["task_log"].as_array().unwrap().iter().map(|l| l["t"].as_str().unwrap()).collect();
+    assert_eq!(log.last(), Some(&"TASK OK"), "{log:?}");
+    assert_eq!(r["qemu_config"]["memory"], "512");
+    assert!(r["missing"].as_str().unwrap().contains("does not exist"), "{}", r["missing"]);
     assert!(r["taken"].as_str().unwrap().contains("VM 100 already exists"), "{}", r["taken"]);
 
     let wrong = &r["wrong_password"];

@@ -9,6 +9,8 @@
 //! writes and tasks (docs/ARCHITECTURE.md §9). Parameters will map through `kpve_crds::codec`.
 
 pub mod envelope;
+pub mod guests;
 pub mod server;
+pub mod tasks;
 pub mod ticket;
 pub mod upid;

@@ -14,12 +14,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
-use kpve_crds::{Hypervisor, LinuxContainer, PowerState, StoragePool, VirtualMachine};
+use kpve_crds::{Hypervisor, StoragePool};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
 use crate::envelope::{PveError, ok, unauthorized};
+use crate::guests::{self, Kind};
+use crate::tasks::Tasks;
 use crate::ticket::Keys;
 
 /// The only user until access control is built: `root@pam`.
@@ -44,6 +46,7 @@ struct AppState {
     client: kube::Client,
     keys: Keys,
     root_password: String,
+    tasks: Tasks,
 }
 
 /// Writes `contents` with mode 0600 unless the file exists; returns the file's content.
@@ -77,8 +80,13 @@ pub async fn start(
     for (i, byte) in current.iter_mut().enumerate() {
         *byte = u8::from_str_radix(key.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
     }
-    let state =
-        Arc::new(AppState { client: config.client, keys: Keys { current, previous: None }, root_password });
+    let tasks = Tasks::new(config.data_dir.join("pve-tasks"))?;
+    let state = Arc::new(AppState {
+        client: config.client,
+        keys: Keys { current, previous: None },
+        root_password,
+        tasks,
+    });
     let app = axum::Router::new().fallback(handle).with_state(state);
     let handle_ = axum_server::Handle::new();
     let server = axum_server::bind_rustls(
@@ -94,6 +102,25 @@ pub async fn start(
     Ok((address, task))
 }
 
+/// `%XX` escapes of a path segment (clients escape `:` `@` `!` in UPIDs and volume ids).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(v) = segment.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -106,12 +133,8 @@ fn auth_value(header: &str, name: &str) -> Option<String> {
     header.split(';').map(str::trim).find_map(|part| {
         let rest = part.strip_prefix(name)?;
         let value = rest.strip_prefix('=').or_else(|| rest.strip_prefix(' '))?;
-        Some(
-            form_urlencoded::parse(format!("v={value}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default(),
-        )
+        // URI-unescaped as Proxmox does (`+` stays a plus: signatures are base64).
+        Some(percent_decode(value))
     })
 }
 
@@ -152,7 +175,9 @@ async fn handle(
         return PveError::new(501, format!("Unexpected content for method '{method}'")).into_response();
     }
     let params = params(&uri, &headers, &body);
-    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let decoded: Vec<String> =
+        path.trim_matches('/').split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
 
     if (method == Method::POST) && segments == ["access", "ticket"] {
         return login(&state, &params).await;
@@ -193,6 +218,33 @@ async fn handle(
             resources(&state, params.get("type").map(String::as_str)).await
         }
         (&Method::GET, ["cluster", "nextid"]) => nextid(&state, params.get("vmid")).await,
+        (&Method::GET, ["nodes", node, kind]) if Kind::parse(kind).is_some() => {
+            let kind = Kind::parse(kind);
+            guests::list(&state.client, kind).await.map(|list| {
+                let on_node = list.iter().filter(|g| g.status.node.as_deref() == Some(*node));
+                Value::Array(on_node.map(guests::Guest::entry).collect())
+            })
+        }
+        (&Method::GET, ["nodes", node, kind, vmid, "status", "current"]) if Kind::parse(kind).is_some() => {
+            guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid)
+                .await
+                .map(|g| guests::current(&g))
+        }
+        (&Method::GET, ["nodes", node, kind, vmid, "config"]) if Kind::parse(kind).is_some() => {
+            guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid)
+                .await
+                .map(|g| guests::config(&g))
+        }
+        (&Method::POST, ["nodes", node, kind, vmid, "status", action]) if Kind::parse(kind).is_some() => {
+            match guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid).await {
+                Ok(g) => guests::power(&state.client, &state.tasks, node, &g, action, &user).await,
+                Err(e) => Err(e),
+            }
+        }
+        (&Method::GET, ["nodes", _, "tasks", upid, "status"]) => {
+            state.tasks.status(&state.client, upid).await
+        }
+        (&Method::GET, ["nodes", _, "tasks", upid, "log"]) => state.tasks.log(&state.client, upid).await,
         _ => Err(PveError::not_implemented(method.as_str(), path)),
     };
     match result {
@@ -263,72 +315,6 @@ fn node_entry(hv: &Hypervisor) -> Value {
     e
 }
 
-/// A guest as `/cluster/resources` lists it: `vmid` is a JSON number (Telmate reads it so).
-fn guest_entry(
-    kind: &str,
-    vmid: u32,
-    name: &str,
-    spec_status: (&kpve_crds::GuestStatus, PowerState),
-    maxcpu: u32,
-    maxmem_mib: u64,
-) -> Value {
-    let (status, _) = spec_status;
-    let running = matches!(status.phase, kpve_crds::GuestPhase::Running | kpve_crds::GuestPhase::Paused);
-    let mut e = json!({
-        "id": format!("{kind}/{vmid}"), "type": kind, "vmid": vmid, "name": name,
-        "status": if running { "running" } else { "stopped" },
-        "maxcpu": maxcpu, "maxmem": maxmem_mib * 1024 * 1024, "template": 0,
-    });
-    if let Some(node) = &status.node {
-        e["node"] = json!(node);
-    }
-    for (key, value) in [
-        ("mem", status.mem.map(|m| json!(m))),
-        ("cpu", status.cpu.map(|c| json!(c))),
-        ("uptime", status.uptime.map(|u| json!(u))),
-    ] {
-        if let Some(v) = value {
-            e[key] = v;
-        }
-    }
-    e
-}
-
-async fn guests(state: &AppState) -> Result<Vec<(u32, Value)>, PveError> {
-    let mut out = Vec::new();
-    let vms: Api<VirtualMachine> = Api::all(state.client.clone());
-    for vm in vms.list(&ListParams::default()).await.map_err(internal)?.items {
-        let Some(vmid) = vm.spec.vmid else { continue };
-        let status = vm.status.clone().unwrap_or_default();
-        let name = vm.spec.name.clone().unwrap_or_else(|| vm.name_any());
-        let cpus = vm.spec.cpu.cores * vm.spec.cpu.sockets;
-        out.push((
-            vmid,
-            guest_entry(
-                "qemu",
-                vmid,
-                &name,
-                (&status, vm.spec.power_state),
-                cpus,
-                u64::from(vm.spec.memory.size),
-            ),
-        ));
-    }
-    let cts: Api<LinuxContainer> = Api::all(state.client.clone());
-    for ct in cts.list(&ListParams::default()).await.map_err(internal)?.items {
-        let Some(vmid) = ct.spec.vmid else { continue };
-        let status = ct.status.clone().unwrap_or_default();
-        let name = ct.spec.hostname.clone().unwrap_or_else(|| ct.name_any());
-        let cpus = ct.spec.cores.unwrap_or(1);
-        out.push((
-            vmid,
-            guest_entry("lxc", vmid, &name, (&status, ct.spec.power_state), cpus, u64::from(ct.spec.memory)),
-        ));
-    }
-    out.sort_by_key(|(vmid, _)| *vmid);
-    Ok(out)
-}
-
 async fn resources(state: &AppState, kind: Option<&str>) -> Result<Value, PveError> {
     if let Some(k) = kind
         && !["vm", "node", "storage", "sdn", "pool"].contains(&k)
@@ -342,7 +328,7 @@ async fn resources(state: &AppState, kind: Option<&str>) -> Result<Value, PveErr
     }
     let mut out = Vec::new();
     if kind.is_none() || kind == Some("vm") {
-        out.extend(guests(state).await?.into_iter().map(|(_, e)| e));
+        out.extend(guests::list(&state.client, None).await?.iter().map(guests::Guest::entry));
     }
     if (kind.is_none() || kind == Some("node"))
         && let Value::Array(n) = nodes(state).await?
@@ -366,7 +352,8 @@ async fn resources(state: &AppState, kind: Option<&str>) -> Result<Value, PveErr
 }
 
 async fn nextid(state: &AppState, wanted: Option<&String>) -> Result<Value, PveError> {
-    let taken: std::collections::BTreeSet<u32> = guests(state).await?.into_iter().map(|(v, _)| v).collect();
+    let taken: std::collections::BTreeSet<u32> =
+        guests::list(&state.client, None).await?.iter().map(|g| g.vmid).collect();
     let reject = |msg: String| {
         let mut errors = BTreeMap::new();
         errors.insert("vmid".to_string(), msg);
@@ -399,5 +386,6 @@ mod tests {
         assert_eq!(auth_value("PVEAuthCookie=PVE:x::y", "PVEAuthCookie").unwrap(), "PVE:x::y");
         assert_eq!(auth_value("PVEAPIToken root@pam!ci=abc", "PVEAPIToken").unwrap(), "root@pam!ci=abc");
         assert!(auth_value("other=1", "PVEAuthCookie").is_none());
+        assert_eq!(auth_value("PVEAuthCookie=PVE:a::x+y/z=", "PVEAuthCookie").unwrap(), "PVE:a::x+y/z=");
     }
 }

@@ -1,0 +1,169 @@
+//! Proxmox tasks for asynchronous operations. A task is a small record in
+//! `DATA_DIR/pve-tasks/` (so it survives a restart of the API): which guest, which state was
+//! asked for, when. Its status is decided when read: `running` until the guest reaches the
+//! state, then `stopped` with `exitstatus` `OK`, or the error (the guest's Stalled condition,
+//! its disappearance, ten minutes without getting there). The log ends with `TASK OK` or
+//! `TASK ERROR: …` as Proxmox's does.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kpve_crds::common::{ConditionStatus, GuestPhase};
+use serde_json::{Value, json};
+
+use crate::envelope::PveError;
+use crate::guests::{self, Guest, Kind};
+use crate::upid::Upid;
+
+/// How long a task may wait for its guest.
+const TASK_TIMEOUT: i64 = 600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Running,
+    Stopped,
+}
+
+pub struct Tasks {
+    dir: PathBuf,
+    counter: AtomicU64,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn bad_upid(message: &str) -> PveError {
+    let mut errors = std::collections::BTreeMap::new();
+    errors.insert("upid".to_string(), message.to_string());
+    PveError::parameters(errors)
+}
+
+impl Tasks {
+    pub fn new(dir: PathBuf) -> std::io::Result<Tasks> {
+        std::fs::create_dir_all(&dir)?;
+        // Unique process-start field per task, also across restarts of the API.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        Ok(Tasks { dir, counter: AtomicU64::new(seed & 0xFFFF_FFFF) })
+    }
+
+    fn path(&self, upid: &str) -> PathBuf {
+        self.dir.join(upid.replace([':', '/', '@', '!'], "_"))
+    }
+
+    /// Records a task waiting for `guest` to reach `target`; returns its UPID.
+    pub fn create(
+        &self,
+        node: &str,
+        kind: &str,
+        guest: &Guest,
+        target: Target,
+        user: &str,
+    ) -> std::io::Result<String> {
+        let upid = Upid {
+            node: node.into(),
+            pid: std::process::id(),
+            pstart: self.counter.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF,
+            starttime: now() as u32,
+            kind: kind.into(),
+            id: guest.vmid.to_string(),
+            user: user.into(),
+        }
+        .to_string();
+        let what = match target {
+            Target::Running => "start",
+            Target::Stopped => "stop",
+        };
+        let record = json!({
+            "upid": upid, "vmid": guest.vmid, "guest": if guest.kind == Kind::Qemu { "qemu" } else { "lxc" },
+            "target": what, "started": now(), "status": "running",
+            "log": [format!("{what} {} {}: powerState {} declared", if guest.kind == Kind::Qemu { "VM" } else { "CT" }, guest.vmid,
+                             if target == Target::Running { "Running" } else { "Stopped" })],
+        });
+        std::fs::write(self.path(&upid), record.to_string())?;
+        Ok(upid)
+    }
+
+    fn load(&self, upid: &str) -> Result<(Upid, Value), PveError> {
+        let parsed: Upid = upid.parse().map_err(|_| bad_upid("unable to parse worker upid"))?;
+        let text = std::fs::read_to_string(self.path(upid)).map_err(|_| bad_upid("no such task"))?;
+        let record = serde_json::from_str(&text).map_err(|_| bad_upid("no such task"))?;
+        Ok((parsed, record))
+    }
+
+    /// Brings a running task's record up to date with its guest.
+    async fn settle(&self, client: &kube::Client, upid: &str, record: &mut Value) {
+        if record["status"] != "running" {
+            return;
+        }
+        let kind = if record["guest"] == "qemu" { Kind::Qemu } else { Kind::Lxc };
+        let vmid = record["vmid"].as_u64().unwrap_or(0) as u32;
+        let want = if record["target"] == "start" { GuestPhase::Running } else { GuestPhase::Stopped };
+        let outcome: Option<Result<(), String>> = match guests::list(client, Some(kind)).await {
+            Err(_) => None,
+            Ok(list) => match list.into_iter().find(|g| g.vmid == vmid) {
+                None => Some(Err(format!("guest {vmid} no longer exists"))),
+                Some(g) if g.status.phase == want => Some(Ok(())),
+                Some(g) => {
+                    let stalled = g
+                        .status
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == "Stalled" && c.status == ConditionStatus::True);
+                    match stalled {
+                        Some(c) if want == GuestPhase::Running => {
+                            Some(Err(c.message.lines().next().unwrap_or("").to_string()))
+                        }
+                        _ if now() - record["started"].as_i64().unwrap_or(0) > TASK_TIMEOUT => {
+                            Some(Err(format!("timeout waiting for guest {vmid} to reach {want:?}")))
+                        }
+                        _ => None,
+                    }
+                }
+            },
+        };
+        let Some(outcome) = outcome else { return };
+        let (line, exit) = match outcome {
+            Ok(()) => ("TASK OK".to_string(), "OK".to_string()),
+            Err(e) => (format!("TASK ERROR: {e}"), e),
+        };
+        if let Some(log) = record["log"].as_array_mut() {
+            log.push(json!(line));
+        }
+        record["exitstatus"] = json!(exit);
+        record["status"] = json!("stopped");
+        let _ = std::fs::write(self.path(upid), record.to_string());
+    }
+
+    /// `GET /nodes/{node}/tasks/{upid}/status`.
+    pub async fn status(&self, client: &kube::Client, upid: &str) -> Result<Value, PveError> {
+        let (u, mut record) = self.load(upid)?;
+        self.settle(client, upid, &mut record).await;
+        let mut out = json!({
+            "upid": upid, "node": u.node, "pid": u.pid, "pstart": u.pstart, "starttime": u.starttime,
+            "type": u.kind, "id": u.id, "user": u.user, "status": record["status"],
+        });
+        if let Some((user, token)) = u.user.split_once('!') {
+            out["user"] = json!(user);
+            out["tokenid"] = json!(token);
+        }
+        if record["status"] == "stopped" {
+            out["exitstatus"] = record["exitstatus"].clone();
+        }
+        Ok(out)
+    }
+
+    /// `GET /nodes/{node}/tasks/{upid}/log`.
+    pub async fn log(&self, client: &kube::Client, upid: &str) -> Result<Value, PveError> {
+        let (_, mut record) = self.load(upid)?;
+        self.settle(client, upid, &mut record).await;
+        let lines = record["log"].as_array().cloned().unwrap_or_default();
+        Ok(Value::Array(lines.iter().enumerate().map(|(i, t)| json!({"n": i + 1, "t": t})).collect()))
+    }
+}
