@@ -48,6 +48,35 @@ try:
     node.qemu(999).status.current.get()
 except Exception as e:
     out["missing"] = str(e)
+
+import subprocess
+kubeconfig = sys.argv[3]
+def kubectl(*args):
+    return subprocess.run(["kubectl", "--kubeconfig", kubeconfig, *args], capture_output=True, text=True).stdout
+created = node.qemu.post(vmid=200, name="apivm", memory=256, cores=1, scsi0="local:1")
+out["create_upid"] = created
+out["create_task"] = Tasks.blocking_status(p, created, timeout=60)
+cfg = node.qemu(200).config.get()
+out["create_cfg"] = cfg
+out["kubectl_memory"] = kubectl("get", "vm", "vm-200", "-o", "jsonpath={.spec.memory.size}")
+node.qemu(200).config.put(memory=384, digest=cfg["digest"])
+out["updated_cfg"] = node.qemu(200).config.get()
+out["kubectl_memory_after"] = kubectl("get", "vm", "vm-200", "-o", "jsonpath={.spec.memory.size}")
+try:
+    node.qemu(200).config.put(memory=512, digest="0" * 40)
+except Exception as e:
+    out["stale_digest"] = str(e)
+try:
+    node.qemu(200).config.put(memory="lots")
+except Exception as e:
+    out["bad_memory"] = str(e)
+try:
+    node.qemu.post(vmid=200, memory=256)
+except Exception as e:
+    out["duplicate"] = str(e)
+deleted = node.qemu(200).delete()
+out["delete_task"] = Tasks.blocking_status(p, deleted, timeout=60)
+out["after_delete"] = [g["vmid"] for g in p.cluster.resources.get(type="vm")]
 try:
     p.cluster.nextid.get(vmid=100)
 except Exception as e:
@@ -105,8 +134,9 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
         });
     }
 
+    let kubeconfig = server.kubeconfig();
     let out = Command::new("python3")
-        .args(["-c", CLIENT, &server.pve_port.to_string(), &password])
+        .args(["-c", CLIENT, &server.pve_port.to_string(), &password, kubeconfig.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -161,6 +191,27 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
     assert_eq!(log.last(), Some(&"TASK OK"), "{log:?}");
     assert_eq!(r["qemu_config"]["memory"], "512");
     assert!(r["missing"].as_str().unwrap().contains("does not exist"), "{}", r["missing"]);
+
+    // A VM through the API: create as a task, visible with kubectl, config edits with digest.
+    assert!(r["create_upid"].as_str().unwrap().contains(":qmcreate:200:root@pam:"), "{}", r["create_upid"]);
+    assert_eq!(r["create_task"]["exitstatus"], "OK", "{}", r["create_task"]);
+    assert_eq!(
+        (r["create_cfg"]["memory"].as_str(), r["create_cfg"]["name"].as_str()),
+        (Some("256"), Some("apivm"))
+    );
+    assert!(r["create_cfg"]["scsi0"].as_str().unwrap().starts_with("local:"), "{}", r["create_cfg"]);
+    assert_eq!(r["kubectl_memory"], "256", "created through the API, visible with kubectl");
+    assert_eq!(r["updated_cfg"]["memory"], "384");
+    assert_eq!(r["kubectl_memory_after"], "384");
+    assert!(
+        r["stale_digest"].as_str().unwrap().contains("detected modified configuration"),
+        "{}",
+        r["stale_digest"]
+    );
+    assert!(r["bad_memory"].as_str().unwrap().contains("400"), "{}", r["bad_memory"]);
+    assert!(r["duplicate"].as_str().unwrap().contains("already exists"), "{}", r["duplicate"]);
+    assert_eq!(r["delete_task"]["exitstatus"], "OK", "{}", r["delete_task"]);
+    assert!(!r["after_delete"].as_array().unwrap().contains(&Value::from(200)), "{}", r["after_delete"]);
     assert!(r["taken"].as_str().unwrap().contains("VM 100 already exists"), "{}", r["taken"]);
 
     let wrong = &r["wrong_password"];

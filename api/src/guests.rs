@@ -238,3 +238,229 @@ pub async fn power(
         .map_err(|e| PveError::new(500, format!("recording the task failed: {e}")))?;
     Ok(json!(upid))
 }
+
+/// Parameters that steer an API call rather than being config keys.
+const CONTROL_PARAMS: &[&str] = &[
+    "node",
+    "vmid",
+    "digest",
+    "delete",
+    "start",
+    "pool",
+    "ostemplate",
+    "password",
+    "revert",
+    "skiplock",
+    "background_delay",
+    "force",
+    "unique",
+    "storage",
+];
+
+/// Config text from `current` with `set` applied and `delete` removed, checked by the codec.
+fn edited_text(current: &str, set: &BTreeMap<String, String>, delete: &[String]) -> String {
+    let mut keys: BTreeMap<String, String> = BTreeMap::new();
+    let mut comments = Vec::new();
+    for line in current.lines() {
+        if line.starts_with('#') {
+            comments.push(line.to_string());
+        } else if let Some((k, v)) = line.split_once(": ") {
+            keys.insert(k.to_string(), v.to_string());
+        }
+    }
+    for (k, v) in set {
+        if !CONTROL_PARAMS.contains(&k.as_str()) {
+            keys.insert(k.clone(), v.clone());
+        }
+    }
+    for k in delete {
+        keys.remove(k);
+    }
+    let mut text = comments.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    for (k, v) in keys {
+        text.push_str(&format!("{k}: {v}\n"));
+    }
+    text
+}
+
+fn codec_error(e: kpve_crds::codec::CodecError) -> PveError {
+    let mut errors = BTreeMap::new();
+    errors.insert(e.key().unwrap_or("config").to_string(), e.to_string());
+    PveError::parameters(errors)
+}
+
+fn write_error(e: kube::Error) -> PveError {
+    match e {
+        kube::Error::Api(ae) if ae.code == 409 => {
+            PveError::new(500, format!("unable to create VM: {}", ae.message))
+        }
+        kube::Error::Api(ae) => PveError::new(if ae.code == 422 { 400 } else { 500 }, ae.message),
+        e => PveError::new(500, e.to_string()),
+    }
+}
+
+/// `POST /nodes/{node}/{qemu,lxc}`: a guest from Proxmox parameters, through the codec, as a
+/// resource in namespace `default` named `vm-<vmid>` / `ct-<vmid>`, pinned to `node`.
+pub async fn create(
+    client: &kube::Client,
+    tasks: &Tasks,
+    node: &str,
+    kind: Kind,
+    params: &BTreeMap<String, String>,
+    user: &str,
+) -> Result<Value, PveError> {
+    let Some(vmid) = params.get("vmid").and_then(|v| v.parse::<u32>().ok()) else {
+        let mut errors = BTreeMap::new();
+        errors.insert("vmid".to_string(), "property is missing and it is not optional".to_string());
+        return Err(PveError::parameters(errors));
+    };
+    if list(client, None).await?.iter().any(|g| g.vmid == vmid) {
+        let what = if kind == Kind::Qemu { "VM" } else { "CT" };
+        return Err(PveError::new(
+            500,
+            format!("unable to create {what} {vmid} - {what} {vmid} already exists on node '{node}'"),
+        ));
+    }
+    let text = edited_text("", params, &[]);
+    let start = params.get("start").is_some_and(|v| v == "1");
+    let power = if start { "Running" } else { "Stopped" };
+    let (name, object) = match kind {
+        Kind::Qemu => {
+            let mut spec = kpve_crds::VirtualMachineSpec::from_qemu_config(&text).map_err(codec_error)?;
+            spec.vmid = Some(vmid);
+            let mut spec = serde_json::to_value(spec).expect("specs serialize");
+            spec["powerState"] = json!(power);
+            spec["placement"]["nodes"] = json!([node]);
+            let name = format!("vm-{vmid}");
+            (
+                name.clone(),
+                json!({"apiVersion": "kpve.io/v1alpha1", "kind": "VirtualMachine", "metadata": {"name": name, "namespace": "default"}, "spec": spec}),
+            )
+        }
+        Kind::Lxc => {
+            let mut spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
+            spec.vmid = Some(vmid);
+            let mut spec = serde_json::to_value(spec).expect("specs serialize");
+            if let Some(t) = params.get("ostemplate") {
+                spec["template"] = json!(t);
+            }
+            spec["powerState"] = json!(power);
+            spec["placement"]["nodes"] = json!([node]);
+            let name = format!("ct-{vmid}");
+            (
+                name.clone(),
+                json!({"apiVersion": "kpve.io/v1alpha1", "kind": "LinuxContainer", "metadata": {"name": name, "namespace": "default"}, "spec": spec}),
+            )
+        }
+    };
+    let post = kube::api::PostParams::default();
+    match kind {
+        Kind::Qemu => {
+            let vm: VirtualMachine =
+                serde_json::from_value(object).map_err(|e| PveError::new(400, e.to_string()))?;
+            Api::<VirtualMachine>::namespaced(client.clone(), "default").create(&post, &vm).await.map(|_| ())
+        }
+        Kind::Lxc => {
+            let ct: LinuxContainer =
+                serde_json::from_value(object).map_err(|e| PveError::new(400, e.to_string()))?;
+            Api::<LinuxContainer>::namespaced(client.clone(), "default").create(&post, &ct).await.map(|_| ())
+        }
+    }
+    .map_err(write_error)?;
+    let guest = Guest {
+        kind,
+        vmid,
+        namespace: "default".into(),
+        name,
+        display_name: String::new(),
+        status: GuestStatus::default(),
+        cpus: 0,
+        maxmem_mib: 0,
+        config: text,
+    };
+    let task = format!("{}create", kind.task_prefix());
+    let target = if start { Target::Running } else { Target::Stopped };
+    tasks
+        .create(node, &task, &guest, target, user)
+        .map(Value::from)
+        .map_err(|e| PveError::new(500, e.to_string()))
+}
+
+/// `PUT …/config`: changes keys (and removes those in `delete`) after checking `digest`.
+pub async fn update(
+    client: &kube::Client,
+    g: &Guest,
+    params: &BTreeMap<String, String>,
+) -> Result<Value, PveError> {
+    if let Some(digest) = params.get("digest")
+        && config(g)["digest"] != *digest
+    {
+        return Err(PveError::new(
+            500,
+            "detected modified configuration - file changed by other user? Try again.",
+        ));
+    }
+    let delete: Vec<String> = params
+        .get("delete")
+        .map(|d| d.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_default();
+    let text = edited_text(&g.config, params, &delete);
+    match g.kind {
+        Kind::Qemu => {
+            let mut spec = kpve_crds::VirtualMachineSpec::from_qemu_config(&text).map_err(codec_error)?;
+            let api = Api::<VirtualMachine>::namespaced(client.clone(), &g.namespace);
+            let mut vm = api.get(&g.name).await.map_err(write_error)?;
+            // Fields the Proxmox config does not carry stay as declared.
+            spec.vmid = vm.spec.vmid;
+            spec.power_state = vm.spec.power_state;
+            spec.placement = vm.spec.placement.clone();
+            vm.spec = spec;
+            vm.status = None;
+            api.replace(&g.name, &Default::default(), &vm).await.map(|_| ()).map_err(write_error)?;
+        }
+        Kind::Lxc => {
+            let mut spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
+            let api = Api::<LinuxContainer>::namespaced(client.clone(), &g.namespace);
+            let mut ct = api.get(&g.name).await.map_err(write_error)?;
+            spec.vmid = ct.spec.vmid;
+            spec.power_state = ct.spec.power_state;
+            spec.placement = ct.spec.placement.clone();
+            spec.template = ct.spec.template.clone();
+            ct.spec = spec;
+            ct.status = None;
+            api.replace(&g.name, &Default::default(), &ct).await.map(|_| ()).map_err(write_error)?;
+        }
+    }
+    Ok(Value::Null)
+}
+
+/// `DELETE /nodes/{node}/{kind}/{vmid}`: deletes the resource; the task ends once it is gone
+/// (the agent stopped the guest and freed its volumes).
+pub async fn destroy(
+    client: &kube::Client,
+    tasks: &Tasks,
+    node: &str,
+    g: &Guest,
+    user: &str,
+) -> Result<Value, PveError> {
+    let dp = kube::api::DeleteParams::default();
+    match g.kind {
+        Kind::Qemu => Api::<VirtualMachine>::namespaced(client.clone(), &g.namespace)
+            .delete(&g.name, &dp)
+            .await
+            .map(|_| ()),
+        Kind::Lxc => Api::<LinuxContainer>::namespaced(client.clone(), &g.namespace)
+            .delete(&g.name, &dp)
+            .await
+            .map(|_| ()),
+    }
+    .map_err(write_error)?;
+    let task = format!("{}destroy", g.kind.task_prefix());
+    tasks
+        .create(node, &task, g, Target::Gone, user)
+        .map(Value::from)
+        .map_err(|e| PveError::new(500, e.to_string()))
+}

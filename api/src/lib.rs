@@ -4,9 +4,11 @@
 //! [`envelope`] (the `{"data": …}` envelope, errors with the first line as reason phrase and
 //! the `errors` map), [`ticket`] (authentication tickets and CSRF tokens with key rotation)
 //! and [`upid`] (task ids); [`server`]: HTTPS with root@pam tickets and CSRF, and the
-//! read-only inventory (`/version`, `/nodes`, `/cluster/resources`, `/cluster/nextid`). Not
-//! built yet: access control (users, roles, ACLs, API tokens), guest and storage endpoints,
-//! writes and tasks (docs/ARCHITECTURE.md §9). Parameters will map through `kpve_crds::codec`.
+//! inventory (`/version`, `/nodes`, `/cluster/resources`, `/cluster/nextid`); [`guests`]:
+//! qemu/lxc list, create, config GET/PUT, delete, status and power actions, parameters
+//! through `kpve_crds::codec`; [`tasks`]: UPIDs whose status follows the guest. Not built
+//! yet: access control (users, roles, ACLs, API tokens), schema-generated validation,
+//! storage, firewall, HA and pool endpoints (docs/ARCHITECTURE.md §0).
 
 pub mod envelope;
 pub mod guests;

@@ -241,6 +241,29 @@ async fn handle(
                 Err(e) => Err(e),
             }
         }
+        (&Method::POST, ["nodes", node, kind]) if Kind::parse(kind).is_some() => {
+            guests::create(
+                &state.client,
+                &state.tasks,
+                node,
+                Kind::parse(kind).expect("checked"),
+                &params,
+                &user,
+            )
+            .await
+        }
+        (&Method::PUT, ["nodes", node, kind, vmid, "config"]) if Kind::parse(kind).is_some() => {
+            match guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid).await {
+                Ok(g) => guests::update(&state.client, &g, &params).await,
+                Err(e) => Err(e),
+            }
+        }
+        (&Method::DELETE, ["nodes", node, kind, vmid]) if Kind::parse(kind).is_some() => {
+            match guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid).await {
+                Ok(g) => guests::destroy(&state.client, &state.tasks, node, &g, &user).await,
+                Err(e) => Err(e),
+            }
+        }
         (&Method::GET, ["nodes", _, "tasks", upid, "status"]) => {
             state.tasks.status(&state.client, upid).await
         }

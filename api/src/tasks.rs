@@ -22,6 +22,8 @@ const TASK_TIMEOUT: i64 = 600;
 pub enum Target {
     Running,
     Stopped,
+    /// The guest's resource no longer exists (deleted).
+    Gone,
 }
 
 pub struct Tasks {
@@ -79,12 +81,13 @@ impl Tasks {
         let what = match target {
             Target::Running => "start",
             Target::Stopped => "stop",
+            Target::Gone => "destroy",
         };
         let record = json!({
             "upid": upid, "vmid": guest.vmid, "guest": if guest.kind == Kind::Qemu { "qemu" } else { "lxc" },
             "target": what, "started": now(), "status": "running",
-            "log": [format!("{what} {} {}: powerState {} declared", if guest.kind == Kind::Qemu { "VM" } else { "CT" }, guest.vmid,
-                             if target == Target::Running { "Running" } else { "Stopped" })],
+            "log": [format!("{what} {} {}: {} declared", if guest.kind == Kind::Qemu { "VM" } else { "CT" }, guest.vmid,
+                             match target { Target::Running => "powerState Running", Target::Stopped => "powerState Stopped", Target::Gone => "deletion" })],
         });
         std::fs::write(self.path(&upid), record.to_string())?;
         Ok(upid)
@@ -108,7 +111,11 @@ impl Tasks {
         let outcome: Option<Result<(), String>> = match guests::list(client, Some(kind)).await {
             Err(_) => None,
             Ok(list) => match list.into_iter().find(|g| g.vmid == vmid) {
+                None if record["target"] == "destroy" => Some(Ok(())),
                 None => Some(Err(format!("guest {vmid} no longer exists"))),
+                Some(_) if record["target"] == "destroy" => (now() - record["started"].as_i64().unwrap_or(0)
+                    > TASK_TIMEOUT)
+                    .then(|| Err(format!("timeout waiting for guest {vmid} to be deleted"))),
                 Some(g) if g.status.phase == want => Some(Ok(())),
                 Some(g) => {
                     let stalled = g
