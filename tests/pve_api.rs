@@ -39,6 +39,18 @@ try:
     node.lxc(101).status.start.post()
 except Exception as e:
     out["start_again"] = str(e)
+out["suspend_task"] = Tasks.blocking_status(p, node.lxc(101).status.suspend.post(), timeout=60)
+out["resume_task"] = Tasks.blocking_status(p, node.lxc(101).status.resume.post(), timeout=60)
+out["reboot_task"] = Tasks.blocking_status(p, node.lxc(101).status.reboot.post(), timeout=60)
+out["storage"] = p.storage.get()
+out["node_storage"] = node.storage.get()
+out["storage_status"] = node.storage("local").status.get()
+out["content"] = node.storage("local").content.get()
+out["vztmpl"] = node.storage("local").content.get(content="vztmpl")
+out["node_status"] = node.status.get()
+out["cluster_status"] = p.cluster.status.get()
+out["users"] = p.access.users.get(full=1)
+out["perms"] = p.access.permissions.get(userid="root@pam", path="/")
 stop = node.lxc(101).status.shutdown.post()
 out["stop_task"] = Tasks.blocking_status(p, stop, timeout=60)
 out["lxc_after"] = node.lxc(101).status.current.get()
@@ -185,7 +197,49 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
     assert_eq!(r["lxc_config"]["memory"], "128");
     assert!(r["lxc_config"]["digest"].as_str().is_some_and(|d| d.len() == 40));
     assert!(r["start_again"].as_str().unwrap().contains("CT 101 already running"), "{}", r["start_again"]);
+    for task in ["suspend_task", "resume_task", "reboot_task"] {
+        assert_eq!(r[task]["exitstatus"], "OK", "{task}: {}", r[task]);
+    }
     assert_eq!(r["stop_task"]["exitstatus"], "OK");
+
+    // Storage, node and access reads.
+    assert!(
+        r["storage"].as_array().unwrap().iter().any(|s| s["storage"] == "local" && s["type"] == "dir"),
+        "{}",
+        r["storage"]
+    );
+    assert!(
+        r["node_storage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["storage"] == "local" && s["total"].as_u64() > Some(0))
+    );
+    assert_eq!(r["storage_status"]["active"], 1);
+    let content = r["content"].as_array().unwrap();
+    assert!(
+        content
+            .iter()
+            .any(|c| c["content"] == "vztmpl" && c["volid"].as_str().unwrap().contains("kpve-busybox")),
+        "{content:?}"
+    );
+    assert!(content.iter().any(|c| c["content"] == "rootdir" && c["vmid"] == 101), "{content:?}");
+    assert!(r["vztmpl"].as_array().unwrap().iter().all(|c| c["content"] == "vztmpl"));
+    assert!(r["node_status"]["memory"]["total"].as_u64() > Some(0));
+    assert!(
+        r["cluster_status"].as_array().unwrap().iter().any(|e| e["type"] == "node" && e["name"] == "node1")
+    );
+    assert_eq!(r["users"][0]["userid"], "root@pam");
+    for privilege in [
+        "Datastore.AllocateSpace",
+        "Sys.Modify",
+        "VM.Allocate",
+        "VM.Config.Cloudinit",
+        "VM.PowerMgmt",
+        "Pool.Allocate",
+    ] {
+        assert_eq!(r["perms"]["/"][privilege], 1, "{privilege}");
+    }
     assert_eq!(r["lxc_after"]["status"], "stopped");
     let log: Vec<&str> = r["task_log"].as_array().unwrap().iter().map(|l| l["t"].as_str().unwrap()).collect();
     assert_eq!(log.last(), Some(&"TASK OK"), "{log:?}");

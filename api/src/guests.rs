@@ -213,6 +213,36 @@ pub async fn power(
     let (state, target) = match action {
         "start" | "resume" => ("Running", Target::Running),
         "stop" | "shutdown" => ("Stopped", Target::Stopped),
+        "suspend" => ("Paused", Target::Paused),
+        "reboot" | "reset" => {
+            // kpve's reboot: a new value of the restart annotation.
+            if !g.running() {
+                let what = if g.kind == Kind::Qemu { "VM" } else { "CT" };
+                return Err(PveError::new(500, format!("{what} {} not running", g.vmid)));
+            }
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let patch = json!({"metadata": {"annotations": {"kpve.io/restart": format!("pve-api-{stamp}")}}});
+            let params = PatchParams::default();
+            match g.kind {
+                Kind::Qemu => Api::<VirtualMachine>::namespaced(client.clone(), &g.namespace)
+                    .patch(&g.name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ()),
+                Kind::Lxc => Api::<LinuxContainer>::namespaced(client.clone(), &g.namespace)
+                    .patch(&g.name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ()),
+            }
+            .map_err(write_error)?;
+            let task = format!("{}{action}", g.kind.task_prefix());
+            return tasks
+                .create(node, &task, g, Target::Running, user)
+                .map(Value::from)
+                .map_err(|e| PveError::new(500, e.to_string()));
+        }
         _ => return Err(PveError::not_implemented("POST", &format!("/nodes/{node}/.../status/{action}"))),
     };
     if action == "start" && g.running() {

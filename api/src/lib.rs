@@ -13,6 +13,7 @@
 pub mod envelope;
 pub mod guests;
 pub mod server;
+pub mod storage;
 pub mod tasks;
 pub mod ticket;
 pub mod upid;

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 use crate::envelope::{PveError, ok, unauthorized};
 use crate::guests::{self, Kind};
+use crate::storage;
 use crate::tasks::Tasks;
 use crate::ticket::Keys;
 
@@ -182,6 +183,9 @@ async fn handle(
     if (method == Method::POST) && segments == ["access", "ticket"] {
         return login(&state, &params).await;
     }
+    if method == Method::GET && segments == ["access", "domains"] {
+        return ok(json!([{"realm": "pam", "type": "pam", "comment": "Linux PAM standard authentication"}]));
+    }
     // Authentication: the ticket from the cookie, else from `Authorization: PVEAuthCookie=`.
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
     let ticket = auth_value(header("cookie"), "PVEAuthCookie")
@@ -264,6 +268,31 @@ async fn handle(
                 Err(e) => Err(e),
             }
         }
+        (&Method::GET, ["nodes", node, "status"]) => node_status(&state, node).await,
+        (&Method::GET, ["cluster", "status"]) => cluster_status(&state).await,
+        (&Method::GET, ["storage"]) => storage::list(&state.client).await,
+        (&Method::GET, ["nodes", node, "storage"]) => storage::on_node(&state.client, node).await,
+        (&Method::GET, ["nodes", node, "storage", s, "status"]) => {
+            storage::status(&state.client, node, s).await
+        }
+        (&Method::GET, ["nodes", node, "storage", s, "content"]) => {
+            storage::content(
+                &state.client,
+                node,
+                s,
+                params.get("content").map(String::as_str),
+                params.get("vmid").map(String::as_str),
+            )
+            .await
+        }
+        (&Method::GET, ["access", "users"]) => {
+            Ok(json!([{"userid": ROOT, "enable": 1, "expire": 0, "realm-type": "pam"}]))
+        }
+        (&Method::GET, ["access", "permissions"]) => {
+            let all: serde_json::Map<String, Value> =
+                PRIVILEGES.iter().map(|p| (p.to_string(), json!(1))).collect();
+            Ok(json!({ "/": all }))
+        }
         (&Method::GET, ["nodes", _, "tasks", upid, "status"]) => {
             state.tasks.status(&state.client, upid).await
         }
@@ -307,6 +336,94 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn internal(e: kube::Error) -> PveError {
     PveError::new(500, format!("reading resources failed: {e}"))
+}
+
+/// Proxmox VE's privileges; root@pam holds them all on `/` (all that Telmate's provider
+/// checks for are among them).
+const PRIVILEGES: &[&str] = &[
+    "Datastore.Allocate",
+    "Datastore.AllocateSpace",
+    "Datastore.AllocateTemplate",
+    "Datastore.Audit",
+    "Group.Allocate",
+    "Mapping.Audit",
+    "Mapping.Modify",
+    "Mapping.Use",
+    "Permissions.Modify",
+    "Pool.Allocate",
+    "Pool.Audit",
+    "Realm.Allocate",
+    "Realm.AllocateUser",
+    "SDN.Allocate",
+    "SDN.Audit",
+    "SDN.Use",
+    "Sys.AccessNetwork",
+    "Sys.Audit",
+    "Sys.Console",
+    "Sys.Incoming",
+    "Sys.Modify",
+    "Sys.PowerMgmt",
+    "Sys.Syslog",
+    "User.Modify",
+    "VM.Allocate",
+    "VM.Audit",
+    "VM.Backup",
+    "VM.Clone",
+    "VM.Config.CDROM",
+    "VM.Config.CPU",
+    "VM.Config.Cloudinit",
+    "VM.Config.Disk",
+    "VM.Config.HWType",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.Options",
+    "VM.Console",
+    "VM.GuestAgent.Audit",
+    "VM.GuestAgent.FileRead",
+    "VM.GuestAgent.FileSystemMgmt",
+    "VM.GuestAgent.FileWrite",
+    "VM.GuestAgent.Unrestricted",
+    "VM.Migrate",
+    "VM.PowerMgmt",
+    "VM.Replicate",
+    "VM.Snapshot",
+    "VM.Snapshot.Rollback",
+];
+
+/// `GET /nodes/{node}/status`.
+async fn node_status(state: &AppState, node: &str) -> Result<Value, PveError> {
+    let hvs: Api<Hypervisor> = Api::all(state.client.clone());
+    let hv = hvs
+        .get_opt(node)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| PveError::new(500, format!("no such node '{node}'")))?;
+    let s = hv.status.clone().unwrap_or_default();
+    let cap = s.capacity.clone().unwrap_or_default();
+    let total = cap.memory_mib * 1024 * 1024;
+    let used = s.memory_used_mib.unwrap_or(0) * 1024 * 1024;
+    let versions = s.versions.clone().unwrap_or_default();
+    Ok(json!({
+        "cpu": s.cpu_usage.unwrap_or(0.0),
+        "cpuinfo": {"cpus": cap.cpus, "sockets": 1, "model": "kpve"},
+        "memory": {"total": total, "used": used, "free": total.saturating_sub(used)},
+        "kversion": versions.kernel.unwrap_or_default(),
+        "pveversion": format!("pve-manager/{PVE_VERSION}/kpve"),
+        "uptime": 0,
+    }))
+}
+
+/// `GET /cluster/status`: the cluster and its nodes.
+async fn cluster_status(state: &AppState) -> Result<Value, PveError> {
+    let mut out =
+        vec![json!({"type": "cluster", "id": "cluster", "name": "kpve", "quorate": 1, "version": 1})];
+    if let Value::Array(nodes) = nodes(state).await? {
+        for (i, n) in nodes.iter().enumerate() {
+            out.push(json!({"type": "node", "id": format!("node/{}", n["node"].as_str().unwrap_or("")), "name": n["node"],
+                             "online": u8::from(n["status"] == "online"), "nodeid": i + 1, "local": 0}));
+        }
+    }
+    Ok(Value::Array(out))
 }
 
 async fn nodes(state: &AppState) -> Result<Value, PveError> {

@@ -22,6 +22,7 @@ const TASK_TIMEOUT: i64 = 600;
 pub enum Target {
     Running,
     Stopped,
+    Paused,
     /// The guest's resource no longer exists (deleted).
     Gone,
 }
@@ -81,13 +82,19 @@ impl Tasks {
         let what = match target {
             Target::Running => "start",
             Target::Stopped => "stop",
+            Target::Paused => "suspend",
             Target::Gone => "destroy",
         };
         let record = json!({
             "upid": upid, "vmid": guest.vmid, "guest": if guest.kind == Kind::Qemu { "qemu" } else { "lxc" },
             "target": what, "started": now(), "status": "running",
             "log": [format!("{what} {} {}: {} declared", if guest.kind == Kind::Qemu { "VM" } else { "CT" }, guest.vmid,
-                             match target { Target::Running => "powerState Running", Target::Stopped => "powerState Stopped", Target::Gone => "deletion" })],
+                             match target {
+                                 Target::Running => "powerState Running",
+                                 Target::Stopped => "powerState Stopped",
+                                 Target::Paused => "powerState Paused",
+                                 Target::Gone => "deletion",
+                             })],
         });
         std::fs::write(self.path(&upid), record.to_string())?;
         Ok(upid)
@@ -107,7 +114,11 @@ impl Tasks {
         }
         let kind = if record["guest"] == "qemu" { Kind::Qemu } else { Kind::Lxc };
         let vmid = record["vmid"].as_u64().unwrap_or(0) as u32;
-        let want = if record["target"] == "start" { GuestPhase::Running } else { GuestPhase::Stopped };
+        let want = match record["target"].as_str() {
+            Some("start") => GuestPhase::Running,
+            Some("suspend") => GuestPhase::Paused,
+            _ => GuestPhase::Stopped,
+        };
         let outcome: Option<Result<(), String>> = match guests::list(client, Some(kind)).await {
             Err(_) => None,
             Ok(list) => match list.into_iter().find(|g| g.vmid == vmid) {
