@@ -201,6 +201,21 @@ pub fn config(g: &Guest) -> Value {
     Value::Object(map)
 }
 
+/// A JSON merge patch of the guest's resource.
+async fn merge_patch(client: &kube::Client, g: &Guest, patch: &Value) -> Result<(), kube::Error> {
+    let params = PatchParams::default();
+    match g.kind {
+        Kind::Qemu => Api::<VirtualMachine>::namespaced(client.clone(), &g.namespace)
+            .patch(&g.name, &params, &Patch::Merge(patch))
+            .await
+            .map(|_| ()),
+        Kind::Lxc => Api::<LinuxContainer>::namespaced(client.clone(), &g.namespace)
+            .patch(&g.name, &params, &Patch::Merge(patch))
+            .await
+            .map(|_| ()),
+    }
+}
+
 /// `POST …/status/{start,stop,shutdown}`: declares the power state and returns the task's UPID.
 pub async fn power(
     client: &kube::Client,
@@ -225,18 +240,7 @@ pub async fn power(
                 .map(|d| d.as_nanos())
                 .unwrap_or(0);
             let patch = json!({"metadata": {"annotations": {"kpve.io/restart": format!("pve-api-{stamp}")}}});
-            let params = PatchParams::default();
-            match g.kind {
-                Kind::Qemu => Api::<VirtualMachine>::namespaced(client.clone(), &g.namespace)
-                    .patch(&g.name, &params, &Patch::Merge(&patch))
-                    .await
-                    .map(|_| ()),
-                Kind::Lxc => Api::<LinuxContainer>::namespaced(client.clone(), &g.namespace)
-                    .patch(&g.name, &params, &Patch::Merge(&patch))
-                    .await
-                    .map(|_| ()),
-            }
-            .map_err(write_error)?;
+            merge_patch(client, g, &patch).await.map_err(write_error)?;
             let task = format!("{}{action}", g.kind.task_prefix());
             return tasks
                 .create(node, &task, g, Target::Running, user)
@@ -250,18 +254,9 @@ pub async fn power(
         return Err(PveError::new(500, format!("{what} {} already running", g.vmid)));
     }
     let patch = json!({"spec": {"powerState": state}});
-    let params = PatchParams::default();
-    let result = match g.kind {
-        Kind::Qemu => Api::<VirtualMachine>::namespaced(client.clone(), &g.namespace)
-            .patch(&g.name, &params, &Patch::Merge(&patch))
-            .await
-            .map(|_| ()),
-        Kind::Lxc => Api::<LinuxContainer>::namespaced(client.clone(), &g.namespace)
-            .patch(&g.name, &params, &Patch::Merge(&patch))
-            .await
-            .map(|_| ()),
-    };
-    result.map_err(|e| PveError::new(500, format!("changing the power state failed: {e}")))?;
+    merge_patch(client, g, &patch)
+        .await
+        .map_err(|e| PveError::new(500, format!("changing the power state failed: {e}")))?;
     let kind = format!("{}{action}", g.kind.task_prefix());
     let upid = tasks
         .create(node, &kind, g, target, user)
