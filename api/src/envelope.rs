@@ -35,6 +35,11 @@ impl PveError {
         PveError { status: 400, message: "Parameter verification failed.".into(), errors }
     }
 
+    /// `500` for a failed read of the resources behind an endpoint.
+    pub fn read_failed(e: kube::Error) -> PveError {
+        PveError::new(500, format!("reading resources failed: {e}"))
+    }
+
     /// `501 Method 'GET /x' not implemented`.
     pub fn not_implemented(method: &str, path: &str) -> PveError {
         PveError::new(501, format!("Method '{method} {path}' not implemented"))

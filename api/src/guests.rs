@@ -48,11 +48,24 @@ pub struct Guest {
     pub status: GuestStatus,
     pub cpus: u32,
     pub maxmem_mib: u64,
-    /// The Proxmox config text (codec).
-    pub config: String,
+    spec: Spec,
+}
+
+/// The declared spec, rendered as Proxmox config text only when a caller asks for it.
+enum Spec {
+    Qemu(Box<kpve_crds::VirtualMachineSpec>),
+    Lxc(Box<kpve_crds::LinuxContainerSpec>),
 }
 
 impl Guest {
+    /// The Proxmox config text (codec).
+    pub fn config_text(&self) -> String {
+        match &self.spec {
+            Spec::Qemu(spec) => spec.to_qemu_config(),
+            Spec::Lxc(spec) => spec.to_lxc_config(),
+        }
+    }
+
     fn running(&self) -> bool {
         matches!(self.status.phase, GuestPhase::Running | GuestPhase::Paused)
     }
@@ -92,7 +105,7 @@ fn guest_of<K: GuestObject>(
     display: Option<String>,
     cpus: u32,
     maxmem_mib: u64,
-    config: String,
+    spec: Spec,
 ) -> Option<Guest> {
     Some(Guest {
         kind,
@@ -103,12 +116,8 @@ fn guest_of<K: GuestObject>(
         status: obj.guest_status().cloned().unwrap_or_default(),
         cpus,
         maxmem_mib,
-        config,
+        spec,
     })
-}
-
-fn internal(e: kube::Error) -> PveError {
-    PveError::new(500, format!("reading resources failed: {e}"))
 }
 
 /// Every guest of `kind` (both kinds when `None`), sorted by VMID.
@@ -116,31 +125,31 @@ pub async fn list(client: &kube::Client, kind: Option<Kind>) -> Result<Vec<Guest
     let mut out = Vec::new();
     if kind != Some(Kind::Lxc) {
         let vms: Api<VirtualMachine> = Api::all(client.clone());
-        for vm in vms.list(&ListParams::default()).await.map_err(internal)?.items {
+        for vm in vms.list(&ListParams::default()).await.map_err(PveError::read_failed)?.items {
             let cpus = vm.spec.cpu.cores * vm.spec.cpu.sockets;
-            let config = vm.spec.to_qemu_config();
+            let spec = Spec::Qemu(Box::new(vm.spec.clone()));
             out.extend(guest_of(
                 &vm,
                 Kind::Qemu,
                 vm.spec.name.clone(),
                 cpus,
                 u64::from(vm.spec.memory.size),
-                config,
+                spec,
             ));
         }
     }
     if kind != Some(Kind::Qemu) {
         let cts: Api<LinuxContainer> = Api::all(client.clone());
-        for ct in cts.list(&ListParams::default()).await.map_err(internal)?.items {
+        for ct in cts.list(&ListParams::default()).await.map_err(PveError::read_failed)?.items {
             let cpus = ct.spec.cores.unwrap_or(1);
-            let config = ct.spec.to_lxc_config();
+            let spec = Spec::Lxc(Box::new(ct.spec.clone()));
             out.extend(guest_of(
                 &ct,
                 Kind::Lxc,
                 ct.spec.hostname.clone(),
                 cpus,
                 u64::from(ct.spec.memory),
-                config,
+                spec,
             ));
         }
     }
@@ -187,7 +196,8 @@ pub fn current(g: &Guest) -> Value {
 pub fn config(g: &Guest) -> Value {
     use sha2::Digest;
     let mut map = serde_json::Map::new();
-    for line in g.config.lines() {
+    let text = g.config_text();
+    for line in text.lines() {
         if line.starts_with('#') || line.starts_with('[') {
             continue;
         }
@@ -195,7 +205,7 @@ pub fn config(g: &Guest) -> Value {
             map.insert(k.to_string(), Value::String(v.to_string()));
         }
     }
-    let digest = sha2::Sha256::digest(g.config.as_bytes());
+    let digest = sha2::Sha256::digest(text.as_bytes());
     let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
     map.insert("digest".into(), Value::String(hex));
     Value::Object(map)
@@ -243,7 +253,7 @@ pub async fn power(
             merge_patch(client, g, &patch).await.map_err(write_error)?;
             let task = format!("{}{action}", g.kind.task_prefix());
             return tasks
-                .create(node, &task, g, Target::Running, user)
+                .create(node, &task, g.kind, g.vmid, Target::Running, user)
                 .map(Value::from)
                 .map_err(|e| PveError::new(500, e.to_string()));
         }
@@ -259,7 +269,7 @@ pub async fn power(
         .map_err(|e| PveError::new(500, format!("changing the power state failed: {e}")))?;
     let kind = format!("{}{action}", g.kind.task_prefix());
     let upid = tasks
-        .create(node, &kind, g, target, user)
+        .create(node, &kind, g.kind, g.vmid, target, user)
         .map_err(|e| PveError::new(500, format!("recording the task failed: {e}")))?;
     Ok(json!(upid))
 }
@@ -352,18 +362,15 @@ pub async fn create(
     let text = edited_text("", params, &[]);
     let start = params.get("start").is_some_and(|v| v == "1");
     let power = if start { "Running" } else { "Stopped" };
-    let (name, object) = match kind {
+    let object = match kind {
         Kind::Qemu => {
             let mut spec = kpve_crds::VirtualMachineSpec::from_qemu_config(&text).map_err(codec_error)?;
             spec.vmid = Some(vmid);
             let mut spec = serde_json::to_value(spec).expect("specs serialize");
             spec["powerState"] = json!(power);
             spec["placement"]["nodes"] = json!([node]);
-            let name = format!("vm-{vmid}");
-            (
-                name.clone(),
-                json!({"apiVersion": "kpve.io/v1alpha1", "kind": "VirtualMachine", "metadata": {"name": name, "namespace": "default"}, "spec": spec}),
-            )
+            json!({"apiVersion": "kpve.io/v1alpha1", "kind": "VirtualMachine",
+                   "metadata": {"name": format!("vm-{vmid}"), "namespace": "default"}, "spec": spec})
         }
         Kind::Lxc => {
             let mut spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
@@ -374,11 +381,8 @@ pub async fn create(
             }
             spec["powerState"] = json!(power);
             spec["placement"]["nodes"] = json!([node]);
-            let name = format!("ct-{vmid}");
-            (
-                name.clone(),
-                json!({"apiVersion": "kpve.io/v1alpha1", "kind": "LinuxContainer", "metadata": {"name": name, "namespace": "default"}, "spec": spec}),
-            )
+            json!({"apiVersion": "kpve.io/v1alpha1", "kind": "LinuxContainer",
+                   "metadata": {"name": format!("ct-{vmid}"), "namespace": "default"}, "spec": spec})
         }
     };
     let post = kube::api::PostParams::default();
@@ -395,21 +399,10 @@ pub async fn create(
         }
     }
     .map_err(write_error)?;
-    let guest = Guest {
-        kind,
-        vmid,
-        namespace: "default".into(),
-        name,
-        display_name: String::new(),
-        status: GuestStatus::default(),
-        cpus: 0,
-        maxmem_mib: 0,
-        config: text,
-    };
     let task = format!("{}create", kind.task_prefix());
     let target = if start { Target::Running } else { Target::Stopped };
     tasks
-        .create(node, &task, &guest, target, user)
+        .create(node, &task, kind, vmid, target, user)
         .map(Value::from)
         .map_err(|e| PveError::new(500, e.to_string()))
 }
@@ -432,7 +425,7 @@ pub async fn update(
         .get("delete")
         .map(|d| d.split(',').map(|s| s.trim().to_string()).collect())
         .unwrap_or_default();
-    let text = edited_text(&g.config, params, &delete);
+    let text = edited_text(&g.config_text(), params, &delete);
     match g.kind {
         Kind::Qemu => {
             let mut spec = kpve_crds::VirtualMachineSpec::from_qemu_config(&text).map_err(codec_error)?;
@@ -485,7 +478,7 @@ pub async fn destroy(
     .map_err(write_error)?;
     let task = format!("{}destroy", g.kind.task_prefix());
     tasks
-        .create(node, &task, g, Target::Gone, user)
+        .create(node, &task, g.kind, g.vmid, Target::Gone, user)
         .map(Value::from)
         .map_err(|e| PveError::new(500, e.to_string()))
 }

@@ -334,10 +334,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn internal(e: kube::Error) -> PveError {
-    PveError::new(500, format!("reading resources failed: {e}"))
-}
-
 /// Proxmox VE's privileges; root@pam holds them all on `/` (all that Telmate's provider
 /// checks for are among them).
 const PRIVILEGES: &[&str] = &[
@@ -396,7 +392,7 @@ async fn node_status(state: &AppState, node: &str) -> Result<Value, PveError> {
     let hv = hvs
         .get_opt(node)
         .await
-        .map_err(internal)?
+        .map_err(PveError::read_failed)?
         .ok_or_else(|| PveError::new(500, format!("no such node '{node}'")))?;
     let s = hv.status.clone().unwrap_or_default();
     let cap = s.capacity.clone().unwrap_or_default();
@@ -428,7 +424,7 @@ async fn cluster_status(state: &AppState) -> Result<Value, PveError> {
 
 async fn nodes(state: &AppState) -> Result<Value, PveError> {
     let hvs: Api<Hypervisor> = Api::all(state.client.clone());
-    let list = hvs.list(&ListParams::default()).await.map_err(internal)?;
+    let list = hvs.list(&ListParams::default()).await.map_err(PveError::read_failed)?;
     Ok(Value::Array(list.items.iter().map(node_entry).collect()))
 }
 
@@ -477,7 +473,7 @@ async fn resources(state: &AppState, kind: Option<&str>) -> Result<Value, PveErr
     }
     if kind.is_none() || kind == Some("storage") {
         let pools: Api<StoragePool> = Api::all(state.client.clone());
-        for pool in pools.list(&ListParams::default()).await.map_err(internal)?.items {
+        for pool in pools.list(&ListParams::default()).await.map_err(PveError::read_failed)?.items {
             for n in pool.status.as_ref().map(|s| s.nodes.clone()).unwrap_or_default() {
                 out.push(json!({
                     "id": format!("storage/{}/{}", n.node, pool.name_any()), "type": "storage",

@@ -8,17 +8,13 @@ use serde_json::{Value, json};
 
 use crate::envelope::PveError;
 
-fn internal(e: kube::Error) -> PveError {
-    PveError::new(500, format!("reading resources failed: {e}"))
-}
-
 fn name_of<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 async fn pools(client: &kube::Client) -> Result<Vec<StoragePool>, PveError> {
     let api: Api<StoragePool> = Api::all(client.clone());
-    Ok(api.list(&ListParams::default()).await.map_err(internal)?.items)
+    Ok(api.list(&ListParams::default()).await.map_err(PveError::read_failed)?.items)
 }
 
 fn content_types(pool: &StoragePool) -> String {

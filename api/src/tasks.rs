@@ -12,7 +12,7 @@ use kpve_crds::common::{ConditionStatus, GuestPhase};
 use serde_json::{Value, json};
 
 use crate::envelope::PveError;
-use crate::guests::{self, Guest, Kind};
+use crate::guests::{self, Kind};
 use crate::upid::Upid;
 
 /// How long a task may wait for its guest.
@@ -60,12 +60,13 @@ impl Tasks {
         self.dir.join(upid.replace([':', '/', '@', '!'], "_"))
     }
 
-    /// Records a task waiting for `guest` to reach `target`; returns its UPID.
+    /// Records a task waiting for guest `vmid` to reach `target`; returns its UPID.
     pub fn create(
         &self,
         node: &str,
         kind: &str,
-        guest: &Guest,
+        guest_kind: Kind,
+        vmid: u32,
         target: Target,
         user: &str,
     ) -> std::io::Result<String> {
@@ -75,7 +76,7 @@ impl Tasks {
             pstart: self.counter.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF,
             starttime: now() as u32,
             kind: kind.into(),
-            id: guest.vmid.to_string(),
+            id: vmid.to_string(),
             user: user.into(),
         }
         .to_string();
@@ -86,9 +87,9 @@ impl Tasks {
             Target::Gone => "destroy",
         };
         let record = json!({
-            "upid": upid, "vmid": guest.vmid, "guest": if guest.kind == Kind::Qemu { "qemu" } else { "lxc" },
+            "upid": upid, "vmid": vmid, "guest": if guest_kind == Kind::Qemu { "qemu" } else { "lxc" },
             "target": what, "started": now(), "status": "running",
-            "log": [format!("{what} {} {}: {} declared", if guest.kind == Kind::Qemu { "VM" } else { "CT" }, guest.vmid,
+            "log": [format!("{what} {} {}: {} declared", if guest_kind == Kind::Qemu { "VM" } else { "CT" }, vmid,
                              match target {
                                  Target::Running => "powerState Running",
                                  Target::Stopped => "powerState Stopped",

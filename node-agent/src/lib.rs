@@ -1,8 +1,8 @@
 //! The kpve node agent: runs the guests bound to this node. Built: [`agent`] (registration,
-//! heartbeat Lease, VM reconcile loop with adoption after restarts), the QEMU driver
-//! ([`qemu`]: command line and QMP), dir storage ([`storage`]) and [`host`] facts. The LXC
-//! config renderer ([`lxc`]) exists but is not wired in yet; nftables and the HA LRM are
-//! still to come (docs/ARCHITECTURE.md §7).
+//! heartbeat Lease, one reconcile loop over a runtime per kind with adoption after restarts,
+//! and the firewall loop), the QEMU driver ([`qemu`]: command line and QMP), the LXC config
+//! renderer and rootfs ([`lxc`]), the [`firewall`] compiler and its nft client, dir storage
+//! ([`storage`]) and [`host`] facts. The HA LRM is still to come (docs/ARCHITECTURE.md §7).
 
 pub mod agent;
 pub mod firewall;

@@ -197,27 +197,12 @@ trait GuestRef: Send + Sync {
     fn api(&self, client: kube::Client) -> (String, Api<kube::api::DynamicObject>);
 }
 
-fn nic_ips(ip: Option<&str>, ip6: Option<&str>) -> Vec<Net> {
-    [ip, ip6]
-        .into_iter()
-        .flatten()
-        .filter_map(|s| parse_net(s).ok().map(|n| Net::host(ip_of(s).unwrap_or(n.addr))))
-        .collect()
+/// What differs per kind: how the guest's NICs are plugged.
+trait FirewallInput: GuestObject {
+    fn input(&self) -> Option<Guest>;
 }
 
-fn ip_of(cidr: &str) -> Option<std::net::IpAddr> {
-    cidr.split('/').next()?.parse().ok()
-}
-
-fn dynamic_api<K: Resource<DynamicType = ()>>(
-    client: kube::Client,
-    ns: &str,
-) -> Api<kube::api::DynamicObject> {
-    let ar = kube::api::ApiResource::erase::<K>(&());
-    Api::namespaced_with(client, ns, &ar)
-}
-
-impl GuestRef for VirtualMachine {
+impl<K: FirewallInput> GuestRef for K {
     fn key(&self) -> String {
         key(self)
     }
@@ -230,6 +215,28 @@ impl GuestRef for VirtualMachine {
     fn node(&self) -> Option<&str> {
         self.guest_status().and_then(|s| s.node.as_deref())
     }
+    fn input(&self) -> Option<Guest> {
+        FirewallInput::input(self)
+    }
+    fn api(&self, client: kube::Client) -> (String, Api<kube::api::DynamicObject>) {
+        let ar = kube::api::ApiResource::erase::<K>(&());
+        (self.name_any(), Api::namespaced_with(client, &self.namespace().unwrap_or_default(), &ar))
+    }
+}
+
+fn nic_ips(ip: Option<&str>, ip6: Option<&str>) -> Vec<Net> {
+    [ip, ip6]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| parse_net(s).ok().map(|n| Net::host(ip_of(s).unwrap_or(n.addr))))
+        .collect()
+}
+
+fn ip_of(cidr: &str) -> Option<std::net::IpAddr> {
+    cidr.split('/').next()?.parse().ok()
+}
+
+impl FirewallInput for VirtualMachine {
     fn input(&self) -> Option<Guest> {
         let vmid = self.spec.vmid?;
         let uid = self.uid().unwrap_or_default();
@@ -264,24 +271,9 @@ impl GuestRef for VirtualMachine {
                 .collect(),
         })
     }
-    fn api(&self, client: kube::Client) -> (String, Api<kube::api::DynamicObject>) {
-        (self.name_any(), dynamic_api::<VirtualMachine>(client, &self.namespace().unwrap_or_default()))
-    }
 }
 
-impl GuestRef for LinuxContainer {
-    fn key(&self) -> String {
-        key(self)
-    }
-    fn object_uid(&self) -> String {
-        self.uid().unwrap_or_default()
-    }
-    fn generation(&self) -> i64 {
-        self.meta().generation.unwrap_or(0)
-    }
-    fn node(&self) -> Option<&str> {
-        self.guest_status().and_then(|s| s.node.as_deref())
-    }
+impl FirewallInput for LinuxContainer {
     fn input(&self) -> Option<Guest> {
         let vmid = self.spec.vmid?;
         let uid = self.uid().unwrap_or_default();
@@ -306,9 +298,6 @@ impl GuestRef for LinuxContainer {
                 })
                 .collect(),
         })
-    }
-    fn api(&self, client: kube::Client) -> (String, Api<kube::api::DynamicObject>) {
-        (self.name_any(), dynamic_api::<LinuxContainer>(client, &self.namespace().unwrap_or_default()))
     }
 }
 
