@@ -211,6 +211,30 @@ pub fn config(g: &Guest) -> Value {
     Value::Object(map)
 }
 
+/// `GET …/pending`: every config key with its value; where the running guest still has the
+/// old value (memory in force differs from the spec), the spec's value as `pending`.
+pub fn pending(g: &Guest) -> Value {
+    let config = config(g);
+    let mut out = Vec::new();
+    let in_force_mib = if g.running() { g.status.maxmem.map(|b| b / (1024 * 1024)) } else { None };
+    for (key, value) in config.as_object().into_iter().flatten() {
+        if key == "digest" {
+            continue;
+        }
+        let text = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+        let mut e = json!({"key": key, "value": text});
+        if key == "memory"
+            && let Some(mib) = in_force_mib
+            && mib != g.maxmem_mib
+        {
+            e["value"] = json!(mib.to_string());
+            e["pending"] = json!(text);
+        }
+        out.push(e);
+    }
+    Value::Array(out)
+}
+
 /// A JSON merge patch of the guest's resource.
 async fn merge_patch(client: &kube::Client, g: &Guest, patch: &Value) -> Result<(), kube::Error> {
     let params = PatchParams::default();
@@ -407,12 +431,13 @@ pub async fn create(
         .map_err(|e| PveError::new(500, e.to_string()))
 }
 
-/// `PUT …/config`: changes keys (and removes those in `delete`) after checking `digest`.
+/// `PUT …/config`: changes keys (and removes those in `delete`) after checking `digest`;
+/// returns the resource's new generation.
 pub async fn update(
     client: &kube::Client,
     g: &Guest,
     params: &BTreeMap<String, String>,
-) -> Result<Value, PveError> {
+) -> Result<i64, PveError> {
     if let Some(digest) = params.get("digest")
         && config(g)["digest"] != *digest
     {
@@ -437,7 +462,8 @@ pub async fn update(
             spec.placement = vm.spec.placement.clone();
             vm.spec = spec;
             vm.status = None;
-            api.replace(&g.name, &Default::default(), &vm).await.map(|_| ()).map_err(write_error)?;
+            let saved = api.replace(&g.name, &Default::default(), &vm).await.map_err(write_error)?;
+            Ok(saved.metadata.generation.unwrap_or(0))
         }
         Kind::Lxc => {
             let mut spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
@@ -449,10 +475,10 @@ pub async fn update(
             spec.template = ct.spec.template.clone();
             ct.spec = spec;
             ct.status = None;
-            api.replace(&g.name, &Default::default(), &ct).await.map(|_| ()).map_err(write_error)?;
+            let saved = api.replace(&g.name, &Default::default(), &ct).await.map_err(write_error)?;
+            Ok(saved.metadata.generation.unwrap_or(0))
         }
     }
-    Ok(Value::Null)
 }
 
 /// `DELETE /nodes/{node}/{kind}/{vmid}`: deletes the resource; the task ends once it is gone

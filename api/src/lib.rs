@@ -10,10 +10,15 @@
 //! yet: access control (users, roles, ACLs, API tokens), schema-generated validation,
 //! storage, firewall, HA and pool endpoints (docs/ARCHITECTURE.md §0).
 
+pub mod access;
+pub mod access_api;
+pub mod auth;
 pub mod envelope;
 pub mod guests;
+pub mod schema;
 pub mod server;
 pub mod storage;
 pub mod tasks;
 pub mod ticket;
 pub mod upid;
+pub mod validate;

@@ -19,14 +19,18 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
+use crate::access::{self, AccessStore, Checker};
+use crate::access_api;
+use crate::auth::{self, Credential};
 use crate::envelope::{PveError, ok, unauthorized};
 use crate::guests::{self, Kind};
+use crate::schema::{Route, SCHEMA};
 use crate::storage;
-use crate::tasks::Tasks;
+use crate::tasks::{Target, Tasks};
 use crate::ticket::Keys;
+use crate::validate::{self, split_list};
 
-/// The only user until access control is built: `root@pam`.
-pub const ROOT: &str = "root@pam";
+pub use crate::access::ROOT;
 /// File in the data directory holding root@pam's password (generated on first start).
 pub const ROOT_PASSWORD_FILE: &str = "pve-root-password";
 const KEY_FILE: &str = "pve-ticket.key";
@@ -45,6 +49,7 @@ pub struct PveApiConfig {
 
 struct AppState {
     client: kube::Client,
+    store: AccessStore,
     keys: Keys,
     root_password: String,
     tasks: Tasks,
@@ -82,7 +87,9 @@ pub async fn start(
         *byte = u8::from_str_radix(key.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
     }
     let tasks = Tasks::new(config.data_dir.join("pve-tasks"))?;
+    let store = AccessStore::start(&config.client).await?;
     let state = Arc::new(AppState {
+        store,
         client: config.client,
         keys: Keys { current, previous: None },
         root_password,
@@ -103,43 +110,8 @@ pub async fn start(
     Ok((address, task))
 }
 
-/// `%XX` escapes of a path segment (clients escape `:` `@` `!` in UPIDs and volume ids).
-fn percent_decode(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(v) = segment.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// `NAME=value` from a header value of `;`-separated pairs (cookies, Authorization).
-fn auth_value(header: &str, name: &str) -> Option<String> {
-    header.split(';').map(str::trim).find_map(|part| {
-        let rest = part.strip_prefix(name)?;
-        let value = rest.strip_prefix('=').or_else(|| rest.strip_prefix(' '))?;
-        // URI-unescaped as Proxmox does (`+` stays a plus: signatures are base64).
-        Some(percent_decode(value))
-    })
-}
-
-/// Parameters: the query, then a form or JSON body.
+/// Parameters: the query, then a form or JSON body (JSON booleans become 1/0 as Proxmox
+/// reads them).
 fn params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> =
         form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect();
@@ -150,7 +122,17 @@ fn params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> BTreeMap<String, Strin
     if json {
         if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
             for (k, v) in map {
-                out.insert(k, v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+                let text = match v {
+                    Value::String(s) => s,
+                    Value::Bool(b) => if b { "1" } else { "0" }.to_string(),
+                    Value::Array(items) => items
+                        .iter()
+                        .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => other.to_string(),
+                };
+                out.insert(k, text);
             }
         }
     } else {
@@ -158,6 +140,11 @@ fn params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> BTreeMap<String, Strin
     }
     out.remove("_dc");
     out
+}
+
+async fn denied_401(reason: &str) -> Response {
+    tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+    unauthorized(reason)
 }
 
 async fn handle(
@@ -175,216 +162,284 @@ async fn handle(
     if matches!(method, Method::GET | Method::DELETE) && !body.is_empty() {
         return PveError::new(501, format!("Unexpected content for method '{method}'")).into_response();
     }
-    let params = params(&uri, &headers, &body);
+    let mut params = params(&uri, &headers, &body);
     let decoded: Vec<String> =
-        path.trim_matches('/').split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
+        path.trim_matches('/').split('/').filter(|s| !s.is_empty()).map(auth::percent_decode).collect();
     let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
 
-    if (method == Method::POST) && segments == ["access", "ticket"] {
-        return login(&state, &params).await;
+    // The routes Proxmox serves without authentication.
+    match (&method, segments.as_slice()) {
+        (&Method::POST, ["access", "ticket"]) => return login(&state, &params).await,
+        (&Method::GET, ["access", "ticket"]) => return ok(Value::Null),
+        (&Method::GET, ["access", "domains"]) => {
+            return ok(json!([
+                {"realm": "pam", "type": "pam", "comment": "Linux PAM standard authentication"},
+                {"realm": "pve", "type": "pve", "comment": "Proxmox VE authentication server"},
+            ]));
+        }
+        _ => {}
     }
-    if method == Method::GET && segments == ["access", "domains"] {
-        return ok(json!([{"realm": "pam", "type": "pam", "comment": "Linux PAM standard authentication"}]));
-    }
-    // Authentication: the ticket from the cookie, else from `Authorization: PVEAuthCookie=`.
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let ticket = auth_value(header("cookie"), "PVEAuthCookie")
-        .or_else(|| auth_value(header("authorization"), "PVEAuthCookie"));
-    let Some(ticket) = ticket else {
-        if header("authorization").contains("PVEAPIToken") {
-            // API tokens need the access-control resources (not built yet).
-            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-            return unauthorized("Authentication failed!");
-        }
-        tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-        return unauthorized("No ticket");
+    let (principal, by_ticket) = match auth::credential(&headers) {
+        Credential::Ticket(t) => match auth::verify_ticket(&state.keys, &state.store, &t) {
+            Ok(p) => (p, true),
+            Err(e) => {
+                tracing::info!(reason = %e, "authentication failure");
+                return denied_401("Authentication failed!").await;
+            }
+        },
+        Credential::Token(t) => match auth::verify_token(&state.store, &t) {
+            Ok(p) => (p, false),
+            Err(e) => {
+                tracing::info!(reason = %e, "authentication failure");
+                return denied_401("Authentication failed!").await;
+            }
+        },
+        Credential::None => return denied_401("No ticket").await,
     };
-    let user = match state.keys.verify_ticket(&ticket, now()) {
-        Ok(user) => user,
-        Err(_) => {
-            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-            return unauthorized("Authentication failed!");
-        }
-    };
-    if method != Method::GET {
-        let token = header("csrfpreventiontoken");
-        if !state.keys.verify_csrf(&user, token, now()) {
-            tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-            return unauthorized("Permission denied - invalid csrf token");
+    if by_ticket && method != Method::GET {
+        let token = headers.get("csrfpreventiontoken").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !state.keys.verify_csrf(&principal.user, token, auth::now()) {
+            return denied_401("Permission denied - invalid csrf token").await;
         }
     }
-    let result = match (&method, segments.as_slice()) {
-        (&Method::GET, ["version"]) => {
-            Ok(json!({"version": PVE_VERSION, "release": "9.1", "repoid": "kpve"}))
+    let (endpoint, vars) = match SCHEMA.route(method.as_str(), &segments) {
+        Route::Found(e, vars) => (e, vars),
+        Route::NoMethod | Route::NoPath => {
+            return PveError::not_implemented(method.as_str(), path).into_response();
         }
-        (&Method::GET, ["nodes"]) => nodes(&state).await,
-        (&Method::GET, ["cluster", "resources"]) => {
-            resources(&state, params.get("type").map(String::as_str)).await
-        }
-        (&Method::GET, ["cluster", "nextid"]) => nextid(&state, params.get("vmid")).await,
-        (&Method::GET, ["nodes", node, kind]) if Kind::parse(kind).is_some() => {
-            let kind = Kind::parse(kind);
-            guests::list(&state.client, kind).await.map(|list| {
-                let on_node = list.iter().filter(|g| g.status.node.as_deref() == Some(*node));
-                Value::Array(on_node.map(guests::Guest::entry).collect())
-            })
-        }
-        (&Method::GET, ["nodes", node, kind, vmid, "status", "current"]) if Kind::parse(kind).is_some() => {
-            guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid)
-                .await
-                .map(|g| guests::current(&g))
-        }
-        (&Method::GET, ["nodes", node, kind, vmid, "config"]) if Kind::parse(kind).is_some() => {
-            guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid)
-                .await
-                .map(|g| guests::config(&g))
-        }
-        (&Method::POST, ["nodes", node, kind, vmid, "status", action]) if Kind::parse(kind).is_some() => {
-            match guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid).await {
-                Ok(g) => guests::power(&state.client, &state.tasks, node, &g, action, &user).await,
-                Err(e) => Err(e),
-            }
-        }
-        (&Method::POST, ["nodes", node, kind]) if Kind::parse(kind).is_some() => {
-            guests::create(
-                &state.client,
-                &state.tasks,
-                node,
-                Kind::parse(kind).expect("checked"),
-                &params,
-                &user,
-            )
-            .await
-        }
-        (&Method::PUT, ["nodes", node, kind, vmid, "config"]) if Kind::parse(kind).is_some() => {
-            match guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid).await {
-                Ok(g) => guests::update(&state.client, &g, &params).await,
-                Err(e) => Err(e),
-            }
-        }
-        (&Method::DELETE, ["nodes", node, kind, vmid]) if Kind::parse(kind).is_some() => {
-            match guests::find(&state.client, Kind::parse(kind).expect("checked"), node, vmid).await {
-                Ok(g) => guests::destroy(&state.client, &state.tasks, node, &g, &user).await,
-                Err(e) => Err(e),
-            }
-        }
-        (&Method::GET, ["nodes", node, "status"]) => node_status(&state, node).await,
-        (&Method::GET, ["cluster", "status"]) => cluster_status(&state).await,
-        (&Method::GET, ["storage"]) => storage::list(&state.client).await,
-        (&Method::GET, ["nodes", node, "storage"]) => storage::on_node(&state.client, node).await,
-        (&Method::GET, ["nodes", node, "storage", s, "status"]) => {
-            storage::status(&state.client, node, s).await
-        }
-        (&Method::GET, ["nodes", node, "storage", s, "content"]) => {
-            storage::content(
-                &state.client,
-                node,
-                s,
-                params.get("content").map(String::as_str),
-                params.get("vmid").map(String::as_str),
-            )
-            .await
-        }
-        (&Method::GET, ["access", "users"]) => {
-            Ok(json!([{"userid": ROOT, "enable": 1, "expire": 0, "realm-type": "pam"}]))
-        }
-        (&Method::GET, ["access", "permissions"]) => {
-            let all: serde_json::Map<String, Value> =
-                PRIVILEGES.iter().map(|p| (p.to_string(), json!(1))).collect();
-            Ok(json!({ "/": all }))
-        }
-        (&Method::GET, ["nodes", _, "tasks", upid, "status"]) => {
-            state.tasks.status(&state.client, upid).await
-        }
-        (&Method::GET, ["nodes", _, "tasks", upid, "log"]) => state.tasks.log(&state.client, upid).await,
-        _ => Err(PveError::not_implemented(method.as_str(), path)),
     };
-    match result {
+    if principal.token.is_some() && !endpoint.allows_tokens() {
+        return PveError::new(
+            403,
+            format!(
+                "Permission check failed (URI '{path}' not available with API token, need proper ticket.)"
+            ),
+        )
+        .into_response();
+    }
+    for (k, v) in vars {
+        if params.get(&k).is_some_and(|given| given != &v) {
+            return PveError::parameters(BTreeMap::from([(
+                k,
+                "duplicate parameter (already defined in URI) with conflicting values!".to_string(),
+            )]))
+            .into_response();
+        }
+        params.insert(k, v);
+    }
+    let access = state.store.snapshot();
+    // Pools are namespaces: the guests' namespaces, read only when a non-root caller needs them.
+    let guest_pools: BTreeMap<String, String> = if principal.is_root() {
+        BTreeMap::new()
+    } else {
+        match guests::list(&state.client, None).await {
+            Ok(list) => list.iter().map(|g| (g.vmid.to_string(), g.namespace.clone())).collect(),
+            Err(e) => return e.into_response(),
+        }
+    };
+    let pools = |vmid: &str| guest_pools.get(vmid).cloned();
+    let checker = Checker { access: &access, principal: &principal, params: &params, pools: &pools };
+    if let Err(e) = checker.check(endpoint.permissions.as_ref()) {
+        return e.into_response();
+    }
+    if let Err(errors) = validate::params(endpoint, &params) {
+        return PveError::parameters(errors).into_response();
+    }
+    match dispatch(&state, &checker, method.as_str(), &endpoint.path).await {
         Ok(data) => ok(data),
         Err(e) => e.into_response(),
     }
 }
 
-async fn login(state: &AppState, params: &BTreeMap<String, String>) -> Response {
-    let mut username = params.get("username").cloned().unwrap_or_default();
-    if let Some(realm) = params.get("realm")
-        && !username.contains('@')
-    {
-        username = format!("{username}@{realm}");
+/// The guest kind of a `/nodes/{node}/{qemu,lxc}/…` template, and the template with the
+/// kind replaced by `{type}`.
+fn guest_template(template: &str) -> (Option<Kind>, String) {
+    let segs: Vec<&str> = template.split('/').collect();
+    match segs.get(3).and_then(|s| Kind::parse(s)) {
+        Some(kind) if segs.get(1) == Some(&"nodes") => {
+            let mut generic = segs.clone();
+            generic[3] = "{type}";
+            (Some(kind), generic.join("/"))
+        }
+        _ => (None, template.to_string()),
     }
+}
+
+/// The privilege a config key needs (qemu-server's `check_vm_modify_config_perm`).
+fn config_privilege(key: &str) -> &'static str {
+    let stem = key.trim_end_matches(|c: char| c.is_ascii_digit());
+    match stem {
+        "memory" | "balloon" | "shares" | "swap" => "VM.Config.Memory",
+        "cores" | "sockets" | "cpu" | "cpulimit" | "cpuunits" | "vcpus" | "affinity" | "numa" | "cpuset" => {
+            "VM.Config.CPU"
+        }
+        "net" => "VM.Config.Network",
+        "scsi" | "virtio" | "sata" | "ide" | "efidisk" | "tpmstate" | "unused" | "rootfs" | "mp"
+        | "scsihw" => "VM.Config.Disk",
+        "ciuser" | "cipassword" | "citype" | "ipconfig" | "nameserver" | "searchdomain" | "sshkeys"
+        | "cicustom" => "VM.Config.Cloudinit",
+        "cdrom" => "VM.Config.CDROM",
+        "bios" | "machine" | "vga" | "serial" | "usb" | "hostpci" | "audio" | "rng" | "watchdog"
+        | "tablet" | "keyboard" => "VM.Config.HWType",
+        _ => "VM.Config.Options",
+    }
+}
+
+fn require(c: &Checker, path: &str, privilege: &str) -> Result<(), PveError> {
+    if c.principal.is_root() || access::privilege_bit(privilege).is_some_and(|b| c.has(path, b)) {
+        Ok(())
+    } else {
+        Err(PveError::permission(path, privilege))
+    }
+}
+
+/// The handler of an endpoint, by schema template; permissions and parameters are checked.
+async fn dispatch(
+    state: &AppState,
+    c: &Checker<'_>,
+    method: &str,
+    template: &str,
+) -> Result<Value, PveError> {
+    let p = c.params;
+    let client = &state.client;
+    let store = &state.store;
+    let user = c.principal.id();
+    let (kind, generic) = guest_template(template);
+    let vm_audit = access::privilege_bit("VM.Audit").unwrap_or(0);
+    let visible = |g: &guests::Guest| c.principal.is_root() || c.has(&format!("/vms/{}", g.vmid), vm_audit);
+    let find =
+        |kind: Option<Kind>| guests::find(client, kind.expect("a guest template"), &p["node"], &p["vmid"]);
+    match (method, generic.as_str()) {
+        ("GET", "/version") => Ok(json!({"version": PVE_VERSION, "release": "9.1", "repoid": "kpve"})),
+        ("GET", "/nodes") => nodes(state).await,
+        ("GET", "/cluster/resources") => resources(state, c).await,
+        ("GET", "/cluster/nextid") => nextid(state, p.get("vmid")).await,
+        ("GET", "/cluster/status") => cluster_status(state).await,
+        ("GET", "/nodes/{node}/status") => node_status(state, &p["node"]).await,
+        ("GET", "/nodes/{node}/{type}") => {
+            let list = guests::list(client, kind).await?;
+            let on_node =
+                list.iter().filter(|g| g.status.node.as_deref() == Some(p["node"].as_str()) && visible(g));
+            Ok(Value::Array(on_node.map(guests::Guest::entry).collect()))
+        }
+        ("POST", "/nodes/{node}/{type}") => {
+            let vm_allocate = access::privilege_bit("VM.Allocate").unwrap_or(0);
+            let by_pool = p.get("pool").is_some_and(|pool| c.has(&format!("/pool/{pool}"), vm_allocate));
+            if !by_pool {
+                require(c, &format!("/vms/{}", p["vmid"]), "VM.Allocate")?;
+            }
+            guests::create(client, &state.tasks, &p["node"], kind.expect("a guest template"), p, &user).await
+        }
+        ("GET", "/nodes/{node}/{type}/{vmid}/status/current") => {
+            find(kind).await.map(|g| guests::current(&g))
+        }
+        ("GET", "/nodes/{node}/{type}/{vmid}/config") => find(kind).await.map(|g| guests::config(&g)),
+        ("GET", "/nodes/{node}/{type}/{vmid}/pending") => find(kind).await.map(|g| guests::pending(&g)),
+        ("PUT" | "POST", "/nodes/{node}/{type}/{vmid}/config") => {
+            let g = find(kind).await?;
+            let path = format!("/vms/{}", g.vmid);
+            let deleted: Vec<String> =
+                p.get("delete").map(|d| split_list(d).map(str::to_string).collect()).unwrap_or_default();
+            let skip = ["node", "vmid", "digest", "delete", "revert", "skiplock", "background_delay"];
+            for key in p.keys().filter(|k| !skip.contains(&k.as_str())).chain(deleted.iter()) {
+                require(c, &path, config_privilege(key))?;
+            }
+            let generation = guests::update(client, &g, p).await?;
+            if method == "PUT" {
+                return Ok(Value::Null);
+            }
+            let task = format!("{}config", g.kind.task_prefix());
+            state
+                .tasks
+                .create(&p["node"], &task, g.kind, g.vmid, Target::Observed(generation), &user)
+                .map(Value::from)
+                .map_err(|e| PveError::new(500, e.to_string()))
+        }
+        ("DELETE", "/nodes/{node}/{type}/{vmid}") => {
+            let g = find(kind).await?;
+            guests::destroy(client, &state.tasks, &p["node"], &g, &user).await
+        }
+        ("POST", t) if t.starts_with("/nodes/{node}/{type}/{vmid}/status/") => {
+            let action = t.rsplit('/').next().unwrap_or("");
+            let g = find(kind).await?;
+            guests::power(client, &state.tasks, &p["node"], &g, action, &user).await
+        }
+        ("GET", "/storage") => storage::list(client).await,
+        ("GET", "/nodes/{node}/storage") => storage::on_node(client, &p["node"]).await,
+        ("GET", "/nodes/{node}/storage/{storage}/status") => {
+            storage::status(client, &p["node"], &p["storage"]).await
+        }
+        ("GET", "/nodes/{node}/storage/{storage}/content") => {
+            storage::content(
+                client,
+                &p["node"],
+                &p["storage"],
+                p.get("content").map(String::as_str),
+                p.get("vmid").map(String::as_str),
+            )
+            .await
+        }
+        ("GET", "/nodes/{node}/tasks/{upid}/status" | "/nodes/{node}/tasks/{upid}/log") => {
+            let upid = &p["upid"];
+            let owner = upid.parse::<crate::upid::Upid>().map(|u| u.user).unwrap_or_default();
+            if owner != user && owner.split('!').next() != Some(c.principal.user.as_str()) {
+                require(c, &format!("/nodes/{}", p["node"]), "Sys.Audit")?;
+            }
+            if generic.ends_with("/log") {
+                state.tasks.log(client, upid).await
+            } else {
+                state.tasks.status(client, upid).await
+            }
+        }
+        ("GET", "/access/users") => Ok(access_api::users(store, c)),
+        ("POST", "/access/users") => access_api::user_create(client, store, p).await,
+        ("GET", "/access/users/{userid}") => access_api::user_get(store, c),
+        ("PUT", "/access/users/{userid}") => access_api::user_update(client, store, p).await,
+        ("DELETE", "/access/users/{userid}") => access_api::user_delete(client, store, p).await,
+        ("GET", "/access/users/{userid}/token") => access_api::tokens(store, p),
+        ("GET", "/access/users/{userid}/token/{tokenid}") => access_api::token_get(store, p),
+        ("POST", "/access/users/{userid}/token/{tokenid}") => {
+            access_api::token_create(client, store, p).await
+        }
+        ("PUT", "/access/users/{userid}/token/{tokenid}") => access_api::token_update(client, store, p).await,
+        ("DELETE", "/access/users/{userid}/token/{tokenid}") => {
+            access_api::token_delete(client, store, p).await
+        }
+        ("PUT", "/access/password") => access_api::password(client, store, c).await,
+        ("GET", "/access/groups") => Ok(access_api::groups(store, c)),
+        ("POST", "/access/groups") => access_api::group_create(client, store, p).await,
+        ("GET", "/access/groups/{groupid}") => access_api::group_get(store, p),
+        ("PUT", "/access/groups/{groupid}") => access_api::group_update(client, store, p).await,
+        ("DELETE", "/access/groups/{groupid}") => access_api::group_delete(client, store, p).await,
+        ("GET", "/access/roles") => Ok(access_api::roles(store)),
+        ("POST", "/access/roles") => access_api::role_create(client, store, p).await,
+        ("GET", "/access/roles/{roleid}") => access_api::role_get(store, p),
+        ("PUT", "/access/roles/{roleid}") => access_api::role_update(client, store, p).await,
+        ("DELETE", "/access/roles/{roleid}") => access_api::role_delete(client, store, p).await,
+        ("GET", "/access/acl") => Ok(access_api::acl(store, c)),
+        ("PUT", "/access/acl") => access_api::acl_update(client, store, p).await,
+        ("GET", "/access/permissions") => access_api::permissions(store, c),
+        _ => Err(PveError::not_implemented(method, template)),
+    }
+}
+
+async fn login(state: &AppState, params: &BTreeMap<String, String>) -> Response {
+    let userid = auth::login_userid(params);
     let password = params.get("password").cloned().unwrap_or_default();
-    // A valid ticket is accepted as the password (proxmoxer renews its ticket that way).
-    let renewing = state.keys.verify_ticket(&password, now()).is_ok_and(|u| u == username);
-    if username != ROOT
-        || (!renewing && !constant_time_eq(password.as_bytes(), state.root_password.as_bytes()))
+    if let Err(e) = auth::check_password(&state.keys, &state.store, &state.root_password, &userid, &password)
     {
+        tracing::info!(user = %userid, reason = %e, "login failed");
         tokio::time::sleep(AUTH_FAILURE_DELAY).await;
         return PveError::new(401, "authentication failure").into_response();
     }
-    let t = now();
+    let t = auth::now();
     ok(json!({
-        "username": username,
-        "ticket": state.keys.ticket(&username, t),
-        "CSRFPreventionToken": state.keys.csrf_token(&username, t),
+        "username": userid,
+        "ticket": state.keys.ticket(&userid, t),
+        "CSRFPreventionToken": state.keys.csrf_token(&userid, t),
         "cap": {},
     }))
 }
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Proxmox VE's privileges; root@pam holds them all on `/` (all that Telmate's provider
-/// checks for are among them).
-const PRIVILEGES: &[&str] = &[
-    "Datastore.Allocate",
-    "Datastore.AllocateSpace",
-    "Datastore.AllocateTemplate",
-    "Datastore.Audit",
-    "Group.Allocate",
-    "Mapping.Audit",
-    "Mapping.Modify",
-    "Mapping.Use",
-    "Permissions.Modify",
-    "Pool.Allocate",
-    "Pool.Audit",
-    "Realm.Allocate",
-    "Realm.AllocateUser",
-    "SDN.Allocate",
-    "SDN.Audit",
-    "SDN.Use",
-    "Sys.AccessNetwork",
-    "Sys.Audit",
-    "Sys.Console",
-    "Sys.Incoming",
-    "Sys.Modify",
-    "Sys.PowerMgmt",
-    "Sys.Syslog",
-    "User.Modify",
-    "VM.Allocate",
-    "VM.Audit",
-    "VM.Backup",
-    "VM.Clone",
-    "VM.Config.CDROM",
-    "VM.Config.CPU",
-    "VM.Config.Cloudinit",
-    "VM.Config.Disk",
-    "VM.Config.HWType",
-    "VM.Config.Memory",
-    "VM.Config.Network",
-    "VM.Config.Options",
-    "VM.Console",
-    "VM.GuestAgent.Audit",
-    "VM.GuestAgent.FileRead",
-    "VM.GuestAgent.FileSystemMgmt",
-    "VM.GuestAgent.FileWrite",
-    "VM.GuestAgent.Unrestricted",
-    "VM.Migrate",
-    "VM.PowerMgmt",
-    "VM.Replicate",
-    "VM.Snapshot",
-    "VM.Snapshot.Rollback",
-];
 
 /// `GET /nodes/{node}/status`.
 async fn node_status(state: &AppState, node: &str) -> Result<Value, PveError> {
@@ -451,29 +506,36 @@ fn node_entry(hv: &Hypervisor) -> Value {
     e
 }
 
-async fn resources(state: &AppState, kind: Option<&str>) -> Result<Value, PveError> {
-    if let Some(k) = kind
-        && !["vm", "node", "storage", "sdn", "pool"].contains(&k)
-    {
-        let mut errors = BTreeMap::new();
-        errors.insert(
-            "type".into(),
-            format!("value '{k}' does not have a value in the enumeration 'vm, storage, node, sdn'"),
-        );
-        return Err(PveError::parameters(errors));
-    }
+/// `GET /cluster/resources`: guests, nodes and storages the caller may audit (type checked
+/// by the schema); guests also carry their pool (namespace).
+async fn resources(state: &AppState, c: &Checker<'_>) -> Result<Value, PveError> {
+    let kind = c.params.get("type").map(String::as_str);
+    let bit = |name: &str| access::privilege_bit(name).unwrap_or(0);
+    let root = c.principal.is_root();
     let mut out = Vec::new();
     if kind.is_none() || kind == Some("vm") {
-        out.extend(guests::list(&state.client, None).await?.iter().map(guests::Guest::entry));
+        for g in guests::list(&state.client, None).await? {
+            if root || c.has(&format!("/vms/{}", g.vmid), bit("VM.Audit")) {
+                let mut e = g.entry();
+                e["pool"] = json!(g.namespace);
+                out.push(e);
+            }
+        }
     }
     if (kind.is_none() || kind == Some("node"))
         && let Value::Array(n) = nodes(state).await?
     {
-        out.extend(n);
+        out.extend(n.into_iter().filter(|n| {
+            root || c.has(&format!("/nodes/{}", n["node"].as_str().unwrap_or("")), bit("Sys.Audit"))
+        }));
     }
     if kind.is_none() || kind == Some("storage") {
         let pools: Api<StoragePool> = Api::all(state.client.clone());
         for pool in pools.list(&ListParams::default()).await.map_err(PveError::read_failed)?.items {
+            let path = format!("/storage/{}", pool.name_any());
+            if !root && c.privs(&path) & (bit("Datastore.Audit") | bit("Datastore.AllocateSpace")) == 0 {
+                continue;
+            }
             for n in pool.status.as_ref().map(|s| s.nodes.clone()).unwrap_or_default() {
                 out.push(json!({
                     "id": format!("storage/{}/{}", n.node, pool.name_any()), "type": "storage",
@@ -506,22 +568,5 @@ async fn nextid(state: &AppState, wanted: Option<&String>) -> Result<Value, PveE
             Ok(json!(vmid.to_string()))
         }
         None => Ok(json!((100..).find(|v| !taken.contains(v)).expect("a free VMID").to_string())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auth_values_come_from_cookies_and_authorization_headers() {
-        assert_eq!(
-            auth_value("foo=1; PVEAuthCookie=PVE%3Aroot%40pam%3A1::sig", "PVEAuthCookie").unwrap(),
-            "PVE:root@pam:1::sig"
-        );
-        assert_eq!(auth_value("PVEAuthCookie=PVE:x::y", "PVEAuthCookie").unwrap(), "PVE:x::y");
-        assert_eq!(auth_value("PVEAPIToken root@pam!ci=abc", "PVEAPIToken").unwrap(), "root@pam!ci=abc");
-        assert!(auth_value("other=1", "PVEAuthCookie").is_none());
-        assert_eq!(auth_value("PVEAuthCookie=PVE:a::x+y/z=", "PVEAuthCookie").unwrap(), "PVE:a::x+y/z=");
     }
 }

@@ -25,6 +25,8 @@ pub enum Target {
     Paused,
     /// The guest's resource no longer exists (deleted).
     Gone,
+    /// The guest's agent has seen this generation of the spec (a config change applied).
+    Observed(i64),
 }
 
 pub struct Tasks {
@@ -85,6 +87,7 @@ impl Tasks {
             Target::Stopped => "stop",
             Target::Paused => "suspend",
             Target::Gone => "destroy",
+            Target::Observed(_) => "config",
         };
         let record = json!({
             "upid": upid, "vmid": vmid, "guest": if guest_kind == Kind::Qemu { "qemu" } else { "lxc" },
@@ -95,8 +98,13 @@ impl Tasks {
                                  Target::Stopped => "powerState Stopped",
                                  Target::Paused => "powerState Paused",
                                  Target::Gone => "deletion",
+                                 Target::Observed(_) => "configuration update",
                              })],
         });
+        let mut record = record;
+        if let Target::Observed(generation) = target {
+            record["generation"] = json!(generation);
+        }
         std::fs::write(self.path(&upid), record.to_string())?;
         Ok(upid)
     }
@@ -128,6 +136,16 @@ impl Tasks {
                 Some(_) if record["target"] == "destroy" => (now() - record["started"].as_i64().unwrap_or(0)
                     > TASK_TIMEOUT)
                     .then(|| Err(format!("timeout waiting for guest {vmid} to be deleted"))),
+                Some(g) if record["target"] == "config" => {
+                    let wanted = record["generation"].as_i64().unwrap_or(0);
+                    if g.status.observed_generation.unwrap_or(0) >= wanted {
+                        Some(Ok(()))
+                    } else if now() - record["started"].as_i64().unwrap_or(0) > TASK_TIMEOUT {
+                        Some(Err(format!("timeout waiting for guest {vmid} to apply its configuration")))
+                    } else {
+                        None
+                    }
+                }
                 Some(g) if g.status.phase == want => Some(Ok(())),
                 Some(g) => {
                     let stalled = g

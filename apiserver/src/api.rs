@@ -749,6 +749,15 @@ impl Api {
                 },
             ));
         }
+        if rt.group == kpve_crds::GROUP && kpve_crds::access::KINDS.contains(&rt.kind.as_str()) {
+            causes.extend(kpve_crds::access::check_object(&rt.kind, &new).into_iter().map(
+                |(field, message)| Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!("Invalid value: {message}"),
+                    field,
+                },
+            ));
+        }
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, &name, causes).into());
         }

@@ -4,7 +4,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::{
-    ClusterFirewall, HAGroup, Hypervisor, IPSet, LinuxContainer, SecurityGroup, StoragePool, VirtualMachine,
+    ClusterFirewall, HAGroup, Hypervisor, IPSet, LinuxContainer, PVEACL, PVEGroup, PVERole, PVEUser,
+    SecurityGroup, StoragePool, VirtualMachine,
 };
 
 /// Every kpve CRD, in a stable order.
@@ -18,6 +19,10 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         IPSet::crd(),
         ClusterFirewall::crd(),
         HAGroup::crd(),
+        PVEUser::crd(),
+        PVEGroup::crd(),
+        PVERole::crd(),
+        PVEACL::crd(),
     ]
 }
 

@@ -9,6 +9,7 @@
 pub use k8s_openapi;
 pub use kube;
 
+pub mod access;
 pub mod codec;
 pub mod common;
 pub mod crdgen;
@@ -20,6 +21,9 @@ pub mod storage;
 pub mod validation;
 pub mod vm;
 
+pub use access::{
+    PVEACL, PVEACLSpec, PVEGroup, PVEGroupSpec, PVERole, PVERoleSpec, PVEToken, PVEUser, PVEUserSpec,
+};
 pub use common::*;
 pub use firewall::*;
 pub use ha::*;

@@ -152,6 +152,17 @@ impl Runtime for Qemu {
         figures: &mut Value,
     ) {
         figures["mem"] = json!(host::rss_bytes(pid));
+        // The memory in force is what QEMU was started with (a spec change waits for a restart).
+        if let Some(mib) = super::read_checkpoint(run).and_then(|cp| {
+            let launch = cp.launch;
+            launch
+                .iter()
+                .position(|a| a == "-m")
+                .and_then(|i| launch.get(i + 1))
+                .and_then(|m| m.parse::<u64>().ok())
+        }) {
+            figures["maxmem"] = json!(mib * 1024 * 1024);
+        }
         // Linux reports process times in USER_HZ = 100 ticks per second.
         if let Some(cpu) = host::cpu_ticks(pid).and_then(|t| agent.cpu_usage((vmid, pid), t as f64 / 100.0)) {
             figures["cpu"] = json!(cpu);
