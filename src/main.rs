@@ -39,8 +39,8 @@ enum Command {
     Agent(AgentArgs),
     /// Run the controllers alone against any conformant API server (--kubeconfig). [not built yet]
     Controllers(NotBuilt),
-    /// Serve the Proxmox VE REST API alone against a kpve API server. [not built yet]
-    PveApi(NotBuilt),
+    /// Serve the Proxmox VE REST API alone against a kpve API server (an admin token).
+    PveApi(PveApiArgs),
     /// Write the CustomResourceDefinitions of every kpve kind as YAML.
     Crdgen {
         /// Directory to write one <plural>.kpve.io.yaml per kind into.
@@ -116,6 +116,32 @@ struct AgentArgs {
     data_dir: PathBuf,
 }
 
+#[derive(clap::Args, Debug)]
+struct PveApiArgs {
+    /// The kpve API server, e.g. https://pve1:6443.
+    #[arg(long)]
+    server: String,
+    /// File holding an admin bearer token (`kpve token create --role admin`).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// CA certificate of the server (DATA_DIR/ca.crt on the server).
+    #[arg(long)]
+    ca_file: PathBuf,
+    /// Where root@pam's password, the ticket key, the task records and the generated
+    /// certificate (pve-ssl.pem, pve-ssl.key) live.
+    #[arg(long, env = "KPVE_DATA_DIR", default_value = "/var/lib/kpve")]
+    data_dir: PathBuf,
+    /// Address to serve HTTPS on.
+    #[arg(long, default_value = "0.0.0.0:8006")]
+    listen: std::net::SocketAddr,
+    /// PEM certificate chain to serve (with --tls-key); a self-signed one is generated otherwise.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 enum TokenAction {
     /// Create a token and print it.
@@ -170,7 +196,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Agent(args) => agent(args),
         Command::Controllers(_) => not_built("controllers", "the controllers (issue: VMs end to end)"),
-        Command::PveApi(_) => not_built("pve-api", "the Proxmox VE API (issue: Proxmox VE API on 8006)"),
+        Command::PveApi(args) => pve_api(args),
         Command::Crdgen { out, check } => crdgen(&out, check),
         Command::Validate { files } => validate::run(&files),
         Command::Convert { direction } => convert::run(direction),
@@ -270,6 +296,37 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         let client = kube_client(&args.server, token.trim(), &args.ca_file)?;
         let config = kpve_node_agent::agent::AgentConfig::new(args.node, args.data_dir);
         kpve_node_agent::agent::run(client, config).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pve_api(args: PveApiArgs) -> Result<ExitCode> {
+    init_tracing();
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let (cert, key) = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => (cert, key),
+        _ => {
+            let cert = args.data_dir.join("pve-ssl.pem");
+            let key = args.data_dir.join("pve-ssl.key");
+            kpve_apiserver::pki::ensure_self_signed(&cert, &key, "kpve Proxmox VE API")?;
+            (cert, key)
+        }
+    };
+    let tls = kpve_apiserver::pki::tls_config_from(&cert, &key)?;
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading {}", args.token_file.display()))?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let client = kube_client(&args.server, token.trim(), &args.ca_file)?;
+        let config =
+            kpve_api::server::PveApiConfig { data_dir: args.data_dir, listen: args.listen, tls, client };
+        let (address, task) = kpve_api::server::start(config).await.context("starting the Proxmox VE API")?;
+        eprintln!("kpve: Proxmox VE API listening on https://{address}/api2/json");
+        tokio::select! {
+            r = task => r.context("the Proxmox VE API task")?,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -298,3 +298,76 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
         (Some(501), Some("Method 'GET /nope' not implemented"))
     );
 }
+
+/// `kpve pve-api` on its own, against a kpve API server with an admin token: it generates a
+/// self-signed certificate (key 0600) and root@pam's password in its own data directory, and
+/// serves the guests declared with kubectl.
+#[test]
+fn standalone_pve_api_serves_with_a_generated_certificate() {
+    let server = Server::start();
+    server.kubectl_stdin(&["apply", "-f", "-"], Some(&vm_manifest("solo", 1, "  vmid: 150\n")));
+    let token_file = server.data_dir().join("pve-api-token");
+    std::fs::write(&token_file, server.token("admin", None)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_kpve"))
+        .args(["pve-api", "--server", &format!("https://127.0.0.1:{}", server.port)])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--ca-file")
+        .arg(server.data_dir().join("ca.crt"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(child);
+    let base = format!("https://127.0.0.1:{port}/api2/json");
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl").args(["-sk", "--max-time", "10"]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until("the standalone API answers", || {
+        curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("{base}/version")]) == "401"
+    });
+    use std::os::unix::fs::PermissionsExt;
+    let key = std::fs::metadata(dir.path().join("pve-ssl.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    let cert = std::fs::read_to_string(dir.path().join("pve-ssl.pem")).unwrap();
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    let password = std::fs::read_to_string(dir.path().join("pve-root-password")).unwrap();
+    let login = curl(&[
+        "-d",
+        "username=root@pam",
+        "--data-urlencode",
+        &format!("password={}", password.trim()),
+        &format!("{base}/access/ticket"),
+    ]);
+    let login: Value = serde_json::from_str(&login).unwrap();
+    let ticket = login["data"]["ticket"].as_str().unwrap();
+    let cookie = format!("PVEAuthCookie={ticket}");
+    let resources: Value =
+        serde_json::from_str(&curl(&["-b", &cookie, &format!("{base}/cluster/resources?type=vm")])).unwrap();
+    let vm = resources["data"].as_array().unwrap().iter().find(|g| g["name"] == "solo").cloned().unwrap();
+    assert_eq!(vm["vmid"], 150);
+    // The served certificate is the generated one.
+    let served = Command::new("sh")
+        .arg("-c")
+        .arg(format!("openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509 -noout -fingerprint"))
+        .output()
+        .unwrap();
+    let on_disk = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-in"])
+        .arg(dir.path().join("pve-ssl.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&served.stdout), String::from_utf8_lossy(&on_disk.stdout));
+}

@@ -114,8 +114,30 @@ pub fn pem_certs(pem: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
 
 /// The rustls configuration for a listener: the serving certificate, HTTP/2 and HTTP/1.1 by ALPN.
 pub fn server_tls_config(dir: &Path) -> Result<Arc<rustls::ServerConfig>> {
-    let cert_path = dir.join(SERVER_CERT);
-    let key_path = dir.join(SERVER_KEY);
+    tls_config_from(&dir.join(SERVER_CERT), &dir.join(SERVER_KEY))
+}
+
+/// Writes a self-signed serving certificate and its key (0600) unless both exist — what a
+/// listener without a CA of its own (the standalone Proxmox API) uses on first start.
+pub fn ensure_self_signed(cert_path: &Path, key_path: &Path, common_name: &str) -> Result<()> {
+    if cert_path.exists() && key_path.exists() {
+        return Ok(());
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let sans = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into(), host_name()];
+    let mut params = rcgen::CertificateParams::new(sans)?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut params);
+    let cert = params.self_signed(&key)?;
+    write_file(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// The rustls configuration for a listener from PEM files of a certificate chain and its key.
+pub fn tls_config_from(cert_path: &Path, key_path: &Path) -> Result<Arc<rustls::ServerConfig>> {
+    let (cert_path, key_path) = (cert_path.to_path_buf(), key_path.to_path_buf());
     let certs: Vec<_> =
         rustls_pemfile::certs(&mut std::fs::read(&cert_path).map_err(io_err(&cert_path))?.as_slice())
             .collect::<std::result::Result<_, _>>()
