@@ -14,14 +14,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use futures::StreamExt;
 use kpve_crds::access::{BUILTIN_ROLES, PRIVILEGES};
 use kpve_crds::{PVEACL, PVEGroup, PVERole, PVEUser};
-use kube::Resource;
-use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
 use serde_json::Value;
+
+use crate::cache;
 use sha2::Digest;
 
 use crate::envelope::PveError;
@@ -87,40 +85,14 @@ pub struct AccessStore {
     pub acls: Store<PVEACL>,
 }
 
-fn watch<K>(client: &kube::Client) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream =
-        reflector::reflector(writer, watcher(Api::<K>::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .applied_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "watching access-control resources");
-            }
-        }
-    });
-    reader
-}
-
 impl AccessStore {
     /// Starts the watches and waits until every cache has its first list.
     pub async fn start(client: &kube::Client) -> anyhow::Result<AccessStore> {
         let store = AccessStore {
-            users: watch(client),
-            groups: watch(client),
-            roles: watch(client),
-            acls: watch(client),
+            users: cache::watch(client),
+            groups: cache::watch(client),
+            roles: cache::watch(client),
+            acls: cache::watch(client),
         };
         let ready = async {
             store.users.wait_until_ready().await?;
@@ -136,30 +108,6 @@ impl AccessStore {
 
     pub fn user(&self, userid: &str) -> Option<std::sync::Arc<PVEUser>> {
         self.users.state().into_iter().find(|u| u.spec.userid == userid)
-    }
-
-    /// Waits (up to 5 s) until the cache of `K` shows `object` at its resource version, or
-    /// no longer has it when `object` is `None` (read-your-writes for the REST layer).
-    pub async fn settle<K>(store: &Store<K>, name: &str, version: Option<&str>)
-    where
-        K: Resource<DynamicType = ()> + Clone + 'static,
-    {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let seen = store.state().into_iter().find(|o| o.meta().name.as_deref() == Some(name));
-            let done = match (version, seen) {
-                (None, None) => true,
-                (Some(v), Some(o)) => {
-                    let have = o.meta().resource_version.as_deref().unwrap_or("");
-                    have == v || matches!((have.parse::<u64>(), v.parse::<u64>()), (Ok(a), Ok(b)) if a >= b)
-                }
-                _ => false,
-            };
-            if done || tokio::time::Instant::now() > deadline {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 
     /// A consistent view for one request.

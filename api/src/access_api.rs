@@ -13,6 +13,7 @@ use sha2::Digest;
 
 use crate::access::{self, AccessStore, Checker, ROOT, privilege_names};
 use crate::auth::hash_password;
+use crate::cache;
 use crate::envelope::PveError;
 use crate::validate::split_list;
 
@@ -84,7 +85,7 @@ async fn replace_user(client: &kube::Client, store: &AccessStore, u: &PVEUser) -
     let mut u = u.clone();
     u.metadata.managed_fields = None;
     let saved = api.replace(&name, &PostParams::default(), &u).await.map_err(write_error)?;
-    AccessStore::settle(&store.users, &name, created_version(&saved).as_deref()).await;
+    cache::settle(&store.users, None, &name, created_version(&saved).as_deref()).await;
     Ok(())
 }
 
@@ -226,7 +227,7 @@ pub async fn user_create(
         .create(&PostParams::default(), &PVEUser::new(&name, spec))
         .await
         .map_err(write_error)?;
-    AccessStore::settle(&store.users, &name, created_version(&saved).as_deref()).await;
+    cache::settle(&store.users, None, &name, created_version(&saved).as_deref()).await;
     Ok(Value::Null)
 }
 
@@ -282,7 +283,7 @@ pub async fn user_delete(
     let u = user(store, userid)?;
     let name = u.meta().name.clone().unwrap_or_default();
     Api::<PVEUser>::all(client.clone()).delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
-    AccessStore::settle(&store.users, &name, None).await;
+    cache::settle(&store.users, None, &name, None).await;
     let tokens: Vec<String> = u.spec.tokens.iter().map(|t| format!("{userid}!{}", t.id)).collect();
     remove_from_acls(client, store, |spec| {
         spec.users.retain(|x| x != userid);
@@ -366,7 +367,7 @@ pub async fn token_create(
             .create(&PostParams::default(), &PVEUser::new(&name, spec))
             .await
             .map_err(write_error)?;
-        AccessStore::settle(&store.users, &name, created_version(&saved).as_deref()).await;
+        cache::settle(&store.users, None, &name, created_version(&saved).as_deref()).await;
     }
     let mut u = (*user(store, userid)?).clone();
     let tokenid = params["tokenid"].clone();
@@ -507,7 +508,7 @@ pub async fn group_create(
         .create(&PostParams::default(), &PVEGroup::new(&name, spec))
         .await
         .map_err(write_error)?;
-    AccessStore::settle(&store.groups, &name, created_version(&saved).as_deref()).await;
+    cache::settle(&store.groups, None, &name, created_version(&saved).as_deref()).await;
     Ok(Value::Null)
 }
 
@@ -525,7 +526,7 @@ pub async fn group_update(
         .replace(&name, &PostParams::default(), &g)
         .await
         .map_err(write_error)?;
-    AccessStore::settle(&store.groups, &name, created_version(&saved).as_deref()).await;
+    cache::settle(&store.groups, None, &name, created_version(&saved).as_deref()).await;
     Ok(Value::Null)
 }
 
@@ -542,7 +543,7 @@ pub async fn group_delete(
         .delete(&name, &DeleteParams::default())
         .await
         .map_err(write_error)?;
-    AccessStore::settle(&store.groups, &name, None).await;
+    cache::settle(&store.groups, None, &name, None).await;
     for u in store.users.state() {
         if u.spec.groups.contains(&groupid) {
             let mut u = (*u).clone();
@@ -609,7 +610,7 @@ pub async fn role_create(
         .create(&PostParams::default(), &PVERole::new(&name, spec))
         .await
         .map_err(write_error)?;
-    AccessStore::settle(&store.roles, &name, created_version(&saved).as_deref()).await;
+    cache::settle(&store.roles, None, &name, created_version(&saved).as_deref()).await;
     Ok(Value::Null)
 }
 
@@ -636,7 +637,7 @@ pub async fn role_update(
         .replace(&name, &PostParams::default(), &r)
         .await
         .map_err(write_error)?;
-    AccessStore::settle(&store.roles, &name, created_version(&saved).as_deref()).await;
+    cache::settle(&store.roles, None, &name, created_version(&saved).as_deref()).await;
     Ok(Value::Null)
 }
 
@@ -650,7 +651,7 @@ pub async fn role_delete(
     let r = custom_role(store, &roleid)?;
     let name = r.meta().name.clone().unwrap_or_default();
     Api::<PVERole>::all(client.clone()).delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
-    AccessStore::settle(&store.roles, &name, None).await;
+    cache::settle(&store.roles, None, &name, None).await;
     remove_from_acls(client, store, |spec| spec.roles.retain(|x| x != &roleid)).await?;
     Ok(Value::Null)
 }
@@ -694,13 +695,13 @@ async fn remove_from_acls(
             || (spec.users.is_empty() && spec.groups.is_empty() && spec.tokens.is_empty())
         {
             api.delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
-            AccessStore::settle(&store.acls, &name, None).await;
+            cache::settle(&store.acls, None, &name, None).await;
         } else {
             let mut a = (*a).clone();
             a.spec = spec;
             a.metadata.managed_fields = None;
             let saved = api.replace(&name, &PostParams::default(), &a).await.map_err(write_error)?;
-            AccessStore::settle(&store.acls, &name, created_version(&saved).as_deref()).await;
+            cache::settle(&store.acls, None, &name, created_version(&saved).as_deref()).await;
         }
     }
     Ok(())
@@ -795,7 +796,7 @@ pub async fn acl_update(
                 None => api.create(&PostParams::default(), &PVEACL::new(&name, spec)).await,
             }
             .map_err(write_error)?;
-            AccessStore::settle(&store.acls, &name, created_version(&saved).as_deref()).await;
+            cache::settle(&store.acls, None, &name, created_version(&saved).as_deref()).await;
         }
     }
     Ok(Value::Null)

@@ -6,10 +6,14 @@ use std::collections::BTreeMap;
 
 use kpve_crds::common::{GuestObject, GuestPhase, GuestStatus};
 use kpve_crds::{LinuxContainer, VirtualMachine};
+use std::sync::Arc;
+
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::Store;
 use serde_json::{Value, json};
 
+use crate::cache;
 use crate::envelope::PveError;
 use crate::tasks::{Target, Tasks};
 
@@ -51,18 +55,50 @@ pub struct Guest {
     spec: Spec,
 }
 
-/// The declared spec, rendered as Proxmox config text only when a caller asks for it.
+/// The resource (shared with the cache), rendered as Proxmox config text only when a caller
+/// asks for it.
 enum Spec {
-    Qemu(Box<kpve_crds::VirtualMachineSpec>),
-    Lxc(Box<kpve_crds::LinuxContainerSpec>),
+    Qemu(Arc<VirtualMachine>),
+    Lxc(Arc<LinuxContainer>),
+}
+
+/// Watch-driven caches of both guest kinds, and the client writes go through.
+#[derive(Clone)]
+pub struct Guests {
+    pub client: kube::Client,
+    vms: Store<VirtualMachine>,
+    cts: Store<LinuxContainer>,
+}
+
+impl Guests {
+    /// Starts the watches and waits until both caches have their first list.
+    pub async fn start(client: &kube::Client) -> anyhow::Result<Guests> {
+        let guests = Guests { client: client.clone(), vms: cache::watch(client), cts: cache::watch(client) };
+        let ready = async {
+            guests.vms.wait_until_ready().await?;
+            guests.cts.wait_until_ready().await
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), ready)
+            .await
+            .map_err(|_| anyhow::anyhow!("guest caches did not fill within 60 s"))??;
+        Ok(guests)
+    }
+
+    /// Waits until the cache shows the guest's resource at `version` (`None`: gone).
+    async fn settle(&self, g: &Guest, version: Option<&str>) {
+        match g.kind {
+            Kind::Qemu => cache::settle(&self.vms, Some(&g.namespace), &g.name, version).await,
+            Kind::Lxc => cache::settle(&self.cts, Some(&g.namespace), &g.name, version).await,
+        }
+    }
 }
 
 impl Guest {
     /// The Proxmox config text (codec).
     pub fn config_text(&self) -> String {
         match &self.spec {
-            Spec::Qemu(spec) => spec.to_qemu_config(),
-            Spec::Lxc(spec) => spec.to_lxc_config(),
+            Spec::Qemu(vm) => vm.spec.to_qemu_config(),
+            Spec::Lxc(ct) => ct.spec.to_lxc_config(),
         }
     }
 
@@ -120,37 +156,21 @@ fn guest_of<K: GuestObject>(
     })
 }
 
-/// Every guest of `kind` (both kinds when `None`), sorted by VMID.
-pub async fn list(client: &kube::Client, kind: Option<Kind>) -> Result<Vec<Guest>, PveError> {
+/// Every guest of `kind` (both kinds when `None`), sorted by VMID, from the caches.
+pub async fn list(guests: &Guests, kind: Option<Kind>) -> Result<Vec<Guest>, PveError> {
     let mut out = Vec::new();
     if kind != Some(Kind::Lxc) {
-        let vms: Api<VirtualMachine> = Api::all(client.clone());
-        for vm in vms.list(&ListParams::default()).await.map_err(PveError::read_failed)?.items {
+        for vm in guests.vms.state() {
             let cpus = vm.spec.cpu.cores * vm.spec.cpu.sockets;
-            let spec = Spec::Qemu(Box::new(vm.spec.clone()));
-            out.extend(guest_of(
-                &vm,
-                Kind::Qemu,
-                vm.spec.name.clone(),
-                cpus,
-                u64::from(vm.spec.memory.size),
-                spec,
-            ));
+            let (name, mem) = (vm.spec.name.clone(), u64::from(vm.spec.memory.size));
+            out.extend(guest_of(vm.as_ref(), Kind::Qemu, name, cpus, mem, Spec::Qemu(vm.clone())));
         }
     }
     if kind != Some(Kind::Qemu) {
-        let cts: Api<LinuxContainer> = Api::all(client.clone());
-        for ct in cts.list(&ListParams::default()).await.map_err(PveError::read_failed)?.items {
+        for ct in guests.cts.state() {
             let cpus = ct.spec.cores.unwrap_or(1);
-            let spec = Spec::Lxc(Box::new(ct.spec.clone()));
-            out.extend(guest_of(
-                &ct,
-                Kind::Lxc,
-                ct.spec.hostname.clone(),
-                cpus,
-                u64::from(ct.spec.memory),
-                spec,
-            ));
+            let (name, mem) = (ct.spec.hostname.clone(), u64::from(ct.spec.memory));
+            out.extend(guest_of(ct.as_ref(), Kind::Lxc, name, cpus, mem, Spec::Lxc(ct.clone())));
         }
     }
     out.sort_by_key(|g| g.vmid);
@@ -158,7 +178,7 @@ pub async fn list(client: &kube::Client, kind: Option<Kind>) -> Result<Vec<Guest
 }
 
 /// The guest `vmid` of `kind` on `node`, or Proxmox's "does not exist" error.
-pub async fn find(client: &kube::Client, kind: Kind, node: &str, vmid: &str) -> Result<Guest, PveError> {
+pub async fn find(guests: &Guests, kind: Kind, node: &str, vmid: &str) -> Result<Guest, PveError> {
     let Ok(id) = vmid.parse::<u32>() else {
         let mut errors = BTreeMap::new();
         errors.insert("vmid".to_string(), format!("type check ('integer') failed - got '{vmid}'"));
@@ -171,7 +191,7 @@ pub async fn find(client: &kube::Client, kind: Kind, node: &str, vmid: &str) -> 
         };
         PveError::new(500, format!("Configuration file '{file}' does not exist"))
     };
-    let guest = list(client, Some(kind)).await?.into_iter().find(|g| g.vmid == id).ok_or_else(missing)?;
+    let guest = list(guests, Some(kind)).await?.into_iter().find(|g| g.vmid == id).ok_or_else(missing)?;
     if guest.status.node.as_deref().is_some_and(|n| n != node) {
         return Err(missing());
     }
@@ -235,24 +255,33 @@ pub fn pending(g: &Guest) -> Value {
     Value::Array(out)
 }
 
-/// A JSON merge patch of the guest's resource.
-async fn merge_patch(client: &kube::Client, g: &Guest, patch: &Value) -> Result<(), kube::Error> {
+/// A JSON merge patch of the guest's resource, visible in the cache when this returns.
+async fn merge_patch(guests: &Guests, g: &Guest, patch: &Value) -> Result<(), kube::Error> {
     let params = PatchParams::default();
-    match g.kind {
-        Kind::Qemu => Api::<VirtualMachine>::namespaced(client.clone(), &g.namespace)
-            .patch(&g.name, &params, &Patch::Merge(patch))
-            .await
-            .map(|_| ()),
-        Kind::Lxc => Api::<LinuxContainer>::namespaced(client.clone(), &g.namespace)
-            .patch(&g.name, &params, &Patch::Merge(patch))
-            .await
-            .map(|_| ()),
-    }
+    let client = guests.client.clone();
+    let version = match g.kind {
+        Kind::Qemu => {
+            Api::<VirtualMachine>::namespaced(client, &g.namespace)
+                .patch(&g.name, &params, &Patch::Merge(patch))
+                .await?
+                .metadata
+                .resource_version
+        }
+        Kind::Lxc => {
+            Api::<LinuxContainer>::namespaced(client, &g.namespace)
+                .patch(&g.name, &params, &Patch::Merge(patch))
+                .await?
+                .metadata
+                .resource_version
+        }
+    };
+    guests.settle(g, version.as_deref()).await;
+    Ok(())
 }
 
 /// `POST …/status/{start,stop,shutdown}`: declares the power state and returns the task's UPID.
 pub async fn power(
-    client: &kube::Client,
+    guests: &Guests,
     tasks: &Tasks,
     node: &str,
     g: &Guest,
@@ -274,7 +303,7 @@ pub async fn power(
                 .map(|d| d.as_nanos())
                 .unwrap_or(0);
             let patch = json!({"metadata": {"annotations": {"kpve.io/restart": format!("pve-api-{stamp}")}}});
-            merge_patch(client, g, &patch).await.map_err(write_error)?;
+            merge_patch(guests, g, &patch).await.map_err(write_error)?;
             let task = format!("{}{action}", g.kind.task_prefix());
             return tasks
                 .create(node, &task, g.kind, g.vmid, Target::Running, user)
@@ -288,7 +317,7 @@ pub async fn power(
         return Err(PveError::new(500, format!("{what} {} already running", g.vmid)));
     }
     let patch = json!({"spec": {"powerState": state}});
-    merge_patch(client, g, &patch)
+    merge_patch(guests, g, &patch)
         .await
         .map_err(|e| PveError::new(500, format!("changing the power state failed: {e}")))?;
     let kind = format!("{}{action}", g.kind.task_prefix());
@@ -364,7 +393,7 @@ fn write_error(e: kube::Error) -> PveError {
 /// `POST /nodes/{node}/{qemu,lxc}`: a guest from Proxmox parameters, through the codec, as a
 /// resource in namespace `default` named `vm-<vmid>` / `ct-<vmid>`, pinned to `node`.
 pub async fn create(
-    client: &kube::Client,
+    guests: &Guests,
     tasks: &Tasks,
     node: &str,
     kind: Kind,
@@ -376,7 +405,7 @@ pub async fn create(
         errors.insert("vmid".to_string(), "property is missing and it is not optional".to_string());
         return Err(PveError::parameters(errors));
     };
-    if list(client, None).await?.iter().any(|g| g.vmid == vmid) {
+    if list(guests, None).await?.iter().any(|g| g.vmid == vmid) {
         let what = if kind == Kind::Qemu { "VM" } else { "CT" };
         return Err(PveError::new(
             500,
@@ -410,19 +439,38 @@ pub async fn create(
         }
     };
     let post = kube::api::PostParams::default();
-    match kind {
+    let client = guests.client.clone();
+    let name = match kind {
         Kind::Qemu => {
             let vm: VirtualMachine =
                 serde_json::from_value(object).map_err(|e| PveError::new(400, e.to_string()))?;
-            Api::<VirtualMachine>::namespaced(client.clone(), "default").create(&post, &vm).await.map(|_| ())
+            let saved = Api::<VirtualMachine>::namespaced(client, "default").create(&post, &vm).await;
+            let saved = saved.map_err(write_error)?;
+            cache::settle(
+                &guests.vms,
+                Some("default"),
+                &saved.name_any(),
+                saved.metadata.resource_version.as_deref(),
+            )
+            .await;
+            saved.name_any()
         }
         Kind::Lxc => {
             let ct: LinuxContainer =
                 serde_json::from_value(object).map_err(|e| PveError::new(400, e.to_string()))?;
-            Api::<LinuxContainer>::namespaced(client.clone(), "default").create(&post, &ct).await.map(|_| ())
+            let saved = Api::<LinuxContainer>::namespaced(client, "default").create(&post, &ct).await;
+            let saved = saved.map_err(write_error)?;
+            cache::settle(
+                &guests.cts,
+                Some("default"),
+                &saved.name_any(),
+                saved.metadata.resource_version.as_deref(),
+            )
+            .await;
+            saved.name_any()
         }
-    }
-    .map_err(write_error)?;
+    };
+    tracing::info!(%name, vmid, %user, "guest created through the Proxmox API");
     let task = format!("{}create", kind.task_prefix());
     let target = if start { Target::Running } else { Target::Stopped };
     tasks
@@ -433,11 +481,7 @@ pub async fn create(
 
 /// `PUT …/config`: changes keys (and removes those in `delete`) after checking `digest`;
 /// returns the resource's new generation.
-pub async fn update(
-    client: &kube::Client,
-    g: &Guest,
-    params: &BTreeMap<String, String>,
-) -> Result<i64, PveError> {
+pub async fn update(guests: &Guests, g: &Guest, params: &BTreeMap<String, String>) -> Result<i64, PveError> {
     if let Some(digest) = params.get("digest")
         && config(g)["digest"] != *digest
     {
@@ -454,7 +498,7 @@ pub async fn update(
     match g.kind {
         Kind::Qemu => {
             let mut spec = kpve_crds::VirtualMachineSpec::from_qemu_config(&text).map_err(codec_error)?;
-            let api = Api::<VirtualMachine>::namespaced(client.clone(), &g.namespace);
+            let api = Api::<VirtualMachine>::namespaced(guests.client.clone(), &g.namespace);
             let mut vm = api.get(&g.name).await.map_err(write_error)?;
             // Fields the Proxmox config does not carry stay as declared.
             spec.vmid = vm.spec.vmid;
@@ -463,11 +507,12 @@ pub async fn update(
             vm.spec = spec;
             vm.status = None;
             let saved = api.replace(&g.name, &Default::default(), &vm).await.map_err(write_error)?;
+            guests.settle(g, saved.metadata.resource_version.as_deref()).await;
             Ok(saved.metadata.generation.unwrap_or(0))
         }
         Kind::Lxc => {
             let mut spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
-            let api = Api::<LinuxContainer>::namespaced(client.clone(), &g.namespace);
+            let api = Api::<LinuxContainer>::namespaced(guests.client.clone(), &g.namespace);
             let mut ct = api.get(&g.name).await.map_err(write_error)?;
             spec.vmid = ct.spec.vmid;
             spec.power_state = ct.spec.power_state;
@@ -476,6 +521,7 @@ pub async fn update(
             ct.spec = spec;
             ct.status = None;
             let saved = api.replace(&g.name, &Default::default(), &ct).await.map_err(write_error)?;
+            guests.settle(g, saved.metadata.resource_version.as_deref()).await;
             Ok(saved.metadata.generation.unwrap_or(0))
         }
     }
@@ -484,7 +530,7 @@ pub async fn update(
 /// `DELETE /nodes/{node}/{kind}/{vmid}`: deletes the resource; the task ends once it is gone
 /// (the agent stopped the guest and freed its volumes).
 pub async fn destroy(
-    client: &kube::Client,
+    guests: &Guests,
     tasks: &Tasks,
     node: &str,
     g: &Guest,
@@ -492,11 +538,11 @@ pub async fn destroy(
 ) -> Result<Value, PveError> {
     let dp = kube::api::DeleteParams::default();
     match g.kind {
-        Kind::Qemu => Api::<VirtualMachine>::namespaced(client.clone(), &g.namespace)
+        Kind::Qemu => Api::<VirtualMachine>::namespaced(guests.client.clone(), &g.namespace)
             .delete(&g.name, &dp)
             .await
             .map(|_| ()),
-        Kind::Lxc => Api::<LinuxContainer>::namespaced(client.clone(), &g.namespace)
+        Kind::Lxc => Api::<LinuxContainer>::namespaced(guests.client.clone(), &g.namespace)
             .delete(&g.name, &dp)
             .await
             .map(|_| ()),

@@ -13,6 +13,7 @@
 pub mod access;
 pub mod access_api;
 pub mod auth;
+pub mod cache;
 pub mod envelope;
 pub mod guests;
 pub mod schema;

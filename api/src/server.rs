@@ -23,7 +23,7 @@ use crate::access::{self, AccessStore, Checker};
 use crate::access_api;
 use crate::auth::{self, Credential};
 use crate::envelope::{PveError, ok, unauthorized};
-use crate::guests::{self, Kind};
+use crate::guests::{self, Guests, Kind};
 use crate::schema::{Route, SCHEMA};
 use crate::storage;
 use crate::tasks::{Target, Tasks};
@@ -49,6 +49,7 @@ pub struct PveApiConfig {
 
 struct AppState {
     client: kube::Client,
+    guests: Guests,
     store: AccessStore,
     keys: Keys,
     root_password: String,
@@ -88,8 +89,10 @@ pub async fn start(
     }
     let tasks = Tasks::new(config.data_dir.join("pve-tasks"))?;
     let store = AccessStore::start(&config.client).await?;
+    let guests = Guests::start(&config.client).await?;
     let state = Arc::new(AppState {
         store,
+        guests,
         client: config.client,
         keys: Keys { current, previous: None },
         root_password,
@@ -227,12 +230,13 @@ async fn handle(
         }
         params.insert(k, v);
     }
-    let access = state.store.snapshot();
+    // root@pam passes every check: no need to assemble the access configuration for it.
+    let access = if principal.is_root() { access::Access::default() } else { state.store.snapshot() };
     // Pools are namespaces: the guests' namespaces, read only when a non-root caller needs them.
     let guest_pools: BTreeMap<String, String> = if principal.is_root() {
         BTreeMap::new()
     } else {
-        match guests::list(&state.client, None).await {
+        match guests::list(&state.guests, None).await {
             Ok(list) => list.iter().map(|g| (g.vmid.to_string(), g.namespace.clone())).collect(),
             Err(e) => return e.into_response(),
         }
@@ -307,8 +311,9 @@ async fn dispatch(
     let (kind, generic) = guest_template(template);
     let vm_audit = access::privilege_bit("VM.Audit").unwrap_or(0);
     let visible = |g: &guests::Guest| c.principal.is_root() || c.has(&format!("/vms/{}", g.vmid), vm_audit);
-    let find =
-        |kind: Option<Kind>| guests::find(client, kind.expect("a guest template"), &p["node"], &p["vmid"]);
+    let find = |kind: Option<Kind>| {
+        guests::find(&state.guests, kind.expect("a guest template"), &p["node"], &p["vmid"])
+    };
     match (method, generic.as_str()) {
         ("GET", "/version") => Ok(json!({"version": PVE_VERSION, "release": "9.1", "repoid": "kpve"})),
         ("GET", "/nodes") => nodes(state).await,
@@ -317,7 +322,7 @@ async fn dispatch(
         ("GET", "/cluster/status") => cluster_status(state).await,
         ("GET", "/nodes/{node}/status") => node_status(state, &p["node"]).await,
         ("GET", "/nodes/{node}/{type}") => {
-            let list = guests::list(client, kind).await?;
+            let list = guests::list(&state.guests, kind).await?;
             let on_node =
                 list.iter().filter(|g| g.status.node.as_deref() == Some(p["node"].as_str()) && visible(g));
             Ok(Value::Array(on_node.map(guests::Guest::entry).collect()))
@@ -328,7 +333,8 @@ async fn dispatch(
             if !by_pool {
                 require(c, &format!("/vms/{}", p["vmid"]), "VM.Allocate")?;
             }
-            guests::create(client, &state.tasks, &p["node"], kind.expect("a guest template"), p, &user).await
+            guests::create(&state.guests, &state.tasks, &p["node"], kind.expect("a guest template"), p, &user)
+                .await
         }
         ("GET", "/nodes/{node}/{type}/{vmid}/status/current") => {
             find(kind).await.map(|g| guests::current(&g))
@@ -344,7 +350,7 @@ async fn dispatch(
             for key in p.keys().filter(|k| !skip.contains(&k.as_str())).chain(deleted.iter()) {
                 require(c, &path, config_privilege(key))?;
             }
-            let generation = guests::update(client, &g, p).await?;
+            let generation = guests::update(&state.guests, &g, p).await?;
             if method == "PUT" {
                 return Ok(Value::Null);
             }
@@ -357,12 +363,12 @@ async fn dispatch(
         }
         ("DELETE", "/nodes/{node}/{type}/{vmid}") => {
             let g = find(kind).await?;
-            guests::destroy(client, &state.tasks, &p["node"], &g, &user).await
+            guests::destroy(&state.guests, &state.tasks, &p["node"], &g, &user).await
         }
         ("POST", t) if t.starts_with("/nodes/{node}/{type}/{vmid}/status/") => {
             let action = t.rsplit('/').next().unwrap_or("");
             let g = find(kind).await?;
-            guests::power(client, &state.tasks, &p["node"], &g, action, &user).await
+            guests::power(&state.guests, &state.tasks, &p["node"], &g, action, &user).await
         }
         ("GET", "/storage") => storage::list(client).await,
         ("GET", "/nodes/{node}/storage") => storage::on_node(client, &p["node"]).await,
@@ -386,9 +392,9 @@ async fn dispatch(
                 require(c, &format!("/nodes/{}", p["node"]), "Sys.Audit")?;
             }
             if generic.ends_with("/log") {
-                state.tasks.log(client, upid).await
+                state.tasks.log(&state.guests, upid).await
             } else {
-                state.tasks.status(client, upid).await
+                state.tasks.status(&state.guests, upid).await
             }
         }
         ("GET", "/access/users") => Ok(access_api::users(store, c)),
@@ -514,7 +520,7 @@ async fn resources(state: &AppState, c: &Checker<'_>) -> Result<Value, PveError>
     let root = c.principal.is_root();
     let mut out = Vec::new();
     if kind.is_none() || kind == Some("vm") {
-        for g in guests::list(&state.client, None).await? {
+        for g in guests::list(&state.guests, None).await? {
             if root || c.has(&format!("/vms/{}", g.vmid), bit("VM.Audit")) {
                 let mut e = g.entry();
                 e["pool"] = json!(g.namespace);
@@ -551,7 +557,7 @@ async fn resources(state: &AppState, c: &Checker<'_>) -> Result<Value, PveError>
 
 async fn nextid(state: &AppState, wanted: Option<&String>) -> Result<Value, PveError> {
     let taken: std::collections::BTreeSet<u32> =
-        guests::list(&state.client, None).await?.iter().map(|g| g.vmid).collect();
+        guests::list(&state.guests, None).await?.iter().map(|g| g.vmid).collect();
     let reject = |msg: String| {
         let mut errors = BTreeMap::new();
         errors.insert("vmid".to_string(), msg);

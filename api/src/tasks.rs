@@ -12,7 +12,7 @@ use kpve_crds::common::{ConditionStatus, GuestPhase};
 use serde_json::{Value, json};
 
 use crate::envelope::PveError;
-use crate::guests::{self, Kind};
+use crate::guests::{self, Guests, Kind};
 use crate::upid::Upid;
 
 /// How long a task may wait for its guest.
@@ -117,7 +117,7 @@ impl Tasks {
     }
 
     /// Brings a running task's record up to date with its guest.
-    async fn settle(&self, client: &kube::Client, upid: &str, record: &mut Value) {
+    async fn settle(&self, guests: &Guests, upid: &str, record: &mut Value) {
         if record["status"] != "running" {
             return;
         }
@@ -128,7 +128,7 @@ impl Tasks {
             Some("suspend") => GuestPhase::Paused,
             _ => GuestPhase::Stopped,
         };
-        let outcome: Option<Result<(), String>> = match guests::list(client, Some(kind)).await {
+        let outcome: Option<Result<(), String>> = match guests::list(guests, Some(kind)).await {
             Err(_) => None,
             Ok(list) => match list.into_iter().find(|g| g.vmid == vmid) {
                 None if record["target"] == "destroy" => Some(Ok(())),
@@ -179,9 +179,9 @@ impl Tasks {
     }
 
     /// `GET /nodes/{node}/tasks/{upid}/status`.
-    pub async fn status(&self, client: &kube::Client, upid: &str) -> Result<Value, PveError> {
+    pub async fn status(&self, guests: &Guests, upid: &str) -> Result<Value, PveError> {
         let (u, mut record) = self.load(upid)?;
-        self.settle(client, upid, &mut record).await;
+        self.settle(guests, upid, &mut record).await;
         let mut out = json!({
             "upid": upid, "node": u.node, "pid": u.pid, "pstart": u.pstart, "starttime": u.starttime,
             "type": u.kind, "id": u.id, "user": u.user, "status": record["status"],
@@ -197,9 +197,9 @@ impl Tasks {
     }
 
     /// `GET /nodes/{node}/tasks/{upid}/log`.
-    pub async fn log(&self, client: &kube::Client, upid: &str) -> Result<Value, PveError> {
+    pub async fn log(&self, guests: &Guests, upid: &str) -> Result<Value, PveError> {
         let (_, mut record) = self.load(upid)?;
-        self.settle(client, upid, &mut record).await;
+        self.settle(guests, upid, &mut record).await;
         let lines = record["log"].as_array().cloned().unwrap_or_default();
         Ok(Value::Array(lines.iter().enumerate().map(|(i, t)| json!({"n": i + 1, "t": t})).collect()))
     }
