@@ -99,6 +99,23 @@ out["unknown"] = call("GET", "/nodes/node1/qemu/303/nosuch", headers=tokhdr)
 out["ticket_only"] = call("PUT", "/access/password", data={"userid": "alice@pve", "password": "x-y-z-w"}, headers=tokhdr)
 out["config_post"] = Tasks.blocking_status(p, p.nodes("node1").qemu(303).config.post(cores=2), timeout=60)
 
+# Escalation attempts: a group administrator moving itself into another group, alice
+# granting herself a role beyond her privileges; a revocation for one user keeps another's.
+p.access.groups.post(groupid="admins")
+p.access.acl.put(path="/", roles="Administrator", groups="admins")
+p.access.users.post(userid="carol@pve", password="carol-pass-1", groups="ops")
+p.access.acl.put(path="/access/groups/ops", roles="PVEUserAdmin", users="carol@pve")
+carol = ProxmoxAPI(host, port=int(port), user="carol@pve", password="carol-pass-1", verify_ssl=False)
+out["carol_escalate"] = err(lambda: carol.access.users("carol@pve").put(groups="admins"))
+out["carol_in_ops"] = err(lambda: carol.access.users("carol@pve").put(groups="ops", email="c@example.com"))
+out["alice_grant"] = err(lambda: alice.access.acl.put(path="/vms/303", roles="Administrator", users="alice@pve"))
+out["alice_grant_ok"] = err(lambda: alice.access.acl.put(path="/vms/303", roles="PVEVMUser", users="carol@pve"))
+p.access.users.post(userid="dave@pve")
+p.access.acl.put(path="/vms/303", roles="PVEVMUser", users="dave@pve")
+p.access.acl.put(path="/vms/303", roles="PVEVMUser", users="carol@pve", delete=1)
+out["acl_after_revoke"] = [a for a in p.access.acl.get() if a["path"] == "/vms/303"]
+out["root_token_by_admin"] = err(lambda: carol.access.users("root@pam").token("x").post())
+
 bob = ProxmoxAPI(host, port=int(port), user="bob@pve", password="bob-pass-1", verify_ssl=False)
 out["bob_perms"] = bob.access.permissions.get()
 out["bob_sees"] = [x["vmid"] for x in bob.cluster.resources.get(type="vm")]
@@ -273,6 +290,16 @@ fn tickets_and_tokens_drive_guests_within_their_privileges() {
     assert_eq!(r["unknown"]["status"], 501);
     assert_eq!(r["ticket_only"]["status"], 403, "{}", r["ticket_only"]);
     assert_eq!(r["config_post"]["exitstatus"], "OK", "{}", r["config_post"]);
+
+    // Escalations are refused; a revocation touches only the named subject.
+    assert!(r["carol_escalate"].as_str().unwrap().contains("403"), "{}", r["carol_escalate"]);
+    assert!(r["carol_in_ops"].is_null(), "{}", r["carol_in_ops"]);
+    assert!(r["alice_grant"].as_str().unwrap().contains("403"), "{}", r["alice_grant"]);
+    assert!(r["alice_grant_ok"].is_null(), "{}", r["alice_grant_ok"]);
+    let left: Vec<&str> =
+        r["acl_after_revoke"].as_array().unwrap().iter().map(|a| a["ugid"].as_str().unwrap()).collect();
+    assert_eq!(left, ["dave@pve"], "{}", r["acl_after_revoke"]);
+    assert!(r["root_token_by_admin"].as_str().unwrap().contains("403"), "{}", r["root_token_by_admin"]);
 
     // bob, declared in YAML: logs in, audits, may not power guests.
     assert_eq!(r["bob_perms"]["/"]["Sys.Audit"], 1, "{}", r["bob_perms"]);

@@ -120,6 +120,7 @@ impl AccessStore {
             access.roles.entry(role.spec.roleid.clone()).or_insert_with(|| privs_of(&role.spec.privs));
         }
         for user in self.users.state() {
+            access.users.insert(user.spec.userid.clone());
             for g in &user.spec.groups {
                 access.members.entry(g.clone()).or_default().insert(user.spec.userid.clone());
             }
@@ -173,6 +174,8 @@ pub struct Access {
     pub members: BTreeMap<String, BTreeSet<String>>,
     /// Token id (`user@realm!id`) → privilege separation.
     pub tokens: BTreeMap<String, bool>,
+    /// Every user id with a PVEUser.
+    pub users: BTreeSet<String>,
     /// Normalized path → entries.
     pub acl: BTreeMap<String, Vec<Entry>>,
 }
@@ -320,7 +323,9 @@ impl Checker<'_> {
             out.push_str(&rest[..start]);
             let Some(end) = rest[start..].find('}') else { break };
             let name = &rest[start + 1..start + end];
-            let value = self.params.get(name).filter(|v| !v.is_empty()).map_or("-", String::as_str);
+            // Perl's truthiness: an empty value and "0" become `-`.
+            let value =
+                self.params.get(name).filter(|v| !v.is_empty() && *v != "0").map_or("-", String::as_str);
             out.push_str(value);
             rest = &rest[start + end + 1..];
         }
@@ -388,11 +393,11 @@ impl Checker<'_> {
             Some("perm-modify") => {
                 let path = self.fill(items.get(1).and_then(Value::as_str).unwrap_or("/access"));
                 let mut names = vec!["Permissions.Modify"];
-                if path.starts_with("/storage") {
+                if path.starts_with("/storage/") {
                     names.push("Datastore.Allocate");
-                } else if path.starts_with("/vms") {
+                } else if path.starts_with("/vms/") {
                     names.push("VM.Allocate");
-                } else if path.starts_with("/pool") {
+                } else if path.starts_with("/pool/") {
                     names.push("Pool.Allocate");
                 }
                 let have = self.privs(&path);
@@ -431,19 +436,46 @@ impl Checker<'_> {
                     .flatten()
                     .filter_map(Value::as_str)
                     .collect();
+                let options: BTreeMap<&str, &str> = items[2.min(items.len())..]
+                    .chunks(2)
+                    .filter_map(|c| Some((c[0].as_str()?, c.get(1)?.as_str()?)))
+                    .collect();
+                let groups_param = options.contains_key("groups_param");
+                let userid = self.params.get("userid").cloned().unwrap_or_default();
+                if !groups_param && userid != ROOT && !self.access.users.contains(&userid) {
+                    return fail(PveError::new(500, format!("no such user ('{userid}')")));
+                }
                 let wanted = privs_of(&names);
                 let any_on = |path: &str| self.privs(path) & wanted != 0;
                 if any_on("/access/groups") {
                     return Ok(true);
                 }
-                // Otherwise the user must be in a group the caller may administer.
-                let userid = self.params.get("userid").cloned().unwrap_or_default();
+                let what = names.join("|");
+                if groups_param {
+                    // Group administrators may only place users into groups they administer
+                    // (this check raises even under `or`, as Proxmox's does).
+                    let groups: Vec<String> = self
+                        .params
+                        .get("groups")
+                        .map(|g| crate::validate::split_list(g).map(str::to_string).collect())
+                        .unwrap_or_default();
+                    if groups.is_empty() {
+                        return Err(denied(&format!("/access/groups, {what}")));
+                    }
+                    for g in groups {
+                        if !any_on(&format!("/access/groups/{g}")) {
+                            return Err(denied(&format!("/access/groups/{g}, {what}")));
+                        }
+                    }
+                    return Ok(true);
+                }
+                // Otherwise the user must be in a group the caller administers.
                 let allowed = self
                     .access
                     .members
                     .iter()
                     .any(|(g, m)| m.contains(&userid) && any_on(&format!("/access/groups/{g}")));
-                if allowed { Ok(true) } else { fail(denied(&format!("/access/groups, {}", names.join("|")))) }
+                if allowed { Ok(true) } else { fail(denied("")) }
             }
             _ => Err(PveError::new(500, "unknown permission test")),
         }

@@ -127,7 +127,7 @@ pub fn users(store: &AccessStore, c: &Checker) -> Value {
     let full = flag(c.params, "full").unwrap_or(false);
     let enabled = flag(c.params, "enabled");
     let mut out = Vec::new();
-    if enabled != Some(false) && may_see_user(c, ROOT, &[]) {
+    if enabled != Some(false) && store.user(ROOT).is_none() && may_see_user(c, ROOT, &[]) {
         out.push(json!({"userid": ROOT, "enable": 1, "expire": 0, "realm-type": "pam", "tokens": []}));
     }
     let mut all: Vec<_> = store.users.state();
@@ -159,7 +159,7 @@ pub fn users(store: &AccessStore, c: &Checker) -> Value {
 /// `GET /access/users/{userid}`.
 pub fn user_get(store: &AccessStore, c: &Checker) -> Result<Value, PveError> {
     let userid = &c.params["userid"];
-    if userid == ROOT {
+    if userid == ROOT && store.user(ROOT).is_none() {
         return Ok(json!({"enable": 1, "expire": 0, "groups": [], "tokens": {}}));
     }
     let u = user(store, userid)?;
@@ -293,19 +293,22 @@ pub async fn user_delete(
     Ok(Value::Null)
 }
 
-/// `PUT /access/password`.
+/// `PUT /access/password`. Callers other than root@pam confirm with their own password
+/// (`confirmation-password`), so a stolen ticket cannot take the account over.
 pub async fn password(
     client: &kube::Client,
     store: &AccessStore,
+    keys: &crate::ticket::Keys,
     c: &Checker<'_>,
 ) -> Result<Value, PveError> {
     let userid = &c.params["userid"];
-    if userid != &c.principal.user && !c.has("/access", access::privilege_bit("User.Modify").unwrap_or(0)) {
-        // Proxmox: others' passwords need User.Modify (and realm rights); root@pam passes above.
-        return Err(PveError::permission("/access", "User.Modify"));
-    }
     if userid == ROOT {
         return Err(PveError::new(500, "root@pam's password is the data directory's pve-root-password file"));
+    }
+    if !c.principal.is_root() {
+        let confirmation = c.params.get("confirmation-password").cloned().unwrap_or_default();
+        crate::auth::check_password(keys, store, "", &c.principal.user, &confirmation)
+            .map_err(|_| param_error("confirmation-password", "confirmation password is wrong"))?;
     }
     let mut u = (*user(store, userid)?).clone();
     if !userid.ends_with("@pve") {
@@ -318,7 +321,7 @@ pub async fn password(
 
 /// `GET /access/users/{userid}/token`.
 pub fn tokens(store: &AccessStore, params: &Params) -> Result<Value, PveError> {
-    if params["userid"] == ROOT {
+    if params["userid"] == ROOT && store.user(ROOT).is_none() {
         return Ok(json!([]));
     }
     Ok(Value::Array(user(store, &params["userid"])?.spec.tokens.iter().map(token_entry).collect()))
@@ -519,7 +522,9 @@ pub async fn group_update(
     params: &Params,
 ) -> Result<Value, PveError> {
     let mut g = (*group(store, &params["groupid"])?).clone();
-    g.spec.comment = text(params, "comment");
+    if params.contains_key("comment") {
+        g.spec.comment = text(params, "comment");
+    }
     g.metadata.managed_fields = None;
     let name = g.meta().name.clone().unwrap_or_default();
     let saved = Api::<PVEGroup>::all(client.clone())
@@ -707,65 +712,64 @@ async fn remove_from_acls(
     Ok(())
 }
 
+/// The resource name of one grant (path, subject, role): 128 bits of its hash.
+fn grant_name(path: &str, kind: &str, who: &str, role: &str) -> String {
+    let digest = sha2::Sha256::digest(format!("{path}\n{kind}\n{who}\n{role}").as_bytes());
+    format!("acl-{}", digest.iter().take(16).map(|b| format!("{b:02x}")).collect::<String>())
+}
+
 /// `PUT /access/acl`: grants (or with `delete=1` revokes) `roles` on `path` to the listed
-/// users, groups and tokens. One PVEACL per path, subject and role.
+/// users, groups and tokens, one PVEACL per path, subject and role. Without
+/// Permissions.Modify on the path, a caller may only hand out privileges it holds there.
 pub async fn acl_update(
     client: &kube::Client,
     store: &AccessStore,
-    params: &Params,
+    c: &Checker<'_>,
 ) -> Result<Value, PveError> {
+    let params = c.params;
     let path = access::normalize(&params["path"]);
     kpve_crds::access::check_acl_path(&path).map_err(|e| param_error("path", format!("{e} '{path}'")))?;
     let roles = list(params, "roles");
     let access = store.snapshot();
-    if let Some(r) = roles.iter().find(|r| !access.roles.contains_key(*r)) {
-        return Err(PveError::new(500, format!("role '{r}' does not exist")));
+    for r in &roles {
+        let Some(privs) = access.roles.get(r) else {
+            return Err(PveError::new(500, format!("role '{r}' does not exist")));
+        };
+        let modify = access::privilege_bit("Permissions.Modify").unwrap_or(0);
+        if !c.principal.is_root() && !c.has(&path, modify) && c.privs(&path) & privs != *privs {
+            return Err(PveError::new(
+                403,
+                format!("Cannot add role '{r}' - requires 'Permissions.Modify' or superset of privileges."),
+            ));
+        }
     }
     let users = list(params, "users");
     let groups = list(params, "groups");
     let tokens = list(params, "tokens");
-    for u in &users {
-        if u != ROOT && store.user(u).is_none() {
-            return Err(PveError::new(500, format!("user '{u}' does not exist")));
+    let delete = flag(params, "delete") == Some(true);
+    if !delete {
+        for u in &users {
+            if u != ROOT && store.user(u).is_none() {
+                return Err(PveError::new(500, format!("user '{u}' does not exist")));
+            }
         }
-    }
-    for g in &groups {
-        group(store, g)?;
-    }
-    for t in &tokens {
-        if !access.tokens.contains_key(t) {
-            return Err(PveError::new(500, format!("no such token '{t}'")));
+        for g in &groups {
+            group(store, g)?;
+        }
+        for t in &tokens {
+            if !access.tokens.contains_key(t) {
+                return Err(PveError::new(500, format!("no such token '{t}'")));
+            }
         }
     }
     if users.is_empty() && groups.is_empty() && tokens.is_empty() {
         return Err(param_error("users", "at least one of users, groups, tokens is required"));
     }
-    let propagate = flag(params, "propagate").unwrap_or(true);
-    if flag(params, "delete") == Some(true) {
-        let targets = |spec: &PVEACLSpec| access::normalize(&spec.path) == path;
-        return remove_from_acls(client, store, |spec| {
-            if !targets(spec) {
-                return;
-            }
-            // Only the named subjects lose the named roles: split off what stays.
-            let keep_all = spec.roles.iter().all(|r| !roles.contains(r));
-            if keep_all {
-                return;
-            }
-            spec.users.retain(|u| !users.contains(u));
-            spec.groups.retain(|g| !groups.contains(g));
-            spec.tokens.retain(|t| !tokens.contains(t));
-            if spec.roles.iter().any(|r| !roles.contains(r))
-                && (spec.users.len() + spec.groups.len() + spec.tokens.len() > 0)
-            {
-                return;
-            }
-            spec.roles.retain(|r| !roles.contains(r));
-        })
-        .await
-        .map(|_| Value::Null);
-    }
     let api: Api<PVEACL> = Api::all(client.clone());
+    if delete {
+        return acl_revoke(&api, store, &path, &roles, &users, &groups, &tokens).await.map(|_| Value::Null);
+    }
+    let propagate = flag(params, "propagate").unwrap_or(true);
     let subjects = users
         .iter()
         .map(|u| ("user", u))
@@ -773,7 +777,7 @@ pub async fn acl_update(
         .chain(tokens.iter().map(|t| ("token", t)));
     for (kind, who) in subjects {
         for role in &roles {
-            let name = format!("acl-{}", hex8(&format!("{path}\n{kind}\n{who}\n{role}")));
+            let name = grant_name(&path, kind, who, role);
             let mut spec = PVEACLSpec {
                 path: path.clone(),
                 propagate,
@@ -788,6 +792,9 @@ pub async fn acl_update(
                 _ => spec.tokens.push(who.clone()),
             }
             let saved = match api.get_opt(&name).await.map_err(write_error)? {
+                Some(existing) if !same_grant(&existing.spec, &spec) => {
+                    return Err(PveError::new(500, format!("PVEACL {name} exists with another grant")));
+                }
                 Some(mut existing) => {
                     existing.spec = spec;
                     existing.metadata.managed_fields = None;
@@ -800,6 +807,89 @@ pub async fn acl_update(
         }
     }
     Ok(Value::Null)
+}
+
+/// Two specs grant the same role to the same subject on the same path.
+fn same_grant(a: &PVEACLSpec, b: &PVEACLSpec) -> bool {
+    a.path == b.path
+        && a.roles == b.roles
+        && a.users == b.users
+        && a.groups == b.groups
+        && a.tokens == b.tokens
+}
+
+/// Removes the grants (named role × named subject) on `path`; other subjects and other
+/// roles of the same objects keep theirs (an object is split when it has to be).
+async fn acl_revoke(
+    api: &Api<PVEACL>,
+    store: &AccessStore,
+    path: &str,
+    roles: &[String],
+    users: &[String],
+    groups: &[String],
+    tokens: &[String],
+) -> Result<(), PveError> {
+    for a in store.acls.state() {
+        let s = &a.spec;
+        if access::normalize(&s.path) != path {
+            continue;
+        }
+        let named = |list: &[String], wanted: &[String]| {
+            list.iter().filter(|x| wanted.contains(x)).cloned().collect::<Vec<_>>()
+        };
+        let (nu, ng, nt) = (named(&s.users, users), named(&s.groups, groups), named(&s.tokens, tokens));
+        let revoked_roles = named(&s.roles, roles);
+        if (nu.is_empty() && ng.is_empty() && nt.is_empty()) || revoked_roles.is_empty() {
+            continue;
+        }
+        let name = a.meta().name.clone().unwrap_or_default();
+        // The others keep everything; the named subjects keep the roles not revoked.
+        let mut rest = s.clone();
+        rest.users.retain(|x| !nu.contains(x));
+        rest.groups.retain(|x| !ng.contains(x));
+        rest.tokens.retain(|x| !nt.contains(x));
+        let kept_roles: Vec<String> =
+            s.roles.iter().filter(|r| !revoked_roles.contains(r)).cloned().collect();
+        if rest.users.is_empty() && rest.groups.is_empty() && rest.tokens.is_empty() {
+            api.delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
+            cache::settle(&store.acls, None, &name, None).await;
+        } else {
+            let mut obj = (*a).clone();
+            obj.spec = rest;
+            obj.metadata.managed_fields = None;
+            let saved = api.replace(&name, &PostParams::default(), &obj).await.map_err(write_error)?;
+            cache::settle(&store.acls, None, &name, created_version(&saved).as_deref()).await;
+        }
+        let subjects = nu
+            .iter()
+            .map(|u| ("user", u))
+            .chain(ng.iter().map(|g| ("group", g)))
+            .chain(nt.iter().map(|t| ("token", t)));
+        for (kind, who) in subjects {
+            for role in &kept_roles {
+                let mut spec = PVEACLSpec {
+                    path: s.path.clone(),
+                    propagate: s.propagate,
+                    roles: vec![role.clone()],
+                    users: vec![],
+                    groups: vec![],
+                    tokens: vec![],
+                };
+                match kind {
+                    "user" => spec.users.push(who.clone()),
+                    "group" => spec.groups.push(who.clone()),
+                    _ => spec.tokens.push(who.clone()),
+                }
+                let name = grant_name(path, kind, who, role);
+                let saved = api
+                    .create(&PostParams::default(), &PVEACL::new(&name, spec))
+                    .await
+                    .map_err(write_error)?;
+                cache::settle(&store.acls, None, &name, created_version(&saved).as_deref()).await;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `GET /access/permissions`: privileges per path for the caller (or, with Sys.Audit on

@@ -137,6 +137,9 @@ pub fn check_password(
     password: &str,
 ) -> Result<(), String> {
     let at = now();
+    if password.is_empty() {
+        return Err("no password".into());
+    }
     if keys.verify_ticket(password, at).is_ok_and(|u| u == userid) {
         return user_active(store, userid, at);
     }

@@ -15,6 +15,14 @@ pub fn ok(data: Value) -> Response {
     with_body(StatusCode::OK, None, json!({ "data": data }))
 }
 
+/// A successful result whose `data` is already JSON text (large listings are assembled
+/// from cached pieces rather than built as one value).
+pub fn ok_raw(data_json: &str) -> Response {
+    let mut response = (StatusCode::OK, format!("{{\"data\":{data_json}}}")).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    response
+}
+
 /// An error as the Proxmox API reports it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]

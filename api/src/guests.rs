@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use kpve_crds::common::{GuestObject, GuestPhase, GuestStatus};
 use kpve_crds::{LinuxContainer, VirtualMachine};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -62,18 +63,29 @@ enum Spec {
     Lxc(Arc<LinuxContainer>),
 }
 
+/// Guest uid → (resource version, rendered `/cluster/resources` entry).
+type RenderedEntries = HashMap<String, (String, Arc<str>)>;
+
 /// Watch-driven caches of both guest kinds, and the client writes go through.
 #[derive(Clone)]
 pub struct Guests {
     pub client: kube::Client,
     vms: Store<VirtualMachine>,
     cts: Store<LinuxContainer>,
+    /// `/cluster/resources` entries as JSON text by uid, with the resource version they were
+    /// rendered from: a listing of 10,000 guests re-renders only the guests that changed.
+    entries: Arc<Mutex<RenderedEntries>>,
 }
 
 impl Guests {
     /// Starts the watches and waits until both caches have their first list.
     pub async fn start(client: &kube::Client) -> anyhow::Result<Guests> {
-        let guests = Guests { client: client.clone(), vms: cache::watch(client), cts: cache::watch(client) };
+        let guests = Guests {
+            client: client.clone(),
+            vms: cache::watch(client),
+            cts: cache::watch(client),
+            entries: Arc::default(),
+        };
         let ready = async {
             guests.vms.wait_until_ready().await?;
             guests.cts.wait_until_ready().await
@@ -82,6 +94,56 @@ impl Guests {
             .await
             .map_err(|_| anyhow::anyhow!("guest caches did not fill within 60 s"))??;
         Ok(guests)
+    }
+
+    /// Every guest's `/cluster/resources` entry (JSON text, with its pool) whose VMID `keep`
+    /// accepts, sorted by VMID.
+    pub fn resource_entries(&self, keep: impl Fn(u32) -> bool) -> Vec<Arc<str>> {
+        let vms = self.vms.state();
+        let cts = self.cts.state();
+        let mut cache = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(u32, Arc<str>)> = Vec::with_capacity(vms.len() + cts.len());
+        let mut render = |uid: Option<&String>, version: Option<&String>, guest: Option<Guest>| {
+            let Some(g) = guest else { return };
+            if !keep(g.vmid) {
+                return;
+            }
+            let (Some(uid), Some(version)) = (uid, version) else { return };
+            if let Some((v, text)) = cache.get(uid)
+                && v == version
+            {
+                out.push((g.vmid, text.clone()));
+                return;
+            }
+            let mut e = g.entry();
+            e["pool"] = json!(g.namespace);
+            let text: Arc<str> = e.to_string().into();
+            cache.insert(uid.clone(), (version.clone(), text.clone()));
+            out.push((g.vmid, text));
+        };
+        for vm in &vms {
+            let cpus = vm.spec.cpu.cores * vm.spec.cpu.sockets;
+            let (name, mem) = (vm.spec.name.clone(), u64::from(vm.spec.memory.size));
+            let g = guest_of(vm.as_ref(), Kind::Qemu, name, cpus, mem, Spec::Qemu(vm.clone()));
+            render(vm.metadata.uid.as_ref(), vm.metadata.resource_version.as_ref(), g);
+        }
+        for ct in &cts {
+            let cpus = ct.spec.cores.unwrap_or(1);
+            let (name, mem) = (ct.spec.hostname.clone(), u64::from(ct.spec.memory));
+            let g = guest_of(ct.as_ref(), Kind::Lxc, name, cpus, mem, Spec::Lxc(ct.clone()));
+            render(ct.metadata.uid.as_ref(), ct.metadata.resource_version.as_ref(), g);
+        }
+        // Forget deleted guests now and then.
+        if cache.len() > 2 * (vms.len() + cts.len()) + 64 {
+            let live: std::collections::HashSet<&String> = vms
+                .iter()
+                .filter_map(|v| v.metadata.uid.as_ref())
+                .chain(cts.iter().filter_map(|c| c.metadata.uid.as_ref()))
+                .collect();
+            cache.retain(|uid, _| live.contains(uid));
+        }
+        out.sort_by_key(|(vmid, _)| *vmid);
+        out.into_iter().map(|(_, text)| text).collect()
     }
 
     /// Waits until the cache shows the guest's resource at `version` (`None`: gone).
@@ -412,6 +474,8 @@ pub async fn create(
             format!("unable to create {what} {vmid} - {what} {vmid} already exists on node '{node}'"),
         ));
     }
+    // Proxmox pools are namespaces.
+    let namespace = params.get("pool").map_or("default", String::as_str);
     let text = edited_text("", params, &[]);
     let start = params.get("start").is_some_and(|v| v == "1");
     let power = if start { "Running" } else { "Stopped" };
@@ -423,7 +487,7 @@ pub async fn create(
             spec["powerState"] = json!(power);
             spec["placement"]["nodes"] = json!([node]);
             json!({"apiVersion": "kpve.io/v1alpha1", "kind": "VirtualMachine",
-                   "metadata": {"name": format!("vm-{vmid}"), "namespace": "default"}, "spec": spec})
+                   "metadata": {"name": format!("vm-{vmid}"), "namespace": namespace}, "spec": spec})
         }
         Kind::Lxc => {
             let mut spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
@@ -435,7 +499,7 @@ pub async fn create(
             spec["powerState"] = json!(power);
             spec["placement"]["nodes"] = json!([node]);
             json!({"apiVersion": "kpve.io/v1alpha1", "kind": "LinuxContainer",
-                   "metadata": {"name": format!("ct-{vmid}"), "namespace": "default"}, "spec": spec})
+                   "metadata": {"name": format!("ct-{vmid}"), "namespace": namespace}, "spec": spec})
         }
     };
     let post = kube::api::PostParams::default();
@@ -444,11 +508,11 @@ pub async fn create(
         Kind::Qemu => {
             let vm: VirtualMachine =
                 serde_json::from_value(object).map_err(|e| PveError::new(400, e.to_string()))?;
-            let saved = Api::<VirtualMachine>::namespaced(client, "default").create(&post, &vm).await;
+            let saved = Api::<VirtualMachine>::namespaced(client, namespace).create(&post, &vm).await;
             let saved = saved.map_err(write_error)?;
             cache::settle(
                 &guests.vms,
-                Some("default"),
+                Some(namespace),
                 &saved.name_any(),
                 saved.metadata.resource_version.as_deref(),
             )
@@ -458,11 +522,11 @@ pub async fn create(
         Kind::Lxc => {
             let ct: LinuxContainer =
                 serde_json::from_value(object).map_err(|e| PveError::new(400, e.to_string()))?;
-            let saved = Api::<LinuxContainer>::namespaced(client, "default").create(&post, &ct).await;
+            let saved = Api::<LinuxContainer>::namespaced(client, namespace).create(&post, &ct).await;
             let saved = saved.map_err(write_error)?;
             cache::settle(
                 &guests.cts,
-                Some("default"),
+                Some(namespace),
                 &saved.name_any(),
                 saved.metadata.resource_version.as_deref(),
             )

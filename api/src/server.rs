@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::access::{self, AccessStore, Checker};
 use crate::access_api;
 use crate::auth::{self, Credential};
-use crate::envelope::{PveError, ok, unauthorized};
+use crate::envelope::{PveError, ok, ok_raw, unauthorized};
 use crate::guests::{self, Guests, Kind};
 use crate::schema::{Route, SCHEMA};
 use crate::storage;
@@ -63,9 +63,14 @@ fn secret_file(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<Str
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(s.trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Written whole or not at all: a temporary file, synced, then renamed into place.
             let value = make();
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+            let tmp = path.with_extension("tmp");
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
             f.write_all(format!("{value}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
             Ok(value)
         }
         Err(e) => Err(e.into()),
@@ -82,10 +87,20 @@ pub async fn start(
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let root_password =
         secret_file(&config.data_dir.join(ROOT_PASSWORD_FILE), || hex(&rand::random::<[u8; 18]>()))?;
+    anyhow::ensure!(
+        root_password.len() >= 12,
+        "{} is damaged (shorter than 12 characters): remove it to generate a new password",
+        config.data_dir.join(ROOT_PASSWORD_FILE).display()
+    );
     let key = secret_file(&config.data_dir.join(KEY_FILE), || hex(&rand::random::<[u8; 32]>()))?;
     let mut current = [0u8; 32];
+    anyhow::ensure!(
+        key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{} is damaged (not 64 hex digits): remove it to generate a new key (tickets then expire)",
+        config.data_dir.join(KEY_FILE).display()
+    );
     for (i, byte) in current.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(key.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
+        *byte = u8::from_str_radix(&key[2 * i..2 * i + 2], 16)?;
     }
     let tasks = Tasks::new(config.data_dir.join("pve-tasks"))?;
     let store = AccessStore::start(&config.client).await?;
@@ -249,6 +264,12 @@ async fn handle(
     if let Err(errors) = validate::params(endpoint, &params) {
         return PveError::parameters(errors).into_response();
     }
+    if method == Method::GET && endpoint.path == "/cluster/resources" {
+        return match resources(&state, &checker).await {
+            Ok(text) => ok_raw(&text),
+            Err(e) => e.into_response(),
+        };
+    }
     match dispatch(&state, &checker, method.as_str(), &endpoint.path).await {
         Ok(data) => ok(data),
         Err(e) => e.into_response(),
@@ -289,6 +310,12 @@ fn config_privilege(key: &str) -> &'static str {
     }
 }
 
+/// Config keys only root@pam may set (qemu-server: `args`, `hookscript`, `lock`, host devices).
+fn root_only(key: &str) -> bool {
+    let stem = key.trim_end_matches(|c: char| c.is_ascii_digit());
+    matches!(stem, "args" | "hookscript" | "lock" | "hostpci" | "usb" | "lxc")
+}
+
 fn require(c: &Checker, path: &str, privilege: &str) -> Result<(), PveError> {
     if c.principal.is_root() || access::privilege_bit(privilege).is_some_and(|b| c.has(path, b)) {
         Ok(())
@@ -311,13 +338,20 @@ async fn dispatch(
     let (kind, generic) = guest_template(template);
     let vm_audit = access::privilege_bit("VM.Audit").unwrap_or(0);
     let visible = |g: &guests::Guest| c.principal.is_root() || c.has(&format!("/vms/{}", g.vmid), vm_audit);
+    // Only root@pam manages root@pam (its tokens would carry every privilege).
+    if p.get("userid").is_some_and(|u| u == ROOT)
+        && generic.starts_with("/access/users/")
+        && method != "GET"
+        && !c.principal.is_root()
+    {
+        return Err(PveError::new(403, "Permission check failed (root@pam is managed by root@pam only)"));
+    }
     let find = |kind: Option<Kind>| {
         guests::find(&state.guests, kind.expect("a guest template"), &p["node"], &p["vmid"])
     };
     match (method, generic.as_str()) {
         ("GET", "/version") => Ok(json!({"version": PVE_VERSION, "release": "9.1", "repoid": "kpve"})),
         ("GET", "/nodes") => nodes(state).await,
-        ("GET", "/cluster/resources") => resources(state, c).await,
         ("GET", "/cluster/nextid") => nextid(state, p.get("vmid")).await,
         ("GET", "/cluster/status") => cluster_status(state).await,
         ("GET", "/nodes/{node}/status") => node_status(state, &p["node"]).await,
@@ -332,6 +366,11 @@ async fn dispatch(
             let by_pool = p.get("pool").is_some_and(|pool| c.has(&format!("/pool/{pool}"), vm_allocate));
             if !by_pool {
                 require(c, &format!("/vms/{}", p["vmid"]), "VM.Allocate")?;
+            }
+            if let Some(key) = p.keys().find(|k| root_only(k))
+                && !c.principal.is_root()
+            {
+                return Err(PveError::new(403, format!("only root can set '{key}' config")));
             }
             guests::create(&state.guests, &state.tasks, &p["node"], kind.expect("a guest template"), p, &user)
                 .await
@@ -348,6 +387,9 @@ async fn dispatch(
                 p.get("delete").map(|d| split_list(d).map(str::to_string).collect()).unwrap_or_default();
             let skip = ["node", "vmid", "digest", "delete", "revert", "skiplock", "background_delay"];
             for key in p.keys().filter(|k| !skip.contains(&k.as_str())).chain(deleted.iter()) {
+                if root_only(key) && !c.principal.is_root() {
+                    return Err(PveError::new(403, format!("only root can set '{key}' config")));
+                }
                 require(c, &path, config_privilege(key))?;
             }
             let generation = guests::update(&state.guests, &g, p).await?;
@@ -411,7 +453,7 @@ async fn dispatch(
         ("DELETE", "/access/users/{userid}/token/{tokenid}") => {
             access_api::token_delete(client, store, p).await
         }
-        ("PUT", "/access/password") => access_api::password(client, store, c).await,
+        ("PUT", "/access/password") => access_api::password(client, store, &state.keys, c).await,
         ("GET", "/access/groups") => Ok(access_api::groups(store, c)),
         ("POST", "/access/groups") => access_api::group_create(client, store, p).await,
         ("GET", "/access/groups/{groupid}") => access_api::group_get(store, p),
@@ -423,7 +465,7 @@ async fn dispatch(
         ("PUT", "/access/roles/{roleid}") => access_api::role_update(client, store, p).await,
         ("DELETE", "/access/roles/{roleid}") => access_api::role_delete(client, store, p).await,
         ("GET", "/access/acl") => Ok(access_api::acl(store, c)),
-        ("PUT", "/access/acl") => access_api::acl_update(client, store, p).await,
+        ("PUT", "/access/acl") => access_api::acl_update(client, store, c).await,
         ("GET", "/access/permissions") => access_api::permissions(store, c),
         _ => Err(PveError::not_implemented(method, template)),
     }
@@ -513,25 +555,22 @@ fn node_entry(hv: &Hypervisor) -> Value {
 }
 
 /// `GET /cluster/resources`: guests, nodes and storages the caller may audit (type checked
-/// by the schema); guests also carry their pool (namespace).
-async fn resources(state: &AppState, c: &Checker<'_>) -> Result<Value, PveError> {
+/// by the schema); guests carry their pool (namespace). Returned as JSON text: the guest
+/// entries come from the guest cache's rendered pieces.
+async fn resources(state: &AppState, c: &Checker<'_>) -> Result<String, PveError> {
     let kind = c.params.get("type").map(String::as_str);
     let bit = |name: &str| access::privilege_bit(name).unwrap_or(0);
     let root = c.principal.is_root();
-    let mut out = Vec::new();
+    let mut parts: Vec<std::sync::Arc<str>> = Vec::new();
     if kind.is_none() || kind == Some("vm") {
-        for g in guests::list(&state.guests, None).await? {
-            if root || c.has(&format!("/vms/{}", g.vmid), bit("VM.Audit")) {
-                let mut e = g.entry();
-                e["pool"] = json!(g.namespace);
-                out.push(e);
-            }
-        }
+        let audit = bit("VM.Audit");
+        parts = state.guests.resource_entries(|vmid| root || c.has(&format!("/vms/{vmid}"), audit));
     }
+    let mut other = Vec::new();
     if (kind.is_none() || kind == Some("node"))
         && let Value::Array(n) = nodes(state).await?
     {
-        out.extend(n.into_iter().filter(|n| {
+        other.extend(n.into_iter().filter(|n| {
             root || c.has(&format!("/nodes/{}", n["node"].as_str().unwrap_or("")), bit("Sys.Audit"))
         }));
     }
@@ -543,7 +582,7 @@ async fn resources(state: &AppState, c: &Checker<'_>) -> Result<Value, PveError>
                 continue;
             }
             for n in pool.status.as_ref().map(|s| s.nodes.clone()).unwrap_or_default() {
-                out.push(json!({
+                other.push(json!({
                     "id": format!("storage/{}/{}", n.node, pool.name_any()), "type": "storage",
                     "storage": pool.name_any(), "node": n.node,
                     "status": if n.active { "available" } else { "unknown" },
@@ -552,7 +591,17 @@ async fn resources(state: &AppState, c: &Checker<'_>) -> Result<Value, PveError>
             }
         }
     }
-    Ok(Value::Array(out))
+    let mut text = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum::<usize>() + 4096);
+    text.push('[');
+    let others: Vec<String> = other.iter().map(Value::to_string).collect();
+    for (i, part) in parts.iter().map(|p| &**p).chain(others.iter().map(String::as_str)).enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(part);
+    }
+    text.push(']');
+    Ok(text)
 }
 
 async fn nextid(state: &AppState, wanted: Option<&String>) -> Result<Value, PveError> {

@@ -40,7 +40,7 @@ pub fn params(endpoint: &Endpoint, params: &BTreeMap<String, String>) -> Result<
             if let (Some(Value::String(req)), true) = (prop.get("requires"), params.contains_key(name))
                 && !params.contains_key(req)
             {
-                errors.insert(req.clone(), format!("missing property required by '{name}'"));
+                errors.insert(req.clone(), format!("missing property - '{name}' requires this property"));
             }
         }
     }
@@ -320,6 +320,7 @@ fn check_format(format: &str, value: &str) -> Result<(), String> {
         "pve-fw-dport-spec" | "pve-fw-sport-spec" => {
             return kpve_crds::firewall::lang::parse_ports(value).map(|_| ());
         }
+        "pve-userid" if value.len() > 64 => false,
         other => match RES.get(other) {
             Some(re) => re.is_match(value),
             None => true,
