@@ -778,19 +778,7 @@ pub async fn acl_update(
     for (kind, who) in subjects {
         for role in &roles {
             let name = grant_name(&path, kind, who, role);
-            let mut spec = PVEACLSpec {
-                path: path.clone(),
-                propagate,
-                roles: vec![role.clone()],
-                users: vec![],
-                groups: vec![],
-                tokens: vec![],
-            };
-            match kind {
-                "user" => spec.users.push(who.clone()),
-                "group" => spec.groups.push(who.clone()),
-                _ => spec.tokens.push(who.clone()),
-            }
+            let spec = grant_spec(&path, propagate, kind, who, role);
             let saved = match api.get_opt(&name).await.map_err(write_error)? {
                 Some(existing) if !same_grant(&existing.spec, &spec) => {
                     return Err(PveError::new(500, format!("PVEACL {name} exists with another grant")));
@@ -807,6 +795,24 @@ pub async fn acl_update(
         }
     }
     Ok(Value::Null)
+}
+
+/// The PVEACL spec of one grant; `kind` is user, group or token.
+fn grant_spec(path: &str, propagate: bool, kind: &str, who: &str, role: &str) -> PVEACLSpec {
+    let mut spec = PVEACLSpec {
+        path: path.to_string(),
+        propagate,
+        roles: vec![role.to_string()],
+        users: vec![],
+        groups: vec![],
+        tokens: vec![],
+    };
+    match kind {
+        "user" => spec.users.push(who.to_string()),
+        "group" => spec.groups.push(who.to_string()),
+        _ => spec.tokens.push(who.to_string()),
+    }
+    spec
 }
 
 /// Two specs grant the same role to the same subject on the same path.
@@ -867,19 +873,7 @@ async fn acl_revoke(
             .chain(nt.iter().map(|t| ("token", t)));
         for (kind, who) in subjects {
             for role in &kept_roles {
-                let mut spec = PVEACLSpec {
-                    path: s.path.clone(),
-                    propagate: s.propagate,
-                    roles: vec![role.clone()],
-                    users: vec![],
-                    groups: vec![],
-                    tokens: vec![],
-                };
-                match kind {
-                    "user" => spec.users.push(who.clone()),
-                    "group" => spec.groups.push(who.clone()),
-                    _ => spec.tokens.push(who.clone()),
-                }
+                let spec = grant_spec(&s.path, s.propagate, kind, who, role);
                 let name = grant_name(path, kind, who, role);
                 let saved = api
                     .create(&PostParams::default(), &PVEACL::new(&name, spec))
