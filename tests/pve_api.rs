@@ -55,6 +55,7 @@ stop = node.lxc(101).status.shutdown.post()
 out["stop_task"] = Tasks.blocking_status(p, stop, timeout=60)
 out["lxc_after"] = node.lxc(101).status.current.get()
 out["task_log"] = node.tasks(upid).log.get()
+out["task_list"] = node.tasks.get(vmid=101)
 out["qemu_config"] = node.qemu(100).config.get()
 try:
     node.qemu(999).status.current.get()
@@ -113,16 +114,7 @@ print(json.dumps(out))
 
 #[test]
 fn proxmoxer_logs_in_and_reads_the_inventory() {
-    let have = Command::new("python3")
-        .args(["-c", "import proxmoxer, requests"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var("KPVE_REQUIRE_HOST").is_err(),
-            "proxmoxer and requests are required (scripts/install-host-deps.sh --test)"
-        );
-        eprintln!("skipping: proxmoxer not installed");
+    if !support::proxmoxer_available() {
         return;
     }
     let server = Server::start_with_agent();
@@ -147,17 +139,13 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
     }
 
     let kubeconfig = server.kubeconfig();
-    let out = Command::new("python3")
-        .args(["-c", CLIENT, &server.pve_port.to_string(), &password, kubeconfig.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
+    let port = server.pve_port.to_string();
+    let r = support::run_client(
+        Command::new("python3"),
+        CLIENT,
+        &[&port, &password, kubeconfig.to_str().unwrap()],
+        &server,
     );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
 
     assert!(r["version"]["version"].as_str().unwrap().starts_with("9."), "{}", r["version"]);
     let nodes = r["nodes"].as_array().unwrap();
@@ -243,6 +231,11 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
     assert_eq!(r["lxc_after"]["status"], "stopped");
     let log: Vec<&str> = r["task_log"].as_array().unwrap().iter().map(|l| l["t"].as_str().unwrap()).collect();
     assert_eq!(log.last(), Some(&"TASK OK"), "{log:?}");
+    let listed = r["task_list"].as_array().unwrap();
+    assert!(
+        listed.iter().any(|t| t["upid"] == upid && t["status"] == "OK" && t["type"] == "vzstart"),
+        "{listed:?}"
+    );
     assert_eq!(r["qemu_config"]["memory"], "512");
     assert!(r["missing"].as_str().unwrap().contains("does not exist"), "{}", r["missing"]);
 
@@ -370,4 +363,146 @@ fn standalone_pve_api_serves_with_a_generated_certificate() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&served.stdout), String::from_utf8_lossy(&on_disk.stdout));
+}
+
+const DECLARE: &str = r#"
+import json, sys, warnings
+from proxmoxer import ProxmoxAPI
+warnings.filterwarnings("ignore")
+port, password = sys.argv[1], sys.argv[2]
+p = ProxmoxAPI("127.0.0.1", port=int(port), user="root@pam", password=password, verify_ssl=False)
+out = {}
+def err(f):
+    try:
+        f()
+        return None
+    except Exception as e:
+        return str(e)
+fw = p.cluster.firewall
+fw.options.put(enable=1, policy_in="DROP")
+out["options"] = fw.options.get()
+fw.ipset.post(name="trusted", comment="office")
+fw.ipset("trusted").post(cidr="10.9.0.0/24")
+fw.ipset("trusted").post(cidr="10.9.0.7", nomatch=1)
+out["ipset"] = fw.ipset("trusted").get()
+fw.rules.post(type="in", action="ACCEPT", macro="SSH", source="+trusted", enable=1, comment="ssh")
+fw.rules.post(type="in", action="ACCEPT", proto="tcp", dport="8006", enable=1)
+out["rules"] = fw.rules.get()
+fw.rules(1).put(moveto=0)
+out["moved"] = fw.rules.get()
+out["bad_rule"] = err(lambda: fw.rules.post(type="in", action="ACCEPT", proto="tcp", dport="99999"))
+out["stale"] = err(lambda: fw.rules(0).put(comment="x", digest="0" * 40))
+fw.groups.post(group="web", comment="web servers")
+fw.groups("web").post(type="in", action="ACCEPT", macro="HTTP", enable=1)
+out["group_rules"] = fw.groups("web").get()
+vmfw = p.nodes("node1").qemu(150).firewall
+vmfw.options.put(enable=1, ipfilter=1)
+vmfw.rules.post(type="group", action="web", enable=1)
+out["vm_rules"] = vmfw.rules.get()
+out["vm_options"] = vmfw.options.get()
+fw.rules(0).delete()
+out["after_delete"] = fw.rules.get()
+p.cluster.ha.groups.post(group="prefer1", nodes="node1:2,node2:1", restricted=1)
+out["ha_groups"] = p.cluster.ha.groups.get()
+p.cluster.ha.resources.post(sid="vm:150", state="started", group="prefer1", max_restart=2)
+out["ha_resources"] = p.cluster.ha.resources.get()
+out["ha_status"] = p.cluster.ha.status.current.get()
+p.cluster.ha.resources("vm:150").put(state="stopped")
+out["ha_one"] = p.cluster.ha.resources("vm:150").get()
+p.pools.post(poolid="team-a", comment="team A")
+out["pools"] = p.pools.get()
+p.nodes("node1").qemu.post(vmid=151, memory=128, pool="team-a")
+out["pool_members"] = p.pools("team-a").get()
+out["pool_not_empty"] = err(lambda: p.pools("team-a").delete())
+print(json.dumps(out))
+"#;
+
+/// Firewall, HA and pool endpoints are edits of resources: what the API writes, kubectl
+/// reads (and the agents enforce); bad rules and stale digests are refused.
+#[test]
+fn firewall_ha_and_pool_endpoints_edit_resources() {
+    if !support::proxmoxer_available() {
+        return;
+    }
+    let server = Server::start();
+    server.kubectl_stdin(&["apply", "-f", "-"], Some(&vm_manifest("fwvm", 1, "  vmid: 150\n  placement: {nodes: [node1]}\n  nics: [{id: net0, bridge: vmbr0, firewall: true}]\n")));
+    let password = std::fs::read_to_string(server.data_dir().join("pve-root-password")).unwrap();
+    let r = support::run_client(
+        Command::new("python3"),
+        DECLARE,
+        &[&server.pve_port.to_string(), password.trim()],
+        &server,
+    );
+
+    assert_eq!(
+        (r["options"]["enable"].as_u64(), r["options"]["policy_in"].as_str()),
+        (Some(1), Some("DROP"))
+    );
+    let ipset = r["ipset"].as_array().unwrap();
+    assert!(ipset.iter().any(|e| e["cidr"] == "10.9.0.7" && e["nomatch"] == 1), "{ipset:?}");
+    let rules = r["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(
+        (rules[0]["dport"].as_str(), rules[1]["macro"].as_str()),
+        (Some("8006"), Some("SSH")),
+        "new rules go on top"
+    );
+    let moved = r["moved"].as_array().unwrap();
+    assert_eq!(moved[0]["macro"], "SSH", "{moved:?}");
+    assert!(r["bad_rule"].as_str().unwrap().contains("400"), "{}", r["bad_rule"]);
+    assert!(r["stale"].as_str().unwrap().contains("detected modified configuration"), "{}", r["stale"]);
+    assert_eq!(r["group_rules"][0]["macro"], "HTTP");
+    assert_eq!(
+        (r["vm_rules"][0]["type"].as_str(), r["vm_rules"][0]["action"].as_str()),
+        (Some("group"), Some("web"))
+    );
+    assert_eq!(r["vm_options"]["ipfilter"], 1);
+    assert_eq!(r["after_delete"].as_array().unwrap().len(), 1);
+
+    // What the API wrote is in the resources.
+    let cfw = server.kubectl_ok(&["get", "clusterfirewall", "cluster", "-o", "json"]);
+    let cfw: Value = serde_json::from_str(&cfw).unwrap();
+    assert_eq!(cfw["spec"]["policyIn"], "DROP");
+    assert_eq!(cfw["spec"]["rules"][0]["dport"], "8006", "{cfw}");
+    let set: Value =
+        serde_json::from_str(&server.kubectl_ok(&["get", "ipset", "trusted", "-o", "json"])).unwrap();
+    assert_eq!(set["spec"]["entries"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        server.kubectl_ok(&["get", "vm", "fwvm", "-o", "jsonpath={.spec.firewall.rules[0].action}"]),
+        "web"
+    );
+
+    let groups = r["ha_groups"].as_array().unwrap();
+    assert!(
+        groups
+            .iter()
+            .any(|g| g["group"] == "prefer1" && g["nodes"] == "node1:2,node2:1" && g["restricted"] == 1),
+        "{groups:?}"
+    );
+    let res = r["ha_resources"].as_array().unwrap();
+    assert!(
+        res.iter().any(|x| x["sid"] == "vm:150"
+            && x["state"] == "started"
+            && x["group"] == "prefer1"
+            && x["max_restart"] == 2),
+        "{res:?}"
+    );
+    assert!(r["ha_status"].as_array().unwrap().iter().any(|x| x["sid"] == "vm:150"));
+    assert_eq!(r["ha_one"]["state"], "stopped");
+    assert_eq!(server.kubectl_ok(&["get", "vm", "fwvm", "-o", "jsonpath={.spec.ha.state}"]), "stopped");
+    assert_eq!(
+        server.kubectl_ok(&["get", "hagroup", "prefer1", "-o", "jsonpath={.spec.nodes[0].priority}"]),
+        "2"
+    );
+
+    assert!(
+        r["pools"].as_array().unwrap().iter().any(|p| p["poolid"] == "team-a" && p["comment"] == "team A")
+    );
+    let members = r["pool_members"]["members"].as_array().unwrap();
+    assert!(members.iter().any(|m| m["vmid"] == 151), "{members:?}");
+    assert_eq!(
+        server.kubectl_ok(&["get", "vm", "-n", "team-a", "-o", "jsonpath={.items[0].spec.vmid}"]),
+        "151"
+    );
+    assert!(r["pool_not_empty"].as_str().unwrap().contains("not empty"), "{}", r["pool_not_empty"]);
 }

@@ -143,18 +143,9 @@ impl Drop for Netns {
     }
 }
 
-fn python_ok() -> bool {
-    Command::new("python3").args(["-c", "import proxmoxer, requests"]).status().is_ok_and(|s| s.success())
-}
-
 #[test]
 fn tickets_and_tokens_drive_guests_within_their_privileges() {
-    if !python_ok() {
-        assert!(
-            std::env::var("KPVE_REQUIRE_HOST").is_err(),
-            "proxmoxer and requests are required (scripts/install-host-deps.sh --test)"
-        );
-        eprintln!("skipping: proxmoxer not installed");
+    if !support::proxmoxer_available() {
         return;
     }
     let ns = Netns(format!("kpve-pve-{}", std::process::id()));
@@ -185,17 +176,9 @@ fn tickets_and_tokens_drive_guests_within_their_privileges() {
     assert!(!out.status.success() && err.contains("spec.privs[0]") && err.contains("VM.Fly"), "{err}");
 
     let template = format!("local:vztmpl/{}.tar.gz", support::BUSYBOX_TEMPLATE);
-    let out = netns_command(&ns.0, "python3")
-        .args(["-c", CLIENT, &server.pve_port.to_string(), &password, &template])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let port = server.pve_port.to_string();
+    let r =
+        support::run_client(netns_command(&ns.0, "python3"), CLIENT, &[&port, &password, &template], &server);
 
     // Tokens: the secret is shown once, as a UUID.
     assert_eq!(r["full"]["full-tokenid"], "alice@pve!full");

@@ -164,6 +164,14 @@ impl Guest {
         }
     }
 
+    /// The guest's HA declaration (Proxmox `ha/resources.cfg` entry), if any.
+    pub fn ha(&self) -> Option<&kpve_crds::common::HaSpec> {
+        match &self.spec {
+            Spec::Qemu(vm) => vm.spec.ha.as_ref(),
+            Spec::Lxc(ct) => ct.spec.ha.as_ref(),
+        }
+    }
+
     fn running(&self) -> bool {
         matches!(self.status.phase, GuestPhase::Running | GuestPhase::Paused)
     }

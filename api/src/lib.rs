@@ -5,14 +5,17 @@
 //! evaluates privileges as Proxmox does over the access-control resources, which
 //! [`access_api`] manages; [`guests`], [`tasks`] and [`storage`] serve the guests through
 //! `kpve_crds::codec`, with [`upid`] task ids; [`cache`] holds the watch-fed caches;
+//! [`firewall_api`] and [`cluster_api`] edit the firewall, HA and pool resources;
 //! [`envelope`] is the `{"data": …}` envelope and Proxmox's error format; [`server`] ties it
-//! together. Not built yet: firewall, HA and pool endpoints (docs/ARCHITECTURE.md §0).
+//! together (docs/ARCHITECTURE.md §0).
 
 pub mod access;
 pub mod access_api;
 pub mod auth;
 pub mod cache;
+pub mod cluster_api;
 pub mod envelope;
+pub mod firewall_api;
 pub mod guests;
 pub mod schema;
 pub mod server;

@@ -22,7 +22,9 @@ use serde_json::{Value, json};
 use crate::access::{self, AccessStore, Checker};
 use crate::access_api;
 use crate::auth::{self, Credential};
+use crate::cluster_api;
 use crate::envelope::{PveError, ok, ok_raw, unauthorized};
+use crate::firewall_api;
 use crate::guests::{self, Guests, Kind};
 use crate::schema::{Route, SCHEMA};
 use crate::storage;
@@ -439,6 +441,16 @@ async fn dispatch(
                 state.tasks.status(&state.guests, upid).await
             }
         }
+        ("GET", "/nodes/{node}/tasks") => {
+            // Tasks of others need Sys.Audit on the node (Proxmox lists only the caller's otherwise).
+            let mut filter = p.clone();
+            if !c.principal.is_root()
+                && !c.has(&format!("/nodes/{}", p["node"]), access::privilege_bit("Sys.Audit").unwrap_or(0))
+            {
+                filter.insert("userfilter".into(), c.principal.user.clone());
+            }
+            state.tasks.list(&state.guests, &p["node"], &filter).await
+        }
         ("GET", "/access/users") => Ok(access_api::users(store, c)),
         ("POST", "/access/users") => access_api::user_create(client, store, p).await,
         ("GET", "/access/users/{userid}") => access_api::user_get(store, c),
@@ -467,7 +479,17 @@ async fn dispatch(
         ("GET", "/access/acl") => Ok(access_api::acl(store, c)),
         ("PUT", "/access/acl") => access_api::acl_update(client, store, c).await,
         ("GET", "/access/permissions") => access_api::permissions(store, c),
-        _ => Err(PveError::not_implemented(method, template)),
+        _ => {
+            if let Some(result) =
+                firewall_api::handle(&state.guests, method, template, &generic, kind, p).await
+            {
+                return result;
+            }
+            match cluster_api::handle(&state.guests, method, template, p).await {
+                Some(result) => result,
+                None => Err(PveError::not_implemented(method, template)),
+            }
+        }
     }
 }
 

@@ -196,6 +196,53 @@ impl Tasks {
         Ok(out)
     }
 
+    /// `GET /nodes/{node}/tasks`: the node's tasks, newest first (`start`, `limit`,
+    /// `errors`, `vmid`, `typefilter`, `source=active` as Proxmox filters them).
+    pub async fn list(
+        &self,
+        guests: &Guests,
+        node: &str,
+        params: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Value, PveError> {
+        let mut records = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| PveError::new(500, e.to_string()))?.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
+            let Ok(record) = serde_json::from_str::<Value>(&text) else { continue };
+            let Some(upid) = record["upid"].as_str().map(str::to_string) else { continue };
+            let Ok(u) = upid.parse::<Upid>() else { continue };
+            if u.node == node {
+                records.push((u, upid, record));
+            }
+        }
+        records.sort_by_key(|r| std::cmp::Reverse((r.0.starttime, r.0.pstart)));
+        let start: usize = params.get("start").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let limit: usize = params.get("limit").and_then(|v| v.parse().ok()).unwrap_or(50);
+        let mut out = Vec::new();
+        for (u, upid, mut record) in records {
+            if params.get("vmid").is_some_and(|v| *v != u.id)
+                || params.get("typefilter").is_some_and(|t| *t != u.kind)
+                || params.get("userfilter").is_some_and(|f| !u.user.contains(f.as_str()))
+            {
+                continue;
+            }
+            self.settle(guests, &upid, &mut record).await;
+            let running = record["status"] == "running";
+            if params.get("source").is_some_and(|s| s == "active") && !running {
+                continue;
+            }
+            if params.get("errors").is_some_and(|e| e == "1") && (running || record["exitstatus"] == "OK") {
+                continue;
+            }
+            let mut e = json!({"upid": upid, "node": u.node, "pid": u.pid, "pstart": u.pstart,
+                               "starttime": u.starttime, "type": u.kind, "id": u.id, "user": u.user});
+            if !running {
+                e["status"] = record["exitstatus"].clone();
+            }
+            out.push(e);
+        }
+        Ok(Value::Array(out.into_iter().skip(start).take(limit).collect()))
+    }
+
     /// `GET /nodes/{node}/tasks/{upid}/log`.
     pub async fn log(&self, guests: &Guests, upid: &str) -> Result<Value, PveError> {
         let (_, mut record) = self.load(upid)?;

@@ -408,3 +408,35 @@ pub fn install_busybox_template(data_dir: &Path) {
     let tarball = busybox_template(data_dir, BUSYBOX_TEMPLATE);
     std::fs::rename(tarball, cache.join(format!("{BUSYBOX_TEMPLATE}.tar.gz"))).unwrap();
 }
+
+/// Whether proxmoxer and requests can be imported (with KPVE_REQUIRE_HOST set they must be:
+/// `scripts/install-host-deps.sh --test` installs them).
+#[allow(dead_code)]
+pub fn proxmoxer_available() -> bool {
+    let have = Command::new("python3")
+        .args(["-c", "import proxmoxer, requests"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        have || std::env::var("KPVE_REQUIRE_HOST").is_err(),
+        "proxmoxer and requests are required (scripts/install-host-deps.sh --test)"
+    );
+    if !have {
+        eprintln!("skipping: proxmoxer not installed");
+    }
+    have
+}
+
+/// Runs a Python client script (`python3 -c SCRIPT ARGS…`, through `cmd`) and returns the
+/// JSON it prints; fails the test with its stderr and the server's log otherwise.
+#[allow(dead_code)]
+pub fn run_client(mut cmd: Command, script: &str, args: &[&str], server: &Server) -> serde_json::Value {
+    let out = cmd.arg("-c").arg(script).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "client failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
