@@ -400,6 +400,12 @@ vmfw.options.put(enable=1, ipfilter=1)
 vmfw.rules.post(type="group", action="web", enable=1)
 out["vm_rules"] = vmfw.rules.get()
 out["vm_options"] = vmfw.options.get()
+fw.aliases.post(name="office", cidr="10.9.0.0/24", comment="HQ")
+out["aliases"] = fw.aliases.get()
+vmfw.ipset.post(name="ipfilter-net0")
+vmfw.ipset("ipfilter-net0").post(cidr="10.0.0.5")
+out["vm_ipset"] = vmfw.ipset("ipfilter-net0").get()
+out["bad_cidr"] = err(lambda: vmfw.ipset("ipfilter-net0").post(cidr="10.0.0.300"))
 fw.rules(0).delete()
 out["after_delete"] = fw.rules.get()
 p.cluster.ha.groups.post(group="prefer1", nodes="node1:2,node2:1", restricted=1)
@@ -458,6 +464,21 @@ fn firewall_ha_and_pool_endpoints_edit_resources() {
     );
     assert_eq!(r["vm_options"]["ipfilter"], 1);
     assert_eq!(r["after_delete"].as_array().unwrap().len(), 1);
+    assert!(
+        r["aliases"].as_array().unwrap().iter().any(|a| a["name"] == "office" && a["cidr"] == "10.9.0.0/24")
+    );
+    assert_eq!(r["vm_ipset"][0]["cidr"], "10.0.0.5");
+    assert!(r["bad_cidr"].as_str().unwrap().contains("400"), "{}", r["bad_cidr"]);
+    assert_eq!(
+        server.kubectl_ok(&[
+            "get",
+            "vm",
+            "fwvm",
+            "-o",
+            "jsonpath={.spec.firewall.ipsets[0].entries[0].cidr}"
+        ]),
+        "10.0.0.5"
+    );
 
     // What the API wrote is in the resources.
     let cfw = server.kubectl_ok(&["get", "clusterfirewall", "cluster", "-o", "json"]);

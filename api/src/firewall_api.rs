@@ -677,6 +677,197 @@ async fn ipsets(
     }
 }
 
+/// `…/firewall/aliases[/{name}]` of the cluster or a guest: the section's `aliases` list.
+async fn aliases(
+    client: &kube::Client,
+    owner: &Owner,
+    method: &str,
+    one: bool,
+    params: &Params,
+) -> Result<Value, PveError> {
+    let section = owner.read(client).await?;
+    let list: Vec<Value> = section.get("aliases").and_then(Value::as_array).cloned().unwrap_or_default();
+    let current = digest(&json!(list));
+    let name = params.get("name").cloned().unwrap_or_default();
+    let shown = |a: &Value| {
+        let mut e = a.clone();
+        e["digest"] = json!(current);
+        e
+    };
+    match (method, one) {
+        ("GET", false) => Ok(Value::Array(list.iter().map(shown).collect())),
+        ("GET", true) => list
+            .iter()
+            .find(|a| a["name"] == name)
+            .map(shown)
+            .ok_or_else(|| PveError::new(500, format!("no such alias '{name}'"))),
+        ("POST", false) | ("PUT", true) | ("DELETE", true) => {
+            check_digest(params, &current)?;
+            if let Some(cidr) = params.get("cidr") {
+                kpve_crds::firewall::lang::parse_net(cidr).map_err(|e| param_error("cidr", e))?;
+            }
+            owner
+                .edit(client, |s| {
+                    let map = s
+                        .as_object_mut()
+                        .ok_or_else(|| PveError::new(500, "firewall section is not an object"))?;
+                    let entry = map.entry("aliases").or_insert_with(|| json!([]));
+                    let list =
+                        entry.as_array_mut().ok_or_else(|| PveError::new(500, "aliases is not a list"))?;
+                    let found = list.iter().position(|a| a["name"] == name);
+                    match (method, found) {
+                        ("POST", Some(_)) => {
+                            return Err(PveError::new(500, format!("alias '{name}' already exists")));
+                        }
+                        ("POST", None) => {
+                            let mut a = json!({"name": name, "cidr": params["cidr"]});
+                            if let Some(c) = params.get("comment") {
+                                a["comment"] = json!(c);
+                            }
+                            list.push(a);
+                        }
+                        (_, None) => return Err(PveError::new(500, format!("no such alias '{name}'"))),
+                        ("DELETE", Some(i)) => {
+                            list.remove(i);
+                        }
+                        (_, Some(i)) => {
+                            if let Some(c) = params.get("cidr") {
+                                list[i]["cidr"] = json!(c);
+                            }
+                            if let Some(c) = params.get("comment") {
+                                list[i]["comment"] = json!(c);
+                            }
+                            if let Some(r) = params.get("rename") {
+                                list[i]["name"] = json!(r);
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await?;
+            Ok(Value::Null)
+        }
+        _ => Err(PveError::not_implemented(method, "firewall aliases")),
+    }
+}
+
+/// A guest's `firewall/ipset…`: the section's `ipsets` list (`ipfilter-net0` and others).
+async fn guest_ipsets(
+    client: &kube::Client,
+    owner: &Owner,
+    method: &str,
+    tail: &str,
+    params: &Params,
+) -> Result<Value, PveError> {
+    let section = owner.read(client).await?;
+    let sets: Vec<Value> = section.get("ipsets").and_then(Value::as_array).cloned().unwrap_or_default();
+    let name = params.get("name").map(|n| n.to_ascii_lowercase()).unwrap_or_default();
+    let cidr = params.get("cidr").cloned().unwrap_or_default();
+    let set = sets.iter().find(|s| s["name"] == name);
+    let entries_json = |set: &Value| -> Vec<Value> {
+        let entries = set.get("entries").and_then(Value::as_array).cloned().unwrap_or_default();
+        let d = digest(&json!(entries));
+        entries
+            .iter()
+            .map(|e| {
+                let mut v =
+                    json!({"cidr": e["cidr"], "nomatch": u8::from(e["nomatch"] == true), "digest": d});
+                if let Some(c) = e.get("comment") {
+                    v["comment"] = c.clone();
+                }
+                v
+            })
+            .collect()
+    };
+    match (method, tail) {
+        ("GET", "") => Ok(Value::Array(
+            sets.iter()
+                .map(|s| {
+                    let mut e = json!({"name": s["name"], "digest": digest(s)});
+                    if let Some(c) = s.get("comment") {
+                        e["comment"] = c.clone();
+                    }
+                    e
+                })
+                .collect(),
+        )),
+        ("GET", "{name}") => set
+            .map(|s| Value::Array(entries_json(s)))
+            .ok_or_else(|| PveError::new(500, format!("no such IPSet '{name}'"))),
+        ("GET", "{name}/{cidr}") => set
+            .and_then(|s| entries_json(s).into_iter().find(|e| e["cidr"] == cidr))
+            .ok_or_else(|| PveError::new(500, format!("no such IP/Network '{cidr}'"))),
+        _ => {
+            if !cidr.is_empty() {
+                kpve_crds::firewall::lang::parse_net(&cidr).map_err(|e| param_error("cidr", e))?;
+            }
+            owner
+                .edit(client, |s| {
+                    let map = s.as_object_mut().ok_or_else(|| PveError::new(500, "firewall section is not an object"))?;
+                    let entry = map.entry("ipsets").or_insert_with(|| json!([]));
+                    let sets = entry.as_array_mut().ok_or_else(|| PveError::new(500, "ipsets is not a list"))?;
+                    let index = sets.iter().position(|s| s["name"] == name);
+                    let missing = || PveError::new(500, format!("no such IPSet '{name}'"));
+                    match (method, tail) {
+                        ("POST", "") => {
+                            if index.is_some() {
+                                return Err(PveError::new(500, format!("IPSet '{name}' already exists")));
+                            }
+                            let mut set = json!({"name": name, "entries": []});
+                            if let Some(c) = params.get("comment") {
+                                set["comment"] = json!(c);
+                            }
+                            sets.push(set);
+                        }
+                        ("DELETE", "{name}") => {
+                            let i = index.ok_or_else(missing)?;
+                            let empty = sets[i].get("entries").and_then(Value::as_array).is_none_or(Vec::is_empty);
+                            if !empty && params.get("force").is_none_or(|f| f != "1") {
+                                return Err(PveError::new(500, format!("IPSet '{name}' is not empty")));
+                            }
+                            sets.remove(i);
+                        }
+                        ("POST", "{name}") => {
+                            let i = index.ok_or_else(missing)?;
+                            let entries = sets[i].as_object_mut().expect("set").entry("entries").or_insert_with(|| json!([]));
+                            let list = entries.as_array_mut().ok_or_else(|| PveError::new(500, "entries is not a list"))?;
+                            if list.iter().any(|e| e["cidr"] == cidr) {
+                                return Err(PveError::new(500, format!("entry '{cidr}' already exists")));
+                            }
+                            let mut e = json!({"cidr": cidr, "nomatch": params.get("nomatch").is_some_and(|v| v == "1")});
+                            if let Some(c) = params.get("comment") {
+                                e["comment"] = json!(c);
+                            }
+                            list.push(e);
+                        }
+                        ("PUT" | "DELETE", "{name}/{cidr}") => {
+                            let i = index.ok_or_else(missing)?;
+                            let list = sets[i].get_mut("entries").and_then(Value::as_array_mut).ok_or_else(missing)?;
+                            let j = list
+                                .iter()
+                                .position(|e| e["cidr"] == cidr)
+                                .ok_or_else(|| PveError::new(500, format!("no such IP/Network '{cidr}'")))?;
+                            if method == "DELETE" {
+                                list.remove(j);
+                            } else {
+                                if let Some(n) = params.get("nomatch") {
+                                    list[j]["nomatch"] = json!(n == "1");
+                                }
+                                if let Some(c) = params.get("comment") {
+                                    list[j]["comment"] = json!(c);
+                                }
+                            }
+                        }
+                        _ => return Err(PveError::not_implemented(method, "guest firewall ipset")),
+                    }
+                    Ok(())
+                })
+                .await?;
+            Ok(Value::Null)
+        }
+    }
+}
+
 /// The firewall endpoints; `None` when `template` is not one of them.
 pub async fn handle(
     guests: &Guests,
@@ -702,22 +893,27 @@ pub async fn handle(
         "/nodes/{node}/firewall/options" => {
             options(client, &Owner::Host(params["node"].clone()), method, params).await
         }
-        "/nodes/{node}/{type}/{vmid}/firewall/rules"
-        | "/nodes/{node}/{type}/{vmid}/firewall/rules/{pos}"
-        | "/nodes/{node}/{type}/{vmid}/firewall/options" => {
+        "/cluster/firewall/aliases" => aliases(client, &Owner::Cluster, method, false, params).await,
+        "/cluster/firewall/aliases/{name}" => aliases(client, &Owner::Cluster, method, true, params).await,
+        t if t.starts_with("/nodes/{node}/{type}/{vmid}/firewall/") => {
             let guest = match guests::find(guests, kind?, &params["node"], &params["vmid"]).await {
                 Ok(g) => g,
                 Err(e) => return Some(Err(e)),
             };
             let owner = Owner::Guest(Box::new(guest));
-            if generic.ends_with("/options") {
-                options(client, &owner, method, params).await
-            } else {
-                rules(client, &owner, method, generic.ends_with("{pos}"), params).await
+            match t.trim_start_matches("/nodes/{node}/{type}/{vmid}/firewall/") {
+                "options" => options(client, &owner, method, params).await,
+                "rules" => rules(client, &owner, method, false, params).await,
+                "rules/{pos}" => rules(client, &owner, method, true, params).await,
+                "aliases" => aliases(client, &owner, method, false, params).await,
+                "aliases/{name}" => aliases(client, &owner, method, true, params).await,
+                "ipset" => guest_ipsets(client, &owner, method, "", params).await,
+                "ipset/{name}" => guest_ipsets(client, &owner, method, "{name}", params).await,
+                "ipset/{name}/{cidr}" => guest_ipsets(client, &owner, method, "{name}/{cidr}", params).await,
+                _ => Err(PveError::not_implemented(method, template)),
             }
         }
         _ => return None,
     };
-    let _ = template;
     Some(result)
 }

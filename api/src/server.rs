@@ -53,9 +53,16 @@ struct AppState {
     client: kube::Client,
     guests: Guests,
     store: AccessStore,
-    keys: Keys,
+    keys: std::sync::RwLock<Keys>,
     root_password: String,
     tasks: Tasks,
+}
+
+impl AppState {
+    /// The ticket keys in force.
+    fn keys(&self) -> Keys {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// Writes `contents` with mode 0600 unless the file exists; returns the file's content.
@@ -79,6 +86,54 @@ fn secret_file(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<Str
     }
 }
 
+const KEY_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+fn parse_key(path: &Path, text: &str) -> anyhow::Result<[u8; 32]> {
+    anyhow::ensure!(
+        text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{} is damaged (not 64 hex digits): remove it to generate a new key (tickets then expire)",
+        path.display()
+    );
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)?;
+    }
+    Ok(key)
+}
+
+/// The ticket keys: `pve-ticket.key` (current, created on first start) and
+/// `pve-ticket.key.old` (the one before the last rotation), rotated first if due.
+fn load_keys(dir: &Path) -> anyhow::Result<Keys> {
+    if let Some(keys) = rotate_if_old(dir)? {
+        return Ok(keys);
+    }
+    let path = dir.join(KEY_FILE);
+    let current = parse_key(&path, &secret_file(&path, || hex(&rand::random::<[u8; 32]>()))?)?;
+    let old = dir.join(format!("{KEY_FILE}.old"));
+    let previous = match std::fs::read_to_string(&old) {
+        Ok(text) => Some(parse_key(&old, text.trim())?),
+        Err(_) => None,
+    };
+    Ok(Keys { current, previous })
+}
+
+/// Rotates the ticket key when the current one is older than a day; returns the new keys.
+fn rotate_if_old(dir: &Path) -> anyhow::Result<Option<Keys>> {
+    let path = dir.join(KEY_FILE);
+    let Ok(meta) = std::fs::metadata(&path) else { return Ok(None) };
+    let age = meta.modified()?.elapsed().unwrap_or_default();
+    if age < KEY_MAX_AGE {
+        return Ok(None);
+    }
+    let previous = parse_key(&path, std::fs::read_to_string(&path)?.trim())?;
+    let old = dir.join(format!("{KEY_FILE}.old"));
+    let _ = std::fs::remove_file(&old);
+    secret_file(&old, || hex(&previous))?;
+    std::fs::remove_file(&path)?;
+    let current = parse_key(&path, &secret_file(&path, || hex(&rand::random::<[u8; 32]>()))?)?;
+    Ok(Some(Keys { current, previous: Some(previous) }))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -94,16 +149,7 @@ pub async fn start(
         "{} is damaged (shorter than 12 characters): remove it to generate a new password",
         config.data_dir.join(ROOT_PASSWORD_FILE).display()
     );
-    let key = secret_file(&config.data_dir.join(KEY_FILE), || hex(&rand::random::<[u8; 32]>()))?;
-    let mut current = [0u8; 32];
-    anyhow::ensure!(
-        key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()),
-        "{} is damaged (not 64 hex digits): remove it to generate a new key (tickets then expire)",
-        config.data_dir.join(KEY_FILE).display()
-    );
-    for (i, byte) in current.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&key[2 * i..2 * i + 2], 16)?;
-    }
+    let keys = load_keys(&config.data_dir)?;
     let tasks = Tasks::new(config.data_dir.join("pve-tasks"))?;
     let store = AccessStore::start(&config.client).await?;
     let guests = Guests::start(&config.client).await?;
@@ -111,9 +157,27 @@ pub async fn start(
         store,
         guests,
         client: config.client,
-        keys: Keys { current, previous: None },
+        keys: std::sync::RwLock::new(keys),
         root_password,
         tasks,
+    });
+    // The ticket key is rotated daily (as Proxmox's authkey); tickets of the previous key
+    // stay valid for their two hours.
+    let rotating = state.clone();
+    let data_dir = config.data_dir.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            match rotate_if_old(&data_dir) {
+                Ok(Some(keys)) => {
+                    *rotating.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+                    tracing::info!("Proxmox API ticket key rotated");
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "rotating the Proxmox API ticket key"),
+            }
+        }
     });
     let app = axum::Router::new().fallback(handle).with_state(state);
     let handle_ = axum_server::Handle::new();
@@ -200,7 +264,7 @@ async fn handle(
         _ => {}
     }
     let (principal, by_ticket) = match auth::credential(&headers) {
-        Credential::Ticket(t) => match auth::verify_ticket(&state.keys, &state.store, &t) {
+        Credential::Ticket(t) => match auth::verify_ticket(&state.keys(), &state.store, &t) {
             Ok(p) => (p, true),
             Err(e) => {
                 tracing::info!(reason = %e, "authentication failure");
@@ -218,7 +282,7 @@ async fn handle(
     };
     if by_ticket && method != Method::GET {
         let token = headers.get("csrfpreventiontoken").and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !state.keys.verify_csrf(&principal.user, token, auth::now()) {
+        if !state.keys().verify_csrf(&principal.user, token, auth::now()) {
             return denied_401("Permission denied - invalid csrf token").await;
         }
     }
@@ -465,7 +529,7 @@ async fn dispatch(
         ("DELETE", "/access/users/{userid}/token/{tokenid}") => {
             access_api::token_delete(client, store, p).await
         }
-        ("PUT", "/access/password") => access_api::password(client, store, &state.keys, c).await,
+        ("PUT", "/access/password") => access_api::password(client, store, &state.keys(), c).await,
         ("GET", "/access/groups") => Ok(access_api::groups(store, c)),
         ("POST", "/access/groups") => access_api::group_create(client, store, p).await,
         ("GET", "/access/groups/{groupid}") => access_api::group_get(store, p),
@@ -493,11 +557,29 @@ async fn dispatch(
     }
 }
 
-async fn login(state: &AppState, params: &BTreeMap<String, String>) -> Response {
+async fn login(state: &Arc<AppState>, params: &BTreeMap<String, String>) -> Response {
+    // The schema's limits first: an unauthenticated caller picks the password's length, and
+    // SHA-crypt's cost grows with it.
+    if let Route::Found(endpoint, _) = SCHEMA.route("POST", &["access", "ticket"])
+        && let Err(errors) = validate::params(endpoint, params)
+    {
+        return PveError::parameters(errors).into_response();
+    }
     let userid = auth::login_userid(params);
     let password = params.get("password").cloned().unwrap_or_default();
-    if let Err(e) = auth::check_password(&state.keys, &state.store, &state.root_password, &userid, &password)
-    {
+    if password.len() > 4096 {
+        let error = ("password".to_string(), "value may only be 4096 characters long".to_string());
+        return PveError::parameters(BTreeMap::from([error])).into_response();
+    }
+    // Hashing runs off the async workers.
+    let checking = state.clone();
+    let who = userid.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        auth::check_password(&checking.keys(), &checking.store, &checking.root_password, &who, &password)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    if let Err(e) = checked {
         tracing::info!(user = %userid, reason = %e, "login failed");
         tokio::time::sleep(AUTH_FAILURE_DELAY).await;
         return PveError::new(401, "authentication failure").into_response();
@@ -505,8 +587,8 @@ async fn login(state: &AppState, params: &BTreeMap<String, String>) -> Response 
     let t = auth::now();
     ok(json!({
         "username": userid,
-        "ticket": state.keys.ticket(&userid, t),
-        "CSRFPreventionToken": state.keys.csrf_token(&userid, t),
+        "ticket": state.keys().ticket(&userid, t),
+        "CSRFPreventionToken": state.keys().csrf_token(&userid, t),
         "cap": {},
     }))
 }
@@ -645,5 +727,37 @@ async fn nextid(state: &AppState, wanted: Option<&String>) -> Result<Value, PveE
             Ok(json!(vmid.to_string()))
         }
         None => Ok(json!((100..).find(|v| !taken.contains(v)).expect("a free VMID").to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticket_keys_rotate_daily_and_old_tickets_still_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_keys(dir.path()).unwrap();
+        assert!(first.previous.is_none());
+        let ticket = first.ticket("root@pam", auth::now());
+        assert!(rotate_if_old(dir.path()).unwrap().is_none(), "a fresh key stays");
+        // A day later.
+        let file = std::fs::File::options().write(true).open(dir.path().join(KEY_FILE)).unwrap();
+        file.set_modified(std::time::SystemTime::now() - Duration::from_secs(25 * 3600)).unwrap();
+        let rotated = rotate_if_old(dir.path()).unwrap().expect("rotated");
+        assert_ne!(rotated.current, first.current);
+        assert_eq!(rotated.previous, Some(first.current));
+        assert_eq!(rotated.verify_ticket(&ticket, auth::now()).unwrap(), "root@pam");
+        // A restart reads both keys back.
+        let reloaded = load_keys(dir.path()).unwrap();
+        assert_eq!((reloaded.current, reloaded.previous), (rotated.current, rotated.previous));
+        use std::os::unix::fs::PermissionsExt;
+        for f in [KEY_FILE.to_string(), format!("{KEY_FILE}.old")] {
+            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // A damaged key file is refused rather than read as a zero key.
+        std::fs::write(dir.path().join(KEY_FILE), "abc\n").unwrap();
+        assert!(load_keys(dir.path()).is_err());
     }
 }
