@@ -31,7 +31,11 @@ fn crdgen_output_is_byte_identical_to_manifests() {
     let committed = yaml_files(&root().join("manifests/crds"));
     let names = |v: &[PathBuf]| v.iter().map(|p| p.file_name().unwrap().to_owned()).collect::<Vec<_>>();
     assert_eq!(names(&generated), names(&committed), "set of CRD files differs; run `kpve crdgen`");
-    assert_eq!(generated.len(), 8, "one CRD per kind");
+    assert_eq!(
+        generated.len(),
+        12,
+        "one CRD per kind (8 guest, storage, firewall and HA kinds; 4 access-control kinds)"
+    );
     for (g, c) in generated.iter().zip(&committed) {
         assert_eq!(
             std::fs::read(g).unwrap(),
