@@ -21,7 +21,8 @@ import requests
 from proxmoxer import ProxmoxAPI
 from proxmoxer.tools import Tasks
 warnings.filterwarnings("ignore")
-port, password, template = sys.argv[1], sys.argv[2], sys.argv[3]
+port, password, template, images = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+import subprocess
 host = "127.0.0.1"
 base = f"https://{host}:{port}/api2/json"
 out = {}
@@ -71,6 +72,13 @@ def flow(api, kind, vmid, create, mem):
     g(vmid).config.put(memory=mem)
     r["config"] = g(vmid).config.get()
     r["pending"] = g(vmid).pending.get()
+    if kind == "qemu":
+        # Grow the disk while the VM runs (QMP block_resize), then refuse a shrink.
+        r["resize"] = Tasks.blocking_status(api, g(vmid).resize.put(disk="scsi0", size="+1G"), timeout=60)
+        info = subprocess.run(["qemu-img", "info", "-U", "--output=json", f"{images}/{vmid}/vm-{vmid}-disk-0.qcow2"],
+                              capture_output=True, text=True).stdout
+        r["disk_bytes"] = json.loads(info)["virtual-size"]
+        r["shrink"] = err(lambda: g(vmid).resize.put(disk="scsi0", size="1G"))
     r["stop"] = Tasks.blocking_status(api, g(vmid).status.stop.post(), timeout=120)
     r["delete"] = Tasks.blocking_status(api, g(vmid).delete(), timeout=120)
     r["after"] = [x["vmid"] for x in api.cluster.resources.get(type="vm")]
@@ -177,8 +185,13 @@ fn tickets_and_tokens_drive_guests_within_their_privileges() {
 
     let template = format!("local:vztmpl/{}.tar.gz", support::BUSYBOX_TEMPLATE);
     let port = server.pve_port.to_string();
-    let r =
-        support::run_client(netns_command(&ns.0, "python3"), CLIENT, &[&port, &password, &template], &server);
+    let images = server.data_dir().join("storage/local/images");
+    let r = support::run_client(
+        netns_command(&ns.0, "python3"),
+        CLIENT,
+        &[&port, &password, &template, images.to_str().unwrap()],
+        &server,
+    );
 
     // Tokens: the secret is shown once, as a UUID.
     assert_eq!(r["full"]["full-tokenid"], "alice@pve!full");
@@ -221,6 +234,16 @@ fn tickets_and_tokens_drive_guests_within_their_privileges() {
             !f["after"].as_array().unwrap().iter().any(|v| v == 300 || v == 301 || v == 302),
             "{flow}: {}",
             f["after"]
+        );
+    }
+    for flow in ["vm_ticket", "vm_token"] {
+        let f = &r[flow];
+        assert_eq!(f["resize"]["exitstatus"], "OK", "{flow}: {}", f["resize"]);
+        assert_eq!(f["disk_bytes"], 5u64 << 30, "{flow}: scsi0 grew from 4G to 5G while running");
+        assert!(
+            f["shrink"].as_str().unwrap().contains("shrinking disks is not supported"),
+            "{}",
+            f["shrink"]
         );
     }
     let vm = &r["vm_ticket"];

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::Resource;
-use kube::api::Api;
+use kube::api::{Api, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
@@ -61,5 +61,38 @@ where
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads `name`, applies `edit` and replaces it; on a conflict (an agent's status write bumped
+/// the resource version meanwhile) reads and applies again. Clients' own races on the spec
+/// are caught earlier by Proxmox's `digest`.
+pub async fn replace_retrying<K>(
+    api: &Api<K>,
+    name: &str,
+    mut edit: impl FnMut(&mut K) -> Result<(), crate::envelope::PveError>,
+) -> Result<K, crate::envelope::PveError>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
+{
+    use crate::envelope::PveError;
+    let error = |e: kube::Error| match e {
+        kube::Error::Api(ae) if ae.code == 422 => PveError::new(400, ae.message),
+        kube::Error::Api(ae) if ae.code == 409 => {
+            PveError::new(500, "detected modified configuration - file changed by other user? Try again.")
+        }
+        kube::Error::Api(ae) => PveError::new(500, ae.message),
+        e => PveError::new(500, e.to_string()),
+    };
+    let mut attempt = 0;
+    loop {
+        let mut object = api.get(name).await.map_err(error)?;
+        edit(&mut object)?;
+        object.meta_mut().managed_fields = None;
+        match api.replace(name, &PostParams::default(), &object).await {
+            Ok(saved) => return Ok(saved),
+            Err(kube::Error::Api(ae)) if ae.code == 409 && attempt < 5 => attempt += 1,
+            Err(e) => return Err(error(e)),
+        }
     }
 }

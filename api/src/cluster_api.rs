@@ -174,17 +174,20 @@ fn ha_json(g: &guests::Guest) -> Option<Value> {
 async fn patch_guest(guests: &Guests, g: &guests::Guest, ha: Value) -> Result<(), PveError> {
     let patch = json!({"spec": {"ha": ha}});
     let params = PatchParams::default();
-    match g.kind {
+    let version = match g.kind {
         Kind::Qemu => Api::<VirtualMachine>::namespaced(guests.client.clone(), &g.namespace)
             .patch(&g.name, &params, &Patch::Merge(&patch))
             .await
-            .map(|_| ()),
+            .map(|o| o.metadata.resource_version),
         Kind::Lxc => Api::<LinuxContainer>::namespaced(guests.client.clone(), &g.namespace)
             .patch(&g.name, &params, &Patch::Merge(&patch))
             .await
-            .map(|_| ()),
+            .map(|o| o.metadata.resource_version),
     }
-    .map_err(write_error)
+    .map_err(write_error)?;
+    // The next request reads the guest cache: wait until it shows this change.
+    guests.settle(g, version.as_deref()).await;
+    Ok(())
 }
 
 fn ha_fields(p: &Params) -> Result<Value, PveError> {

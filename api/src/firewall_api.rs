@@ -67,24 +67,37 @@ async fn edit<K, T>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Serialize,
 {
-    let object = api.get(name).await.map_err(write_error)?;
-    let mut value = serde_json::to_value(&object).map_err(|e| PveError::new(500, e.to_string()))?;
-    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("managedFields");
-    }
-    let mut slot = &mut value;
-    for key in pointer.split('/').filter(|k| !k.is_empty()) {
-        let map =
-            slot.as_object_mut().ok_or_else(|| PveError::new(500, format!("{pointer}: not an object")))?;
-        slot = map.entry(key.to_string()).or_insert_with(|| json!({}));
-        if slot.is_null() {
-            *slot = json!({});
+    // The edit runs on the first read; on a conflict (an agent's status write bumped the
+    // resource version) the edited section is put into a fresh read. Spec races between
+    // clients are caught by Proxmox's `digest` before this.
+    let mut edit = Some(edit);
+    let mut out = None;
+    let mut edited: Option<Value> = None;
+    crate::cache::replace_retrying(&api, name, |object: &mut K| {
+        let mut value = serde_json::to_value(&*object).map_err(|e| PveError::new(500, e.to_string()))?;
+        let mut slot = &mut value;
+        for key in pointer.split('/').filter(|k| !k.is_empty()) {
+            let map = slot
+                .as_object_mut()
+                .ok_or_else(|| PveError::new(500, format!("{pointer}: not an object")))?;
+            slot = map.entry(key.to_string()).or_insert_with(|| json!({}));
+            if slot.is_null() {
+                *slot = json!({});
+            }
         }
-    }
-    let out = edit(slot)?;
-    let updated: K = serde_json::from_value(value).map_err(|e| PveError::new(400, e.to_string()))?;
-    api.replace(name, &PostParams::default(), &updated).await.map_err(write_error)?;
-    Ok(out)
+        match (edit.take(), &edited) {
+            (Some(f), _) => {
+                out = Some(f(slot)?);
+                edited = Some(slot.clone());
+            }
+            (None, Some(section)) => *slot = section.clone(),
+            (None, None) => return Err(PveError::new(500, "edit did not run")),
+        }
+        *object = serde_json::from_value(value).map_err(|e| PveError::new(400, e.to_string()))?;
+        Ok(())
+    })
+    .await?;
+    out.ok_or_else(|| PveError::new(500, "edit did not run"))
 }
 
 /// The JSON value at `pointer` of `K` `name` (`{}` when absent).

@@ -147,7 +147,7 @@ impl Guests {
     }
 
     /// Waits until the cache shows the guest's resource at `version` (`None`: gone).
-    async fn settle(&self, g: &Guest, version: Option<&str>) {
+    pub(crate) async fn settle(&self, g: &Guest, version: Option<&str>) {
         match g.kind {
             Kind::Qemu => cache::settle(&self.vms, Some(&g.namespace), &g.name, version).await,
             Kind::Lxc => cache::settle(&self.cts, Some(&g.namespace), &g.name, version).await,
@@ -567,36 +567,99 @@ pub async fn update(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
         .map(|d| d.split(',').map(|s| s.trim().to_string()).collect())
         .unwrap_or_default();
     let text = edited_text(&g.config_text(), params, &delete);
-    match g.kind {
+    let saved = match g.kind {
         Kind::Qemu => {
-            let mut spec = kpve_crds::VirtualMachineSpec::from_qemu_config(&text).map_err(codec_error)?;
+            let spec = kpve_crds::VirtualMachineSpec::from_qemu_config(&text).map_err(codec_error)?;
             let api = Api::<VirtualMachine>::namespaced(guests.client.clone(), &g.namespace);
-            let mut vm = api.get(&g.name).await.map_err(write_error)?;
-            // Fields the Proxmox config does not carry stay as declared.
-            spec.vmid = vm.spec.vmid;
-            spec.power_state = vm.spec.power_state;
-            spec.placement = vm.spec.placement.clone();
-            vm.spec = spec;
-            vm.status = None;
-            let saved = api.replace(&g.name, &Default::default(), &vm).await.map_err(write_error)?;
-            guests.settle(g, saved.metadata.resource_version.as_deref()).await;
-            Ok(saved.metadata.generation.unwrap_or(0))
+            cache::replace_retrying(&api, &g.name, |vm| {
+                // Fields the Proxmox config does not carry stay as declared.
+                let mut spec = spec.clone();
+                spec.vmid = vm.spec.vmid;
+                spec.power_state = vm.spec.power_state;
+                spec.placement = vm.spec.placement.clone();
+                vm.spec = spec;
+                vm.status = None;
+                Ok(())
+            })
+            .await?
+            .metadata
         }
         Kind::Lxc => {
-            let mut spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
+            let spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
             let api = Api::<LinuxContainer>::namespaced(guests.client.clone(), &g.namespace);
-            let mut ct = api.get(&g.name).await.map_err(write_error)?;
-            spec.vmid = ct.spec.vmid;
-            spec.power_state = ct.spec.power_state;
-            spec.placement = ct.spec.placement.clone();
-            spec.template = ct.spec.template.clone();
-            ct.spec = spec;
-            ct.status = None;
-            let saved = api.replace(&g.name, &Default::default(), &ct).await.map_err(write_error)?;
-            guests.settle(g, saved.metadata.resource_version.as_deref()).await;
-            Ok(saved.metadata.generation.unwrap_or(0))
+            cache::replace_retrying(&api, &g.name, |ct| {
+                let mut spec = spec.clone();
+                spec.vmid = ct.spec.vmid;
+                spec.power_state = ct.spec.power_state;
+                spec.placement = ct.spec.placement.clone();
+                spec.template = ct.spec.template.clone();
+                ct.spec = spec;
+                ct.status = None;
+                Ok(())
+            })
+            .await?
+            .metadata
         }
-    }
+    };
+    guests.settle(g, saved.resource_version.as_deref()).await;
+    Ok(saved.generation.unwrap_or(0))
+}
+
+/// `PUT …/resize`: grows one disk (`size` absolute, or `+delta`; units K, M, G, T, none =
+/// bytes) by raising its declared size; returns the generation that carries it. The agent
+/// grows the volume (QMP `block_resize` while the VM runs). Shrinking is refused.
+pub async fn resize(guests: &Guests, g: &Guest, params: &BTreeMap<String, String>) -> Result<i64, PveError> {
+    use kpve_crds::codec::propstr::{format_size, parse_size};
+    let disk = params["disk"].clone();
+    let wanted = params["size"].clone();
+    let bad = |m: String| PveError::parameters(BTreeMap::from([("size".to_string(), m)]));
+    let (relative, amount) = match wanted.strip_prefix('+') {
+        Some(rest) => (true, rest),
+        None => (false, wanted.as_str()),
+    };
+    let amount = parse_size("size", amount).map_err(|e| bad(e.to_string()))?;
+    let new_size = |current: Option<&String>| -> Result<String, PveError> {
+        let current = current.ok_or_else(|| {
+            PveError::new(500, format!("disk '{disk}' has no declared size (an attached volume)"))
+        })?;
+        let current = parse_size("size", current).map_err(|e| PveError::new(500, e.to_string()))?;
+        let target = if relative { current + amount } else { amount };
+        if target < current {
+            return Err(PveError::new(500, "shrinking disks is not supported"));
+        }
+        Ok(format_size(target))
+    };
+    let no_disk = || PveError::new(500, format!("disk '{disk}' does not exist"));
+    let saved = match g.kind {
+        Kind::Qemu => {
+            let api = Api::<VirtualMachine>::namespaced(guests.client.clone(), &g.namespace);
+            cache::replace_retrying(&api, &g.name, |vm| {
+                let d = vm.spec.disks.iter_mut().find(|d| d.id == disk).ok_or_else(no_disk)?;
+                d.size = Some(new_size(d.size.as_ref())?);
+                vm.status = None;
+                Ok(())
+            })
+            .await?
+            .metadata
+        }
+        Kind::Lxc => {
+            let api = Api::<LinuxContainer>::namespaced(guests.client.clone(), &g.namespace);
+            cache::replace_retrying(&api, &g.name, |ct| {
+                if disk == "rootfs" {
+                    ct.spec.rootfs.size = Some(new_size(ct.spec.rootfs.size.as_ref())?);
+                } else {
+                    let mp = ct.spec.mount_points.iter_mut().find(|m| m.id == disk).ok_or_else(no_disk)?;
+                    mp.size = Some(new_size(mp.size.as_ref())?);
+                }
+                ct.status = None;
+                Ok(())
+            })
+            .await?
+            .metadata
+        }
+    };
+    guests.settle(g, saved.resource_version.as_deref()).await;
+    Ok(saved.generation.unwrap_or(0))
 }
 
 /// `DELETE /nodes/{node}/{kind}/{vmid}`: deletes the resource; the task ends once it is gone

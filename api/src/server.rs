@@ -469,6 +469,23 @@ async fn dispatch(
                 .map(Value::from)
                 .map_err(|e| PveError::new(500, e.to_string()))
         }
+        ("PUT", "/nodes/{node}/{type}/{vmid}/resize") => {
+            let g = find(kind).await?;
+            if let Some(digest) = p.get("digest")
+                && guests::config(&g)["digest"] != *digest
+            {
+                return Err(PveError::new(
+                    500,
+                    "detected modified configuration - file changed by other user? Try again.",
+                ));
+            }
+            let generation = guests::resize(&state.guests, &g, p).await?;
+            state
+                .tasks
+                .create(&p["node"], "resize", g.kind, g.vmid, Target::Observed(generation), &user)
+                .map(Value::from)
+                .map_err(|e| PveError::new(500, e.to_string()))
+        }
         ("DELETE", "/nodes/{node}/{type}/{vmid}") => {
             let g = find(kind).await?;
             guests::destroy(&state.guests, &state.tasks, &p["node"], &g, &user).await

@@ -138,8 +138,18 @@ impl Tasks {
                     .then(|| Err(format!("timeout waiting for guest {vmid} to be deleted"))),
                 Some(g) if record["target"] == "config" => {
                     let wanted = record["generation"].as_i64().unwrap_or(0);
+                    let stalled = g
+                        .status
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == "Stalled" && c.status == ConditionStatus::True);
                     if g.status.observed_generation.unwrap_or(0) >= wanted {
-                        Some(Ok(()))
+                        match stalled {
+                            // The agent saw the change and could not apply it (a refused shrink,
+                            // a failed resize): the task ends with its reason.
+                            Some(c) => Some(Err(c.message.lines().next().unwrap_or("").to_string())),
+                            None => Some(Ok(())),
+                        }
                     } else if now() - record["started"].as_i64().unwrap_or(0) > TASK_TIMEOUT {
                         Some(Err(format!("timeout waiting for guest {vmid} to apply its configuration")))
                     } else {

@@ -100,6 +100,46 @@ impl DirPool {
         Ok(true)
     }
 
+    /// The virtual size of a volume's image in bytes (`qemu-img info -U`: readable while a
+    /// running QEMU holds the image).
+    pub async fn virtual_size(&self, volume: &str) -> Result<u64> {
+        let path = self.path_of(volume)?;
+        let out = Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(&path)
+            .output()
+            .await
+            .map_err(|source| StorageError::Io { path: path.clone(), source })?;
+        let info: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| StorageError::Create {
+                path: path.clone(),
+                message: format!("qemu-img info: {e}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            })?;
+        info["virtual-size"].as_u64().ok_or_else(|| StorageError::Create {
+            path,
+            message: "qemu-img info reports no virtual-size".into(),
+        })
+    }
+
+    /// Grows an image no process holds to `size` bytes (`qemu-img resize`).
+    pub async fn grow(&self, volume: &str, format: &str, size: u64) -> Result<()> {
+        let path = self.path_of(volume)?;
+        let out = Command::new("qemu-img")
+            .args(["resize", "-q", "-f", format])
+            .arg(&path)
+            .arg(size.to_string())
+            .output()
+            .await
+            .map_err(|source| StorageError::Io { path: path.clone(), source })?;
+        if !out.status.success() {
+            return Err(StorageError::Create {
+                path,
+                message: format!("qemu-img resize: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            });
+        }
+        Ok(())
+    }
+
     /// Removes every volume of guest `vmid`.
     pub fn free_guest(&self, vmid: u32) -> Result<()> {
         let dir = self.path.join("images").join(vmid.to_string());
@@ -216,6 +256,10 @@ mod tests {
             .unwrap();
         assert!(String::from_utf8_lossy(&info.stdout).contains("virtual size: 1 GiB"));
         assert_eq!(pool.content(), vec![volume.clone()]);
+        // Growing a stopped guest's image: qemu-img resize, read back as the virtual size.
+        assert_eq!(pool.virtual_size(&volume).await.unwrap(), 1 << 30);
+        pool.grow(&volume, "qcow2", 3 << 29).await.unwrap();
+        assert_eq!(pool.virtual_size(&volume).await.unwrap(), 3 << 29);
         pool.free_guest(100).unwrap();
         assert!(!pool.path_of(&volume).unwrap().exists());
     }

@@ -122,6 +122,9 @@ pub(crate) struct Agent {
     /// The `local` pool's path (its StoragePool's spec.path, refreshed with each heartbeat).
     pool_path: std::sync::Mutex<PathBuf>,
     guests: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Virtual sizes of volumes as last seen or set, so a reconcile asks `qemu-img` only
+    /// when a declared size differs.
+    pub(crate) volume_sizes: std::sync::Mutex<HashMap<PathBuf, u64>>,
 }
 
 pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
@@ -134,6 +137,7 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         last_status: Mutex::new(HashMap::new()),
         cpu_samples: std::sync::Mutex::new(HashMap::new()),
         guests: Mutex::new(HashMap::new()),
+        volume_sizes: std::sync::Mutex::new(HashMap::new()),
     });
     // The server may still be starting: keep trying, the way a kubelet registers.
     let mut delay = Duration::from_millis(100);

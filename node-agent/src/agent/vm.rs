@@ -218,9 +218,11 @@ async fn plan(agent: &Agent, vm: &VirtualMachine, vmid: u32, run: &LaunchPaths) 
             let bytes = storage::parse_size(size).ok_or_else(|| {
                 Stall::new("InvalidDisk", format!("spec.disks[{}].size: {size:?} is not a size", disk.id))
             })?;
-            pool.allocate(&volume, &format, bytes)
+            let created = pool
+                .allocate(&volume, &format, bytes)
                 .await
                 .map_err(|e| Stall::new("AllocationFailed", format!("spec.disks[{}]: {e}", disk.id)))?;
+            grow_disk(agent, &pool, &volume, &format, &disk.id, bytes, created, run, vmid).await?;
         }
         let path = pool.path_of(&volume).map_err(|e| Stall::new("InvalidDisk", e.to_string()))?;
         disks.push(ResolvedDisk { id: disk.id.clone(), path, format, media: None });
@@ -249,6 +251,59 @@ async fn plan(agent: &Agent, vm: &VirtualMachine, vmid: u32, run: &LaunchPaths) 
         log_serial: true,
         paths: run.clone(),
     })
+}
+
+/// A declared size above the volume's grows it, as Proxmox's `resize` does: `qemu-img
+/// resize` while the VM is stopped, QMP `block_resize` while it runs (the guest sees the new
+/// size at once). A smaller declared size is refused: disks only grow.
+#[allow(clippy::too_many_arguments)]
+async fn grow_disk(
+    agent: &Agent,
+    pool: &DirPool,
+    volume: &str,
+    format: &str,
+    id: &str,
+    bytes: u64,
+    created: bool,
+    run: &LaunchPaths,
+    vmid: u32,
+) -> Result<(), Stall> {
+    let Ok(path) = pool.path_of(volume) else { return Ok(()) };
+    let known = agent.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).get(&path).copied();
+    if created || known == Some(bytes) {
+        agent.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).insert(path, bytes);
+        return Ok(());
+    }
+    let current = pool
+        .virtual_size(volume)
+        .await
+        .map_err(|e| Stall::new("StorageUnavailable", format!("spec.disks[{id}]: {e}")))?;
+    if bytes < current {
+        agent.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).insert(path, current);
+        return Err(Stall::new(
+            "ShrinkRefused",
+            format!(
+                "spec.disks[{id}].size: {bytes} bytes is smaller than the volume's {current}; disks only grow"
+            ),
+        ));
+    }
+    if bytes > current {
+        if running_pid(run, vmid).is_some() {
+            let mut qmp = qmp(run)
+                .await
+                .ok_or_else(|| Stall::new("ResizeFailed", "QMP is not answering".to_string()))?;
+            qmp.execute("block_resize", Some(json!({"device": format!("drive-{id}"), "size": bytes})))
+                .await
+                .map_err(|e| Stall::new("ResizeFailed", format!("spec.disks[{id}]: block_resize: {e}")))?;
+        } else {
+            pool.grow(volume, format, bytes)
+                .await
+                .map_err(|e| Stall::new("ResizeFailed", format!("spec.disks[{id}]: {e}")))?;
+        }
+        tracing::info!(vmid, disk = id, from = current, to = bytes, "disk grown");
+    }
+    agent.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).insert(path, bytes);
+    Ok(())
 }
 
 fn volume_id(vm: &VirtualMachine, disk: &ResolvedDisk, vmid: u32) -> String {
