@@ -12,7 +12,7 @@ pub enum StorageError {
     BadVolume(String),
     #[error("pool {0:?} does not exist on this node")]
     NoPool(String),
-    #[error("qemu-img create {path}: {message}")]
+    #[error("{path}: {message}")]
     Create { path: PathBuf, message: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
@@ -84,19 +84,7 @@ impl DirPool {
         }
         let dir = path.parent().expect("volume paths have a parent");
         std::fs::create_dir_all(dir).map_err(|source| StorageError::Io { path: dir.into(), source })?;
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", format])
-            .arg(&path)
-            .arg(size.to_string())
-            .output()
-            .await
-            .map_err(|source| StorageError::Io { path: path.clone(), source })?;
-        if !out.status.success() {
-            return Err(StorageError::Create {
-                path,
-                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
+        qemu_img("create", format, &path, size).await?;
         Ok(true)
     }
 
@@ -123,21 +111,7 @@ impl DirPool {
 
     /// Grows an image no process holds to `size` bytes (`qemu-img resize`).
     pub async fn grow(&self, volume: &str, format: &str, size: u64) -> Result<()> {
-        let path = self.path_of(volume)?;
-        let out = Command::new("qemu-img")
-            .args(["resize", "-q", "-f", format])
-            .arg(&path)
-            .arg(size.to_string())
-            .output()
-            .await
-            .map_err(|source| StorageError::Io { path: path.clone(), source })?;
-        if !out.status.success() {
-            return Err(StorageError::Create {
-                path,
-                message: format!("qemu-img resize: {}", String::from_utf8_lossy(&out.stderr).trim()),
-            });
-        }
-        Ok(())
+        qemu_img("resize", format, &self.path_of(volume)?, size).await
     }
 
     /// Removes every volume of guest `vmid`.
@@ -174,6 +148,22 @@ impl DirPool {
     pub fn usage(&self) -> Usage {
         usage_of(&self.path)
     }
+}
+
+/// `qemu-img create|resize -q -f FORMAT PATH SIZE`.
+async fn qemu_img(action: &str, format: &str, path: &Path, size: u64) -> Result<()> {
+    let out = Command::new("qemu-img")
+        .args([action, "-q", "-f", format])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .await
+        .map_err(|source| StorageError::Io { path: path.into(), source })?;
+    if !out.status.success() {
+        let message = format!("qemu-img {action}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        return Err(StorageError::Create { path: path.into(), message });
+    }
+    Ok(())
 }
 
 /// Filesystem usage from `df` (std has no statvfs, and kpve forbids `unsafe`).
