@@ -83,17 +83,17 @@ pub struct AccessStore {
     pub groups: Store<PVEGroup>,
     pub roles: Store<PVERole>,
     pub acls: Store<PVEACL>,
+    health: Vec<cache::Health>,
 }
 
 impl AccessStore {
     /// Starts the watches and waits until every cache has its first list.
     pub async fn start(client: &kube::Client) -> anyhow::Result<AccessStore> {
-        let store = AccessStore {
-            users: cache::watch(client),
-            groups: cache::watch(client),
-            roles: cache::watch(client),
-            acls: cache::watch(client),
-        };
+        let (users, h1) = cache::watch(client);
+        let (groups, h2) = cache::watch(client);
+        let (roles, h3) = cache::watch(client);
+        let (acls, h4) = cache::watch(client);
+        let store = AccessStore { users, groups, roles, acls, health: vec![h1, h2, h3, h4] };
         let ready = async {
             store.users.wait_until_ready().await?;
             store.groups.wait_until_ready().await?;
@@ -104,6 +104,12 @@ impl AccessStore {
             .await
             .map_err(|_| anyhow::anyhow!("access-control caches did not fill within 30 s"))??;
         Ok(store)
+    }
+
+    /// Every access-control watch is following its resources (no error since its last
+    /// delivery): decisions for users other than root@pam need this.
+    pub fn current(&self) -> bool {
+        self.health.iter().all(cache::Health::current)
     }
 
     pub fn user(&self, userid: &str) -> Option<std::sync::Arc<PVEUser>> {

@@ -273,7 +273,8 @@ pub async fn user_update(
     Ok(Value::Null)
 }
 
-/// `DELETE /access/users/{userid}` (its ACL entries go too, as in Proxmox).
+/// `DELETE /access/users/{userid}`: its ACL entries go first (as in Proxmox), so a later
+/// user of the same id never inherits them, then the user.
 pub async fn user_delete(
     client: &kube::Client,
     store: &AccessStore,
@@ -281,15 +282,15 @@ pub async fn user_delete(
 ) -> Result<Value, PveError> {
     let userid = &params["userid"];
     let u = user(store, userid)?;
-    let name = u.meta().name.clone().unwrap_or_default();
-    Api::<PVEUser>::all(client.clone()).delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
-    cache::settle(&store.users, None, &name, None).await;
     let tokens: Vec<String> = u.spec.tokens.iter().map(|t| format!("{userid}!{}", t.id)).collect();
     remove_from_acls(client, store, |spec| {
         spec.users.retain(|x| x != userid);
         spec.tokens.retain(|x| !tokens.contains(x));
     })
     .await?;
+    let name = u.meta().name.clone().unwrap_or_default();
+    Api::<PVEUser>::all(client.clone()).delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
+    cache::settle(&store.users, None, &name, None).await;
     Ok(Value::Null)
 }
 
@@ -667,7 +668,10 @@ pub fn acl(store: &AccessStore, c: &Checker) -> Value {
     let modify = access::privilege_bit("Permissions.Modify").unwrap_or(0);
     let mut out = Vec::new();
     for (path, entries) in &access.acl {
-        if !c.principal.is_root() && c.privs(path) & modify == 0 {
+        // Entries on paths the caller may change permissions of, or all with Sys.Audit on
+        // /access.
+        let audit = access::privilege_bit("Sys.Audit").unwrap_or(0);
+        if !c.principal.is_root() && c.privs(path) & modify == 0 && c.privs("/access") & audit == 0 {
             continue;
         }
         for e in entries {

@@ -9,9 +9,34 @@ use kube::Resource;
 use kube::api::{Api, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
-/// A cache of every `K`, kept current by a watch in a background task.
-pub fn watch<K>(client: &kube::Client) -> Store<K>
+/// Whether a watch is current: it is not once it has been failing (errors, no delivery since)
+/// for longer than [`STALE_AFTER`], so decisions are not made on a cache that stopped
+/// following. A watch that errs and re-lists at once (an expired watch) stays current.
+#[derive(Clone, Default)]
+pub struct Health(Arc<AtomicI64>);
+
+/// How long a watch may fail before its cache counts as stale.
+pub const STALE_AFTER: Duration = Duration::from_secs(10);
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Health {
+    pub fn current(&self) -> bool {
+        let since = self.0.load(Ordering::Relaxed);
+        since == 0 || unix_now() - since < STALE_AFTER.as_secs() as i64
+    }
+}
+
+/// A cache of every `K`, kept current by a watch in a background task, and its health.
+pub fn watch<K>(client: &kube::Client) -> (Store<K>, Health)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -24,17 +49,23 @@ where
     let (reader, writer) = reflector::store();
     let stream =
         reflector::reflector(writer, watcher(Api::<K>::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .applied_objects();
+            .default_backoff();
+    let health = Health::default();
+    let flag = health.0.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, kind = %K::kind(&()), "watching resources");
+            match event {
+                Ok(_) => flag.store(0, Ordering::Relaxed),
+                Err(e) => {
+                    // Failing since the first error after the last delivery.
+                    let _ = flag.compare_exchange(0, unix_now(), Ordering::Relaxed, Ordering::Relaxed);
+                    tracing::warn!(error = %e, kind = %K::kind(&()), "watching resources");
+                }
             }
         }
     });
-    reader
+    (reader, health)
 }
 
 /// Waits (up to 5 s) until the cache shows object `name` (in `namespace`) at resource
@@ -94,5 +125,20 @@ where
             Err(kube::Error::Api(ae)) if ae.code == 409 && attempt < 5 => attempt += 1,
             Err(e) => return Err(error(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_is_stale_only_after_failing_for_a_while() {
+        let h = Health::default();
+        assert!(h.current(), "delivering");
+        h.0.store(unix_now() - 3, Ordering::Relaxed);
+        assert!(h.current(), "a brief failure (an expired watch re-listing) is tolerated");
+        h.0.store(unix_now() - STALE_AFTER.as_secs() as i64 - 1, Ordering::Relaxed);
+        assert!(!h.current(), "failing for longer than STALE_AFTER");
     }
 }

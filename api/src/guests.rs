@@ -82,8 +82,8 @@ impl Guests {
     pub async fn start(client: &kube::Client) -> anyhow::Result<Guests> {
         let guests = Guests {
             client: client.clone(),
-            vms: cache::watch(client),
-            cts: cache::watch(client),
+            vms: cache::watch(client).0,
+            cts: cache::watch(client).0,
             entries: Arc::default(),
         };
         let ready = async {

@@ -226,6 +226,14 @@ fn params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> BTreeMap<String, Strin
     out
 }
 
+/// A valid ticket of root@pam (which needs no access-control data).
+fn root_ticket(state: &AppState, headers: &HeaderMap) -> bool {
+    match auth::credential(headers) {
+        Credential::Ticket(t) => state.keys().verify_ticket(&t, auth::now()).is_ok_and(|u| u == ROOT),
+        _ => false,
+    }
+}
+
 async fn denied_401(reason: &str) -> Response {
     tokio::time::sleep(AUTH_FAILURE_DELAY).await;
     unauthorized(reason)
@@ -264,6 +272,14 @@ async fn handle(
         _ => {}
     }
     let (principal, by_ticket) = match auth::credential(&headers) {
+        // Users other than root@pam are decided from the access-control caches: refuse while
+        // a watch is failing rather than decide on what may be stale (a revoked token).
+        Credential::Ticket(_) | Credential::Token(_)
+            if !state.store.current() && !root_ticket(&state, &headers) =>
+        {
+            return PveError::new(503, "access control is not current (its watch is failing); try again")
+                .into_response();
+        }
         Credential::Ticket(t) => match auth::verify_ticket(&state.keys(), &state.store, &t) {
             Ok(p) => (p, true),
             Err(e) => {
