@@ -106,6 +106,9 @@ out["bad_param"] = call("POST", "/nodes/node1/qemu", data={"vmid": "305", "net0"
 out["unknown"] = call("GET", "/nodes/node1/qemu/303/nosuch", headers=tokhdr)
 out["ticket_only"] = call("PUT", "/access/password", data={"userid": "alice@pve", "password": "x-y-z-w"}, headers=tokhdr)
 out["config_post"] = Tasks.blocking_status(p, p.nodes("node1").qemu(303).config.post(cores=2), timeout=60)
+out["template"] = Tasks.blocking_status(p, p.nodes("node1").qemu(303).template.post(), timeout=60)
+out["template_listed"] = [x["template"] for x in p.cluster.resources.get(type="vm") if x["vmid"] == 303]
+out["template_start"] = err(lambda: p.nodes("node1").qemu(303).status.start.post())
 
 # Escalation attempts: a group administrator moving itself into another group, alice
 # granting herself a role beyond her privileges; a revocation for one user keeps another's.
@@ -296,6 +299,13 @@ fn tickets_and_tokens_drive_guests_within_their_privileges() {
     assert_eq!(r["unknown"]["status"], 501);
     assert_eq!(r["ticket_only"]["status"], 403, "{}", r["ticket_only"]);
     assert_eq!(r["config_post"]["exitstatus"], "OK", "{}", r["config_post"]);
+    assert_eq!(r["template"]["exitstatus"], "OK", "{}", r["template"]);
+    assert_eq!(r["template_listed"], serde_json::json!([1]));
+    assert!(
+        r["template_start"].as_str().unwrap().contains("can't start a vm if it's a template"),
+        "{}",
+        r["template_start"]
+    );
 
     // Escalations are refused; a revocation touches only the named subject.
     assert!(r["carol_escalate"].as_str().unwrap().contains("403"), "{}", r["carol_escalate"]);

@@ -164,6 +164,11 @@ impl Guest {
         }
     }
 
+    /// A VM template (the source of clones; it never runs).
+    pub fn is_template(&self) -> bool {
+        matches!(&self.spec, Spec::Qemu(vm) if vm.spec.template)
+    }
+
     /// The guest's HA declaration (Proxmox `ha/resources.cfg` entry), if any.
     pub fn ha(&self) -> Option<&kpve_crds::common::HaSpec> {
         match &self.spec {
@@ -185,7 +190,8 @@ impl Guest {
         let mut e = json!({
             "id": format!("{kind}/{}", self.vmid), "type": kind, "vmid": self.vmid, "name": self.display_name,
             "status": if self.running() { "running" } else { "stopped" },
-            "cpus": self.cpus, "maxcpu": self.cpus, "maxmem": self.maxmem_mib * 1024 * 1024, "template": 0,
+            "cpus": self.cpus, "maxcpu": self.cpus, "maxmem": self.maxmem_mib * 1024 * 1024,
+            "template": u8::from(self.is_template()),
         });
         if let Some(node) = &self.status.node {
             e["node"] = json!(node);
@@ -382,6 +388,9 @@ pub async fn power(
         }
         _ => return Err(PveError::not_implemented("POST", &format!("/nodes/{node}/.../status/{action}"))),
     };
+    if action == "start" && g.is_template() {
+        return Err(PveError::new(500, "you can't start a vm if it's a template"));
+    }
     if action == "start" && g.running() {
         let what = if g.kind == Kind::Qemu { "VM" } else { "CT" };
         return Err(PveError::new(500, format!("{what} {} already running", g.vmid)));
@@ -658,6 +667,30 @@ pub async fn resize(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
             .metadata
         }
     };
+    guests.settle(g, saved.resource_version.as_deref()).await;
+    Ok(saved.generation.unwrap_or(0))
+}
+
+/// `POST …/qemu/{vmid}/template`: marks a stopped VM as a template; returns the generation
+/// that carries it (the agent then never starts it).
+pub async fn make_template(guests: &Guests, g: &Guest) -> Result<i64, PveError> {
+    if g.kind != Kind::Qemu {
+        return Err(PveError::new(501, "container templates are not supported by kpve yet"));
+    }
+    if g.is_template() {
+        return Err(PveError::new(500, "you can't convert a template to a template"));
+    }
+    if g.running() {
+        return Err(PveError::new(500, "you can't convert a VM to template if VM is running"));
+    }
+    let api = Api::<VirtualMachine>::namespaced(guests.client.clone(), &g.namespace);
+    let saved = cache::replace_retrying(&api, &g.name, |vm| {
+        vm.spec.template = true;
+        vm.status = None;
+        Ok(())
+    })
+    .await?
+    .metadata;
     guests.settle(g, saved.resource_version.as_deref()).await;
     Ok(saved.generation.unwrap_or(0))
 }

@@ -485,6 +485,16 @@ async fn dispatch(
                 .map(Value::from)
                 .map_err(|e| PveError::new(500, e.to_string()))
         }
+        ("POST", "/nodes/{node}/{type}/{vmid}/template") => {
+            let g = find(kind).await?;
+            let generation = guests::make_template(&state.guests, &g).await?;
+            let task = format!("{}template", g.kind.task_prefix());
+            state
+                .tasks
+                .create(&p["node"], &task, g.kind, g.vmid, Target::Observed(generation), &user)
+                .map(Value::from)
+                .map_err(|e| PveError::new(500, e.to_string()))
+        }
         ("PUT", "/nodes/{node}/{type}/{vmid}/resize") => {
             let g = find(kind).await?;
             if let Some(digest) = p.get("digest")

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kpve_crds::VirtualMachine;
+use kpve_crds::common::PowerState;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
@@ -35,8 +36,20 @@ impl Runtime for Qemu {
         vmid: u32,
         run: &Path,
     ) -> Result<Prepared<LaunchPlan>, Stall> {
+        if vm.spec.template && vm.spec.power_state == PowerState::Running {
+            return Err(Stall::new(
+                "IsTemplate",
+                "spec.template: a template never runs (clone it, or set template: false); powerState must be Stopped"
+                    .to_string(),
+            ));
+        }
         let plan = plan(agent, vm, vmid, &LaunchPaths::new(run)).await?;
-        let launch = argv::render(&vm.spec, &plan).map_err(|e| Stall::new("InvalidSpec", e.to_string()))?;
+        // A stopped template keeps its volumes and has no launch definition: it never starts.
+        let launch = if vm.spec.template {
+            Vec::new()
+        } else {
+            argv::render(&vm.spec, &plan).map_err(|e| Stall::new("InvalidSpec", e.to_string()))?
+        };
         let volumes = plan.disks.iter().map(|d| (d.id.clone(), volume_id(vm, d, vmid))).collect();
         Ok(Prepared { launch, volumes, accelerator: Some(plan.accel.as_str()), plan })
     }
