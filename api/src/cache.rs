@@ -107,14 +107,7 @@ where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
 {
     use crate::envelope::PveError;
-    let error = |e: kube::Error| match e {
-        kube::Error::Api(ae) if ae.code == 422 => PveError::new(400, ae.message),
-        kube::Error::Api(ae) if ae.code == 409 => {
-            PveError::new(500, "detected modified configuration - file changed by other user? Try again.")
-        }
-        kube::Error::Api(ae) => PveError::new(500, ae.message),
-        e => PveError::new(500, e.to_string()),
-    };
+    let error = PveError::write_failed;
     let mut attempt = 0;
     loop {
         let mut object = api.get(name).await.map_err(error)?;

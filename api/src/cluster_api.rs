@@ -16,14 +16,6 @@ use crate::validate::split_list;
 
 type Params = BTreeMap<String, String>;
 
-fn write_error(e: kube::Error) -> PveError {
-    match e {
-        kube::Error::Api(ae) if ae.code == 422 => PveError::new(400, ae.message),
-        kube::Error::Api(ae) => PveError::new(500, ae.message),
-        e => PveError::new(500, e.to_string()),
-    }
-}
-
 fn flag(params: &Params, key: &str) -> Option<bool> {
     params.get(key).map(|v| v == "1")
 }
@@ -72,7 +64,7 @@ async fn ha_groups(
     let api: Api<HAGroup> = Api::all(client.clone());
     match (method, template) {
         ("GET", "/cluster/ha/groups") => {
-            let list = api.list(&Default::default()).await.map_err(write_error)?;
+            let list = api.list(&Default::default()).await.map_err(PveError::write_failed)?;
             Ok(Value::Array(list.items.iter().map(group_json).collect()))
         }
         ("POST", "/cluster/ha/groups") => {
@@ -86,7 +78,7 @@ async fn ha_groups(
                 kube::Error::Api(ae) if ae.code == 409 => {
                     PveError::new(500, format!("ha group '{name}' already defined"))
                 }
-                e => write_error(e),
+                e => PveError::write_failed(e),
             })?;
             Ok(Value::Null)
         }
@@ -95,12 +87,12 @@ async fn ha_groups(
             let g = api
                 .get_opt(&name)
                 .await
-                .map_err(write_error)?
+                .map_err(PveError::write_failed)?
                 .ok_or_else(|| PveError::new(500, format!("no such ha group '{name}'")))?;
             match method {
                 "GET" => Ok(group_json(&g)),
                 "DELETE" => {
-                    api.delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
+                    api.delete(&name, &DeleteParams::default()).await.map_err(PveError::write_failed)?;
                     Ok(Value::Null)
                 }
                 "PUT" => {
@@ -125,7 +117,7 @@ async fn ha_groups(
                     }
                     api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": spec})))
                         .await
-                        .map_err(write_error)?;
+                        .map_err(PveError::write_failed)?;
                     Ok(Value::Null)
                 }
                 _ => Err(PveError::not_implemented(method, template)),
@@ -184,7 +176,7 @@ async fn patch_guest(guests: &Guests, g: &guests::Guest, ha: Value) -> Result<()
             .await
             .map(|o| o.metadata.resource_version),
     }
-    .map_err(write_error)?;
+    .map_err(PveError::write_failed)?;
     // The next request reads the guest cache: wait until it shows this change.
     guests.settle(g, version.as_deref()).await;
     Ok(())
@@ -284,7 +276,7 @@ async fn pools(guests: &Guests, method: &str, template: &str, p: &Params) -> Res
     let api: Api<Namespace> = Api::all(guests.client.clone());
     match (method, template) {
         ("GET", "/pools") => {
-            let list = api.list(&Default::default()).await.map_err(write_error)?;
+            let list = api.list(&Default::default()).await.map_err(PveError::write_failed)?;
             let wanted = p.get("poolid");
             Ok(Value::Array(
                 list.items
@@ -314,7 +306,7 @@ async fn pools(guests: &Guests, method: &str, template: &str, p: &Params) -> Res
                     "poolid",
                     format!("a pool is a namespace: lower-case letters, digits and '-' ({})", ae.message),
                 ),
-                e => write_error(e),
+                e => PveError::write_failed(e),
             })?;
             Ok(Value::Null)
         }
@@ -322,7 +314,7 @@ async fn pools(guests: &Guests, method: &str, template: &str, p: &Params) -> Res
             let name = p["poolid"].clone();
             api.get_opt(&name)
                 .await
-                .map_err(write_error)?
+                .map_err(PveError::write_failed)?
                 .ok_or_else(|| PveError::new(500, format!("pool '{name}' does not exist")))?;
             let members: Vec<Value> = guests::list(guests, None)
                 .await?
@@ -340,7 +332,7 @@ async fn pools(guests: &Guests, method: &str, template: &str, p: &Params) -> Res
                     Err(PveError::new(500, format!("pool '{name}' is not empty")))
                 }
                 "DELETE" => {
-                    api.delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
+                    api.delete(&name, &DeleteParams::default()).await.map_err(PveError::write_failed)?;
                     Ok(Value::Null)
                 }
                 "PUT" if p.contains_key("vms") || p.contains_key("storage") => Err(PveError::new(
@@ -351,7 +343,7 @@ async fn pools(guests: &Guests, method: &str, template: &str, p: &Params) -> Res
                     let patch = json!({"metadata": {"annotations": {"kpve.io/comment": p.get("comment")}}});
                     api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
                         .await
-                        .map_err(write_error)?;
+                        .map_err(PveError::write_failed)?;
                     Ok(Value::Null)
                 }
                 _ => Err(PveError::not_implemented(method, template)),

@@ -48,6 +48,19 @@ impl PveError {
         PveError::new(500, format!("reading resources failed: {e}"))
     }
 
+    /// A failed write of a resource: the server's refusal (`422` → 400 with its message), a
+    /// conflict as Proxmox's "detected modified configuration", anything else a 500.
+    pub fn write_failed(e: kube::Error) -> PveError {
+        match e {
+            kube::Error::Api(ae) if ae.code == 422 => PveError::new(400, ae.message),
+            kube::Error::Api(ae) if ae.code == 409 => {
+                PveError::new(500, "detected modified configuration - file changed by other user? Try again.")
+            }
+            kube::Error::Api(ae) => PveError::new(500, ae.message),
+            e => PveError::new(500, e.to_string()),
+        }
+    }
+
     /// `501 Method 'GET /x' not implemented`.
     pub fn not_implemented(method: &str, path: &str) -> PveError {
         PveError::new(501, format!("Method '{method} {path}' not implemented"))

@@ -31,18 +31,6 @@ fn param_error(name: &str, message: impl Into<String>) -> PveError {
     PveError::parameters(BTreeMap::from([(name.to_string(), message.into())]))
 }
 
-fn write_error(e: kube::Error) -> PveError {
-    match e {
-        kube::Error::Api(ae) if ae.code == 409 => PveError::new(
-            500,
-            format!("detected modified configuration - file changed by other user? ({})", ae.message),
-        ),
-        kube::Error::Api(ae) if ae.code == 422 => PveError::new(400, ae.message),
-        kube::Error::Api(ae) if ae.code == 404 => PveError::new(500, ae.message),
-        e => PveError::new(500, e.to_string()),
-    }
-}
-
 /// Proxmox-style digest of a section: a hash of its JSON.
 fn digest(v: &Value) -> String {
     sha2::Sha256::digest(v.to_string().as_bytes()).iter().take(20).map(|b| format!("{b:02x}")).collect()
@@ -105,7 +93,7 @@ async fn read<K>(api: Api<K>, name: &str, pointer: &str) -> Result<Value, PveErr
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Serialize,
 {
-    let object = api.get(name).await.map_err(write_error)?;
+    let object = api.get(name).await.map_err(PveError::write_failed)?;
     let value = serde_json::to_value(&object).map_err(|e| PveError::new(500, e.to_string()))?;
     Ok(value.pointer(pointer).filter(|v| !v.is_null()).cloned().unwrap_or_else(|| json!({})))
 }
@@ -113,11 +101,11 @@ where
 /// Makes sure `ClusterFirewall` `cluster` exists (Proxmox always has a cluster.fw).
 async fn ensure_cluster(client: &kube::Client) -> Result<(), PveError> {
     let api: Api<ClusterFirewall> = Api::all(client.clone());
-    if api.get_opt("cluster").await.map_err(write_error)?.is_none() {
+    if api.get_opt("cluster").await.map_err(PveError::write_failed)?.is_none() {
         let spec: ClusterFirewallSpec = serde_json::from_value(json!({})).expect("every field has a default");
         api.create(&PostParams::default(), &ClusterFirewall::new("cluster", spec))
             .await
-            .map_err(write_error)?;
+            .map_err(PveError::write_failed)?;
     }
     Ok(())
 }
@@ -512,16 +500,13 @@ async fn groups(
     let api: Api<SecurityGroup> = Api::all(client.clone());
     match (method, template) {
         ("GET", "/cluster/firewall/groups") => {
-            let list = api.list(&Default::default()).await.map_err(write_error)?;
+            let list = api.list(&Default::default()).await.map_err(PveError::write_failed)?;
             Ok(Value::Array(
                 list.items
                     .iter()
                     .map(|g| {
-                        let mut e = json!({"group": g.meta().name, "digest": digest(&json!(g.spec.rules))});
-                        if let Some(c) = &g.spec.comment {
-                            e["comment"] = json!(c);
-                        }
-                        e
+                        let comment = g.spec.comment.as_ref().map(|c| json!(c));
+                        listed("group", &json!(g.meta().name), comment.as_ref(), digest(&json!(g.spec.rules)))
                     })
                     .collect(),
             ))
@@ -536,23 +521,23 @@ async fn groups(
                     ),
                 ));
             }
-            if api.get_opt(&name).await.map_err(write_error)?.is_some() {
+            if api.get_opt(&name).await.map_err(PveError::write_failed)?.is_some() {
                 return Err(PveError::new(500, format!("security group '{name}' already exists")));
             }
             let spec = SecurityGroupSpec { comment: params.get("comment").cloned(), rules: vec![] };
             api.create(&PostParams::default(), &SecurityGroup::new(&name, spec))
                 .await
-                .map_err(write_error)?;
+                .map_err(PveError::write_failed)?;
             Ok(Value::Null)
         }
         ("DELETE", "/cluster/firewall/groups/{group}") => {
             let name = params["group"].to_ascii_lowercase();
-            let group = api.get_opt(&name).await.map_err(write_error)?;
+            let group = api.get_opt(&name).await.map_err(PveError::write_failed)?;
             match group {
                 None => Err(PveError::new(500, format!("no such security group '{name}'"))),
                 Some(g) if !g.spec.rules.is_empty() => Err(PveError::new(500, "security group is not empty")),
                 Some(_) => {
-                    api.delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
+                    api.delete(&name, &DeleteParams::default()).await.map_err(PveError::write_failed)?;
                     Ok(Value::Null)
                 }
             }
@@ -567,6 +552,65 @@ async fn groups(
     }
 }
 
+/// A named object in a list answer (`group`/`name`, `digest`, optional `comment`).
+fn listed(key: &str, name: &Value, comment: Option<&Value>, digest: String) -> Value {
+    let mut e = json!({ key: name, "digest": digest });
+    if let Some(c) = comment.filter(|c| !c.is_null()) {
+        e["comment"] = c.clone();
+    }
+    e
+}
+
+/// IP set entries (`{cidr, nomatch, comment}` as stored) as Proxmox shows them.
+fn entries_shown(entries: &[Value]) -> Vec<Value> {
+    let d = digest(&json!(entries));
+    entries
+        .iter()
+        .map(|e| {
+            let mut v = json!({"cidr": e["cidr"], "nomatch": u8::from(e["nomatch"] == true), "digest": d});
+            if let Some(c) = e.get("comment").filter(|c| !c.is_null()) {
+                v["comment"] = c.clone();
+            }
+            v
+        })
+        .collect()
+}
+
+/// Adds (POST), updates (PUT) or removes (DELETE) entry `cidr` of an IP set's stored entries.
+fn edit_entry(entries: &mut Value, method: &str, cidr: &str, params: &Params) -> Result<(), PveError> {
+    if entries.is_null() {
+        *entries = json!([]);
+    }
+    let list = entries.as_array_mut().ok_or_else(|| PveError::new(500, "entries is not a list"))?;
+    let found = list.iter().position(|e| e["cidr"] == cidr);
+    let no_such = || PveError::new(500, format!("no such IP/Network '{cidr}'"));
+    match method {
+        "POST" if found.is_some() => {
+            return Err(PveError::new(500, format!("entry '{cidr}' already exists")));
+        }
+        "POST" => {
+            let mut e = json!({"cidr": cidr, "nomatch": params.get("nomatch").is_some_and(|v| v == "1")});
+            if let Some(c) = params.get("comment") {
+                e["comment"] = json!(c);
+            }
+            list.push(e);
+        }
+        "DELETE" => {
+            list.remove(found.ok_or_else(no_such)?);
+        }
+        _ => {
+            let e = &mut list[found.ok_or_else(no_such)?];
+            if let Some(n) = params.get("nomatch") {
+                e["nomatch"] = json!(n == "1");
+            }
+            if let Some(c) = params.get("comment") {
+                e["comment"] = json!(c);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `/cluster/firewall/ipset…`.
 async fn ipsets(
     client: &kube::Client,
@@ -579,115 +623,75 @@ async fn ipsets(
     let missing = || PveError::new(500, format!("no such IPSet '{name}'"));
     match (method, template) {
         ("GET", "/cluster/firewall/ipset") => {
-            let list = api.list(&Default::default()).await.map_err(write_error)?;
+            let list = api.list(&Default::default()).await.map_err(PveError::write_failed)?;
             Ok(Value::Array(
                 list.items
                     .iter()
                     .map(|s| {
-                        let mut e = json!({"name": s.meta().name, "digest": digest(&json!(s.spec.entries))});
-                        if let Some(c) = &s.spec.comment {
-                            e["comment"] = json!(c);
-                        }
-                        e
+                        let comment = s.spec.comment.as_ref().map(|c| json!(c));
+                        listed(
+                            "name",
+                            &json!(s.meta().name),
+                            comment.as_ref(),
+                            digest(&json!(s.spec.entries)),
+                        )
                     })
                     .collect(),
             ))
         }
         ("POST", "/cluster/firewall/ipset") => {
-            if api.get_opt(&name).await.map_err(write_error)?.is_some() {
+            if api.get_opt(&name).await.map_err(PveError::write_failed)?.is_some() {
                 return Err(PveError::new(500, format!("IPSet '{name}' already exists")));
             }
             let spec = IPSetSpec { comment: params.get("comment").cloned(), entries: vec![] };
-            api.create(&PostParams::default(), &IPSet::new(&name, spec)).await.map_err(write_error)?;
+            api.create(&PostParams::default(), &IPSet::new(&name, spec))
+                .await
+                .map_err(PveError::write_failed)?;
             Ok(Value::Null)
         }
         ("GET", "/cluster/firewall/ipset/{name}") => {
-            let set = api.get_opt(&name).await.map_err(write_error)?.ok_or_else(missing)?;
-            let d = digest(&json!(set.spec.entries));
-            Ok(Value::Array(
-                set.spec
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        let mut v = json!({"cidr": e.cidr, "nomatch": u8::from(e.nomatch), "digest": d});
-                        if let Some(c) = &e.comment {
-                            v["comment"] = json!(c);
-                        }
-                        v
-                    })
-                    .collect(),
-            ))
+            let set = api.get_opt(&name).await.map_err(PveError::write_failed)?.ok_or_else(missing)?;
+            Ok(Value::Array(entries_shown(&stored_entries(&set.spec.entries))))
         }
         ("POST", "/cluster/firewall/ipset/{name}") => {
             let cidr = params["cidr"].clone();
             kpve_crds::firewall::lang::parse_net(&cidr).map_err(|e| param_error("cidr", e))?;
-            let entry = json!({"cidr": cidr, "nomatch": params.get("nomatch").is_some_and(|v| v == "1"),
-                               "comment": params.get("comment")});
             edit(Api::<IPSet>::all(client.clone()), &name, "/spec", |s| {
-                let entries = s.as_object_mut().expect("spec").entry("entries").or_insert_with(|| json!([]));
-                let list =
-                    entries.as_array_mut().ok_or_else(|| PveError::new(500, "entries is not a list"))?;
-                if list.iter().any(|e| e["cidr"] == cidr) {
-                    return Err(PveError::new(500, format!("entry '{cidr}' already exists")));
-                }
-                let mut entry = entry;
-                if entry["comment"].is_null() {
-                    entry.as_object_mut().map(|o| o.remove("comment"));
-                }
-                list.push(entry);
-                Ok(())
+                edit_entry(&mut s["entries"], method, &cidr, params)
             })
             .await?;
             Ok(Value::Null)
         }
         ("DELETE", "/cluster/firewall/ipset/{name}") => {
-            let set = api.get_opt(&name).await.map_err(write_error)?.ok_or_else(missing)?;
+            let set = api.get_opt(&name).await.map_err(PveError::write_failed)?.ok_or_else(missing)?;
             if !set.spec.entries.is_empty() && params.get("force").is_none_or(|f| f != "1") {
                 return Err(PveError::new(500, format!("IPSet '{name}' is not empty")));
             }
-            api.delete(&name, &DeleteParams::default()).await.map_err(write_error)?;
+            api.delete(&name, &DeleteParams::default()).await.map_err(PveError::write_failed)?;
             Ok(Value::Null)
         }
         (_, "/cluster/firewall/ipset/{name}/{cidr}") => {
             let cidr = params["cidr"].clone();
-            let set = api.get_opt(&name).await.map_err(write_error)?.ok_or_else(missing)?;
-            let Some(found) = set.spec.entries.iter().find(|e| e.cidr == cidr).cloned() else {
-                return Err(PveError::new(500, format!("no such IP/Network '{cidr}'")));
-            };
-            match method {
-                "GET" => {
-                    let mut v = json!({"cidr": found.cidr, "nomatch": u8::from(found.nomatch), "digest": digest(&json!(set.spec.entries))});
-                    if let Some(c) = &found.comment {
-                        v["comment"] = json!(c);
-                    }
-                    Ok(v)
-                }
-                "PUT" | "DELETE" => {
-                    edit(Api::<IPSet>::all(client.clone()), &name, "/spec", |s| {
-                        let list = s
-                            .get_mut("entries")
-                            .and_then(Value::as_array_mut)
-                            .ok_or_else(|| PveError::new(500, "no entries"))?;
-                        if method == "DELETE" {
-                            list.retain(|e| e["cidr"] != cidr);
-                        } else if let Some(e) = list.iter_mut().find(|e| e["cidr"] == cidr) {
-                            if let Some(n) = params.get("nomatch") {
-                                e["nomatch"] = json!(n == "1");
-                            }
-                            if let Some(c) = params.get("comment") {
-                                e["comment"] = json!(c);
-                            }
-                        }
-                        Ok(())
-                    })
-                    .await?;
-                    Ok(Value::Null)
-                }
-                _ => Err(PveError::not_implemented(method, template)),
+            let set = api.get_opt(&name).await.map_err(PveError::write_failed)?.ok_or_else(missing)?;
+            if method == "GET" {
+                return entries_shown(&stored_entries(&set.spec.entries))
+                    .into_iter()
+                    .find(|e| e["cidr"] == cidr)
+                    .ok_or_else(|| PveError::new(500, format!("no such IP/Network '{cidr}'")));
             }
+            edit(Api::<IPSet>::all(client.clone()), &name, "/spec", |s| {
+                edit_entry(&mut s["entries"], method, &cidr, params)
+            })
+            .await?;
+            Ok(Value::Null)
         }
         _ => Err(PveError::not_implemented(method, template)),
     }
+}
+
+/// Typed IP set entries as stored JSON.
+fn stored_entries(entries: &[kpve_crds::firewall::IpSetEntry]) -> Vec<Value> {
+    entries.iter().filter_map(|e| serde_json::to_value(e).ok()).collect()
 }
 
 /// `…/firewall/aliases[/{name}]` of the cluster or a guest: the section's `aliases` list.
@@ -777,38 +781,17 @@ async fn guest_ipsets(
     let name = params.get("name").map(|n| n.to_ascii_lowercase()).unwrap_or_default();
     let cidr = params.get("cidr").cloned().unwrap_or_default();
     let set = sets.iter().find(|s| s["name"] == name);
-    let entries_json = |set: &Value| -> Vec<Value> {
-        let entries = set.get("entries").and_then(Value::as_array).cloned().unwrap_or_default();
-        let d = digest(&json!(entries));
-        entries
-            .iter()
-            .map(|e| {
-                let mut v =
-                    json!({"cidr": e["cidr"], "nomatch": u8::from(e["nomatch"] == true), "digest": d});
-                if let Some(c) = e.get("comment") {
-                    v["comment"] = c.clone();
-                }
-                v
-            })
-            .collect()
-    };
+    let entries_of =
+        |set: &Value| entries_shown(set.get("entries").and_then(Value::as_array).map_or(&[], Vec::as_slice));
     match (method, tail) {
         ("GET", "") => Ok(Value::Array(
-            sets.iter()
-                .map(|s| {
-                    let mut e = json!({"name": s["name"], "digest": digest(s)});
-                    if let Some(c) = s.get("comment") {
-                        e["comment"] = c.clone();
-                    }
-                    e
-                })
-                .collect(),
+            sets.iter().map(|s| listed("name", &s["name"], s.get("comment"), digest(s))).collect(),
         )),
         ("GET", "{name}") => set
-            .map(|s| Value::Array(entries_json(s)))
+            .map(|s| Value::Array(entries_of(s)))
             .ok_or_else(|| PveError::new(500, format!("no such IPSet '{name}'"))),
         ("GET", "{name}/{cidr}") => set
-            .and_then(|s| entries_json(s).into_iter().find(|e| e["cidr"] == cidr))
+            .and_then(|s| entries_of(s).into_iter().find(|e| e["cidr"] == cidr))
             .ok_or_else(|| PveError::new(500, format!("no such IP/Network '{cidr}'"))),
         _ => {
             if !cidr.is_empty() {
@@ -816,9 +799,12 @@ async fn guest_ipsets(
             }
             owner
                 .edit(client, |s| {
-                    let map = s.as_object_mut().ok_or_else(|| PveError::new(500, "firewall section is not an object"))?;
+                    let map = s
+                        .as_object_mut()
+                        .ok_or_else(|| PveError::new(500, "firewall section is not an object"))?;
                     let entry = map.entry("ipsets").or_insert_with(|| json!([]));
-                    let sets = entry.as_array_mut().ok_or_else(|| PveError::new(500, "ipsets is not a list"))?;
+                    let sets =
+                        entry.as_array_mut().ok_or_else(|| PveError::new(500, "ipsets is not a list"))?;
                     let index = sets.iter().position(|s| s["name"] == name);
                     let missing = || PveError::new(500, format!("no such IPSet '{name}'"));
                     match (method, tail) {
@@ -831,49 +817,24 @@ async fn guest_ipsets(
                                 set["comment"] = json!(c);
                             }
                             sets.push(set);
+                            Ok(())
                         }
                         ("DELETE", "{name}") => {
                             let i = index.ok_or_else(missing)?;
-                            let empty = sets[i].get("entries").and_then(Value::as_array).is_none_or(Vec::is_empty);
+                            let empty =
+                                sets[i].get("entries").and_then(Value::as_array).is_none_or(Vec::is_empty);
                             if !empty && params.get("force").is_none_or(|f| f != "1") {
                                 return Err(PveError::new(500, format!("IPSet '{name}' is not empty")));
                             }
                             sets.remove(i);
+                            Ok(())
                         }
-                        ("POST", "{name}") => {
+                        ("POST", "{name}") | ("PUT" | "DELETE", "{name}/{cidr}") => {
                             let i = index.ok_or_else(missing)?;
-                            let entries = sets[i].as_object_mut().expect("set").entry("entries").or_insert_with(|| json!([]));
-                            let list = entries.as_array_mut().ok_or_else(|| PveError::new(500, "entries is not a list"))?;
-                            if list.iter().any(|e| e["cidr"] == cidr) {
-                                return Err(PveError::new(500, format!("entry '{cidr}' already exists")));
-                            }
-                            let mut e = json!({"cidr": cidr, "nomatch": params.get("nomatch").is_some_and(|v| v == "1")});
-                            if let Some(c) = params.get("comment") {
-                                e["comment"] = json!(c);
-                            }
-                            list.push(e);
+                            edit_entry(&mut sets[i]["entries"], method, &cidr, params)
                         }
-                        ("PUT" | "DELETE", "{name}/{cidr}") => {
-                            let i = index.ok_or_else(missing)?;
-                            let list = sets[i].get_mut("entries").and_then(Value::as_array_mut).ok_or_else(missing)?;
-                            let j = list
-                                .iter()
-                                .position(|e| e["cidr"] == cidr)
-                                .ok_or_else(|| PveError::new(500, format!("no such IP/Network '{cidr}'")))?;
-                            if method == "DELETE" {
-                                list.remove(j);
-                            } else {
-                                if let Some(n) = params.get("nomatch") {
-                                    list[j]["nomatch"] = json!(n == "1");
-                                }
-                                if let Some(c) = params.get("comment") {
-                                    list[j]["comment"] = json!(c);
-                                }
-                            }
-                        }
-                        _ => return Err(PveError::not_implemented(method, "guest firewall ipset")),
+                        _ => Err(PveError::not_implemented(method, "guest firewall ipset")),
                     }
-                    Ok(())
                 })
                 .await?;
             Ok(Value::Null)

@@ -96,6 +96,19 @@ impl Guests {
         Ok(guests)
     }
 
+    /// VMID → namespace (Proxmox pool) of every guest, straight from the caches.
+    pub fn namespaces(&self) -> HashMap<String, String> {
+        let vms = self.vms.state();
+        let cts = self.cts.state();
+        let of = |m: &kube::api::ObjectMeta, vmid: Option<u32>| {
+            Some((vmid?.to_string(), m.namespace.clone().unwrap_or_default()))
+        };
+        vms.iter()
+            .filter_map(|v| of(&v.metadata, v.spec.vmid))
+            .chain(cts.iter().filter_map(|c| of(&c.metadata, c.spec.vmid)))
+            .collect()
+    }
+
     /// Every guest's `/cluster/resources` entry (JSON text, with its pool) whose VMID `keep`
     /// accepts, sorted by VMID.
     pub fn resource_entries(&self, keep: impl Fn(u32) -> bool) -> Vec<Arc<str>> {

@@ -329,16 +329,10 @@ async fn handle(
     }
     // root@pam passes every check: no need to assemble the access configuration for it.
     let access = if principal.is_root() { access::Access::default() } else { state.store.snapshot() };
-    // Pools are namespaces: the guests' namespaces, read only when a non-root caller needs them.
-    let guest_pools: BTreeMap<String, String> = if principal.is_root() {
-        BTreeMap::new()
-    } else {
-        match guests::list(&state.guests, None).await {
-            Ok(list) => list.iter().map(|g| (g.vmid.to_string(), g.namespace.clone())).collect(),
-            Err(e) => return e.into_response(),
-        }
-    };
-    let pools = |vmid: &str| guest_pools.get(vmid).cloned();
+    // Pools are namespaces: VMID → namespace, read from the guest cache only when a check
+    // names a guest's path.
+    let guest_pools = std::sync::OnceLock::new();
+    let pools = |vmid: &str| guest_pools.get_or_init(|| state.guests.namespaces()).get(vmid).cloned();
     let checker = Checker { access: &access, principal: &principal, params: &params, pools: &pools };
     if let Err(e) = checker.check(endpoint.permissions.as_ref()) {
         return e.into_response();
