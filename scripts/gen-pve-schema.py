@@ -13,9 +13,12 @@ DROP = {"description", "verbose_description", "typetext", "format_description", 
         "print-width", "renderer", "default_key_doc", "instance-types"}
 
 
-def strip(x):
+def strip(x, properties=False):
+    """Drops documentation keys, but never a parameter's name (`description`, `title` are
+    parameters of many endpoints): the keys of a `properties` map are all kept."""
     if isinstance(x, dict):
-        return {k: strip(v) for k, v in x.items() if k not in DROP}
+        return {k: strip(v, k == "properties" and not properties)
+                for k, v in x.items() if properties or k not in DROP}
     if isinstance(x, list):
         return [strip(v) for v in x]
     return x

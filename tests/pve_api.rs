@@ -372,12 +372,6 @@ warnings.filterwarnings("ignore")
 port, password = sys.argv[1], sys.argv[2]
 p = ProxmoxAPI("127.0.0.1", port=int(port), user="root@pam", password=password, verify_ssl=False)
 out = {}
-def err(f):
-    try:
-        f()
-        return None
-    except Exception as e:
-        return str(e)
 fw = p.cluster.firewall
 fw.options.put(enable=1, policy_in="DROP")
 out["options"] = fw.options.get()

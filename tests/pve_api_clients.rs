@@ -13,7 +13,7 @@ mod support;
 use std::process::Command;
 
 use serde_json::Value;
-use support::{Server, netns_command};
+use support::{Netns, Server, netns_command};
 
 const CLIENT: &str = r#"
 import json, sys, time, warnings
@@ -26,13 +26,6 @@ import subprocess
 host = "127.0.0.1"
 base = f"https://{host}:{port}/api2/json"
 out = {}
-
-def err(f):
-    try:
-        f()
-        return None
-    except Exception as e:
-        return str(e)
 
 def call(method, path, **kw):
     t = time.time()
@@ -146,22 +139,14 @@ fn sh(script: &str) {
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 #[test]
 fn tickets_and_tokens_drive_guests_within_their_privileges() {
     if !support::proxmoxer_available() {
         return;
     }
-    let ns = Netns(format!("kpve-pve-{}", std::process::id()));
+    let ns = Netns::new("kpve-pve");
     sh(&format!(
-        "ip netns add {n} && ip -n {n} link set lo up && ip -n {n} link add vmbr0 type bridge && \
+        "ip -n {n} link add vmbr0 type bridge && \
          ip -n {n} addr add 10.203.0.1/24 dev vmbr0 && ip -n {n} link set vmbr0 up",
         n = ns.0
     ));

@@ -43,6 +43,29 @@ impl Kind {
     }
 }
 
+/// What a call that records a task needs besides its parameters: the caches (and client),
+/// the task store, the node in the path and the caller.
+pub struct Call<'a> {
+    pub guests: &'a Guests,
+    pub tasks: &'a Tasks,
+    pub node: &'a str,
+    pub user: &'a str,
+}
+
+impl Call<'_> {
+    /// The task of operation `op` on `g`: following the generation in `outcome`, or ended
+    /// with the refusal in it.
+    pub fn task(
+        &self,
+        g: &Guest,
+        op: &str,
+        log: String,
+        outcome: Result<i64, String>,
+    ) -> Result<Value, PveError> {
+        self.tasks.for_outcome(self.node, g, op, log, outcome, self.user)
+    }
+}
+
 /// What the endpoints need of a guest of either kind.
 pub struct Guest {
     pub kind: Kind,
@@ -190,7 +213,23 @@ impl Guest {
         }
     }
 
-    fn running(&self) -> bool {
+    /// `VM` or `CT`, as Proxmox's messages name guests.
+    pub fn label(&self) -> &'static str {
+        match self.kind {
+            Kind::Qemu => "VM",
+            Kind::Lxc => "CT",
+        }
+    }
+
+    /// The VirtualMachine behind a `qemu` guest.
+    pub fn vm(&self) -> Option<&Arc<VirtualMachine>> {
+        match &self.spec {
+            Spec::Qemu(vm) => Some(vm),
+            Spec::Lxc(_) => None,
+        }
+    }
+
+    pub(crate) fn running(&self) -> bool {
         matches!(self.status.phase, GuestPhase::Running | GuestPhase::Paused)
     }
 
@@ -313,6 +352,10 @@ pub fn config(g: &Guest) -> Value {
         if let Some((k, v)) = line.split_once(": ") {
             map.insert(k.to_string(), Value::String(v.to_string()));
         }
+    }
+    // The snapshot the current state derives from, as qemu-server keeps it in the config.
+    if let Some(parent) = g.vm().and_then(|vm| vm.spec.parent.clone()) {
+        map.insert("parent".into(), Value::String(parent));
     }
     let digest = sha2::Sha256::digest(text.as_bytes());
     let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
@@ -466,6 +509,16 @@ fn edited_text(current: &str, set: &BTreeMap<String, String>, delete: &[String])
     text
 }
 
+/// A disk still allocated as a copy keeps its source across a config edit (the Proxmox config
+/// does not carry it).
+fn keep_clone_sources(spec: &mut kpve_crds::VirtualMachineSpec, old: &kpve_crds::VirtualMachineSpec) {
+    for disk in spec.disks.iter_mut().filter(|d| d.volume.is_none()) {
+        if let Some(before) = old.disks.iter().find(|o| o.id == disk.id && o.pool == disk.pool) {
+            disk.clone_from = before.clone_from.clone();
+        }
+    }
+}
+
 fn codec_error(e: kpve_crds::codec::CodecError) -> PveError {
     let mut errors = BTreeMap::new();
     errors.insert(e.key().unwrap_or("config").to_string(), e.to_string());
@@ -538,16 +591,7 @@ pub async fn create(
         Kind::Qemu => {
             let vm: VirtualMachine =
                 serde_json::from_value(object).map_err(|e| PveError::new(400, e.to_string()))?;
-            let saved = Api::<VirtualMachine>::namespaced(client, namespace).create(&post, &vm).await;
-            let saved = saved.map_err(write_error)?;
-            cache::settle(
-                &guests.vms,
-                Some(namespace),
-                &saved.name_any(),
-                saved.metadata.resource_version.as_deref(),
-            )
-            .await;
-            saved.name_any()
+            create_vm(guests, namespace, &vm).await?.name_any()
         }
         Kind::Lxc => {
             let ct: LinuxContainer =
@@ -571,6 +615,21 @@ pub async fn create(
         .create(node, &task, kind, vmid, target, user)
         .map(Value::from)
         .map_err(|e| PveError::new(500, e.to_string()))
+}
+
+/// Creates a VirtualMachine, visible in the cache when this returns.
+async fn create_vm(
+    guests: &Guests,
+    namespace: &str,
+    vm: &VirtualMachine,
+) -> Result<VirtualMachine, PveError> {
+    let saved = Api::<VirtualMachine>::namespaced(guests.client.clone(), namespace)
+        .create(&kube::api::PostParams::default(), vm)
+        .await
+        .map_err(write_error)?;
+    let version = saved.metadata.resource_version.as_deref();
+    cache::settle(&guests.vms, Some(namespace), &saved.name_any(), version).await;
+    Ok(saved)
 }
 
 /// `PUT …/config`: changes keys (and removes those in `delete`) after checking `digest`;
@@ -599,6 +658,12 @@ pub async fn update(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
                 spec.vmid = vm.spec.vmid;
                 spec.power_state = vm.spec.power_state;
                 spec.placement = vm.spec.placement.clone();
+                spec.ha = vm.spec.ha.take();
+                spec.firewall = vm.spec.firewall.take();
+                spec.snapshots = std::mem::take(&mut vm.spec.snapshots);
+                spec.parent = vm.spec.parent.take();
+                spec.rollback = vm.spec.rollback.take();
+                keep_clone_sources(&mut spec, &vm.spec);
                 vm.spec = spec;
                 vm.status = None;
                 Ok(())
@@ -615,6 +680,8 @@ pub async fn update(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
                 spec.power_state = ct.spec.power_state;
                 spec.placement = ct.spec.placement.clone();
                 spec.template = ct.spec.template.clone();
+                spec.ha = ct.spec.ha.take();
+                spec.firewall = ct.spec.firewall.take();
                 ct.spec = spec;
                 ct.status = None;
                 Ok(())
@@ -732,6 +799,157 @@ pub async fn destroy(
     let task = format!("{}destroy", g.kind.task_prefix());
     tasks
         .create(node, &task, g.kind, g.vmid, Target::Gone, user)
+        .map(Value::from)
+        .map_err(|e| PveError::new(500, e.to_string()))
+}
+
+/// A fresh `uuid=` for `smbios1`-style property strings, as Proxmox makes for a clone.
+fn fresh_uuid(value: &str) -> String {
+    value
+        .split(',')
+        .map(|part| match part.split_once('=') {
+            Some(("uuid", _)) => format!("uuid={}", uuid::Uuid::new_v4()),
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `POST /nodes/{node}/qemu/{vmid}/clone`: a new VirtualMachine `vm-<newid>` whose disks are
+/// copies of the source's (`cloneFrom`, made by the node agent with `qemu-img convert`), from
+/// the current state or from snapshot `snapname`. MACs and the SMBIOS UUID are new; snapshots,
+/// the template flag and HA are not copied; the firewall is. The task (`qmclone`, with the
+/// source's VMID as its id, as Proxmox) ends when the agent has made the copies. Linked
+/// clones of templates are made as full copies.
+pub async fn clone(call: &Call<'_>, g: &Guest, params: &BTreeMap<String, String>) -> Result<Value, PveError> {
+    let Call { guests, tasks, node, user } = *call;
+    let Some(vm) = g.vm() else {
+        return Err(PveError::new(501, "cloning containers is not supported by kpve yet"));
+    };
+    let newid: u32 = params["newid"].parse().map_err(|_| PveError::new(400, "newid: not a VMID"))?;
+    if list(guests, None).await?.iter().any(|o| o.vmid == newid) {
+        return Err(PveError::new(500, format!("unable to create VM {newid}: config file already exists")));
+    }
+    if let Some(target) = params.get("target").filter(|t| *t != node) {
+        return Err(PveError::new(500, format!("can't clone VM to node '{target}' (VM uses local storage)")));
+    }
+    let full = params.get("full").map_or(!vm.spec.template, |f| f == "1");
+    if !full {
+        for key in ["storage", "format"] {
+            if params.contains_key(key) {
+                return Err(PveError::new(500, format!("parameter '{key}' not allowed for linked clones")));
+            }
+        }
+    }
+    let snapname = params.get("snapname");
+    let source = match snapname {
+        Some(name) => {
+            let snap = vm
+                .spec
+                .snapshots
+                .iter()
+                .find(|s| &s.name == name)
+                .ok_or_else(|| PveError::new(500, format!("snapshot '{name}' does not exist")))?;
+            kpve_crds::VirtualMachineSpec::from_qemu_config(snap.config.as_deref().unwrap_or(""))
+                .map_err(|e| PveError::new(500, format!("snapshot '{name}' has an unreadable config: {e}")))?
+        }
+        None => vm.spec.clone(),
+    };
+    if snapname.is_none() && g.running() {
+        return Err(PveError::new(
+            500,
+            "cloning a running VM is not supported by kpve yet: stop it, or clone one of its snapshots (snapname)",
+        ));
+    }
+    let mut spec = source;
+    let mut log = vec![format!("creating a clone of VM {} with ID {newid}", g.vmid)];
+    for (index, disk) in spec.disks.iter_mut().enumerate() {
+        if disk.is_media() {
+            continue;
+        }
+        let format = disk.image_format();
+        let volume =
+            g.status.volumes.get(&disk.id).cloned().or_else(|| disk.volume.clone()).unwrap_or_else(|| {
+                format!(
+                    "{}:{}/vm-{}-disk-{index}.{format}",
+                    disk.pool.as_deref().unwrap_or("local"),
+                    g.vmid,
+                    g.vmid
+                )
+            });
+        if !full && !vm.spec.template {
+            let what = if snapname.is_some() { "a snapshot of " } else { "" };
+            let message = format!("Linked clone feature is not supported for {what}'{volume}' ({})", disk.id);
+            return call.task(g, "clone", log.remove(0), Err(format!("clone failed: {message}")));
+        }
+        if disk.size.is_none() {
+            return Err(PveError::new(
+                500,
+                format!(
+                    "disk '{}' has no declared size (an attached volume): kpve clones allocated disks only",
+                    disk.id
+                ),
+            ));
+        }
+        log.push(format!("create full clone of drive {} ({volume})", disk.id));
+        disk.pool = Some(
+            params.get("storage").cloned().or_else(|| disk.pool.clone()).unwrap_or_else(|| "local".into()),
+        );
+        disk.volume = None;
+        if let Some(f) = params.get("format") {
+            disk.format =
+                Some(serde_json::from_value(json!(f)).map_err(|e| PveError::new(400, e.to_string()))?);
+        }
+        disk.clone_from = Some(kpve_crds::vm::CloneSource { volume, snapshot: snapname.cloned() });
+    }
+    spec.vmid = Some(newid);
+    spec.name = Some(params.get("name").cloned().unwrap_or_else(|| {
+        format!("Copy-of-VM-{}", vm.spec.name.clone().unwrap_or_else(|| g.vmid.to_string()))
+    }));
+    if let Some(d) = params.get("description") {
+        spec.description = Some(d.clone());
+    }
+    spec.template = false;
+    spec.snapshots.clear();
+    spec.parent = None;
+    spec.rollback = None;
+    spec.ha = None;
+    spec.firewall = vm.spec.firewall.clone();
+    spec.power_state = kpve_crds::PowerState::Stopped;
+    spec.placement = kpve_crds::Placement { nodes: vec![node.to_string()], ..Default::default() };
+    for nic in &mut spec.nics {
+        nic.macaddr = None;
+    }
+    for key in ["smbios1", "vmgenid"] {
+        if let Some(v) = spec.options.get_mut(key) {
+            *v = if key == "vmgenid" { uuid::Uuid::new_v4().to_string() } else { fresh_uuid(v) };
+        }
+    }
+    let namespace = params.get("pool").map_or("default", String::as_str);
+    let mut object = VirtualMachine::new(&format!("vm-{newid}"), spec);
+    object.metadata.namespace = Some(namespace.to_string());
+    // Direct kernel boot (kpve annotations) goes with the copy.
+    object.metadata.annotations = vm.metadata.annotations.as_ref().map(|a| {
+        a.iter()
+            .filter(|(k, _)| k.starts_with("kpve.io/") && *k != "kpve.io/restart")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    });
+    let saved = create_vm(guests, namespace, &object).await?;
+    tracing::info!(source = g.vmid, newid, %user, "VM cloned through the Proxmox API");
+    tasks
+        .record(crate::tasks::Task {
+            node,
+            kind: "qmclone",
+            guest_kind: Kind::Qemu,
+            vmid: newid,
+            id: Some(g.vmid.to_string()),
+            target: Target::Observed(saved.metadata.generation.unwrap_or(1)),
+            user,
+            log: Some(log.join("\n")),
+            error: None,
+            volume: None,
+        })
         .map(Value::from)
         .map_err(|e| PveError::new(500, e.to_string()))
 }

@@ -4,7 +4,8 @@
 //! parameters from it; [`auth`] authenticates tickets ([`ticket`]) and API tokens; [`access`]
 //! evaluates privileges as Proxmox does over the access-control resources, which
 //! [`access_api`] manages; [`guests`], [`tasks`] and [`storage`] serve the guests through
-//! `kpve_crds::codec`, with [`upid`] task ids; [`cache`] holds the watch-fed caches;
+//! `kpve_crds::codec`, with [`upid`] task ids; [`snapshots`] declares snapshots and
+//! rollbacks; [`cache`] holds the watch-fed caches;
 //! [`firewall_api`] and [`cluster_api`] edit the firewall, HA and pool resources;
 //! [`envelope`] is the `{"data": …}` envelope and Proxmox's error format; [`server`] ties it
 //! together (docs/ARCHITECTURE.md §0).
@@ -19,6 +20,7 @@ pub mod firewall_api;
 pub mod guests;
 pub mod schema;
 pub mod server;
+pub mod snapshots;
 pub mod storage;
 pub mod tasks;
 pub mod ticket;

@@ -27,6 +27,7 @@ use crate::envelope::{PveError, ok, ok_raw, unauthorized};
 use crate::firewall_api;
 use crate::guests::{self, Guests, Kind};
 use crate::schema::{Route, SCHEMA};
+use crate::snapshots;
 use crate::storage;
 use crate::tasks::{Target, Tasks};
 use crate::ticket::Keys;
@@ -422,6 +423,8 @@ async fn dispatch(
     {
         return Err(PveError::new(403, "Permission check failed (root@pam is managed by root@pam only)"));
     }
+    let node = p.get("node").map_or("", String::as_str);
+    let call = guests::Call { guests: &state.guests, tasks: &state.tasks, node, user: &user };
     let find = |kind: Option<Kind>| {
         guests::find(&state.guests, kind.expect("a guest template"), &p["node"], &p["vmid"])
     };
@@ -506,6 +509,34 @@ async fn dispatch(
                 .map(Value::from)
                 .map_err(|e| PveError::new(500, e.to_string()))
         }
+        ("GET", "/nodes/{node}/{type}/{vmid}/snapshot") => find(kind).await.map(|g| snapshots::list(&g)),
+        ("POST", "/nodes/{node}/{type}/{vmid}/snapshot") => {
+            let g = find(kind).await?;
+            snapshots::create(&call, &g, p).await
+        }
+        ("GET", "/nodes/{node}/{type}/{vmid}/snapshot/{snapname}") => {
+            let g = find(kind).await?;
+            snapshots::config(&g, &p["snapname"])?;
+            Ok(json!([{"cmd": "config"}, {"cmd": "rollback"}]))
+        }
+        ("GET", "/nodes/{node}/{type}/{vmid}/snapshot/{snapname}/config") => {
+            find(kind).await.and_then(|g| snapshots::config(&g, &p["snapname"]))
+        }
+        ("DELETE", "/nodes/{node}/{type}/{vmid}/snapshot/{snapname}") => {
+            let g = find(kind).await?;
+            snapshots::delete(&call, &g, &p["snapname"]).await
+        }
+        ("POST", "/nodes/{node}/{type}/{vmid}/snapshot/{snapname}/rollback") => {
+            let g = find(kind).await?;
+            if p.get("start").is_some_and(|v| v == "1") {
+                require(c, &format!("/vms/{}", g.vmid), "VM.PowerMgmt")?;
+            }
+            snapshots::rollback(&call, &g, p).await
+        }
+        ("POST", "/nodes/{node}/{type}/{vmid}/clone") => {
+            let g = find(kind).await?;
+            guests::clone(&call, &g, p).await
+        }
         ("DELETE", "/nodes/{node}/{type}/{vmid}") => {
             let g = find(kind).await?;
             guests::destroy(&state.guests, &state.tasks, &p["node"], &g, &user).await
@@ -529,6 +560,10 @@ async fn dispatch(
                 p.get("vmid").map(String::as_str),
             )
             .await
+        }
+        ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}") => {
+            require(c, &format!("/storage/{}", p["storage"]), "Datastore.Allocate")?;
+            storage::delete_volume(&call, &p["storage"], &p["volume"]).await
         }
         ("GET", "/nodes/{node}/tasks/{upid}/status" | "/nodes/{node}/tasks/{upid}/log") => {
             let upid = &p["upid"];

@@ -125,3 +125,75 @@ pub async fn content(
     }
     Ok(Value::Array(out))
 }
+
+/// `DELETE /nodes/{node}/storage/{storage}/content/{volume}`: adds a removal to the pool's
+/// spec (the node's agent deletes the file) and returns an `imgdel` task that ends when the
+/// agent no longer reports the volume. A volume a guest uses is refused (Proxmox would delete
+/// it under the guest). Removals already done are dropped from the spec on the way.
+pub async fn delete_volume(
+    call: &crate::guests::Call<'_>,
+    storage: &str,
+    volume: &str,
+) -> Result<Value, PveError> {
+    let crate::guests::Call { guests, tasks, node, user } = *call;
+    let volid = if volume.contains(':') { volume.to_string() } else { format!("{storage}:{volume}") };
+    let (sid, rel) = volid.split_once(':').expect("has a colon");
+    if sid != storage {
+        let mut errors = std::collections::BTreeMap::new();
+        errors.insert("volume".to_string(), format!("storage ID mismatch ({sid} != {storage})"));
+        return Err(PveError::parameters(errors));
+    }
+    let (dir, file) = rel
+        .split_once('/')
+        .filter(|(d, f)| {
+            !f.is_empty() && !f.contains('/') && (*d == "iso" || *d == "vztmpl" || d.parse::<u32>().is_ok())
+        })
+        .ok_or_else(|| PveError::new(500, format!("unable to parse directory volume name '{rel}'")))?;
+    let p = one(&guests.client, storage).await?;
+    for g in crate::guests::list(guests, None).await? {
+        if g.status.volumes.values().any(|v| *v == volid) {
+            let what = if g.kind == crate::guests::Kind::Qemu { "VM" } else { "CT" };
+            return Err(PveError::new(500, format!("volume '{volid}' is in use by {what} {}", g.vmid)));
+        }
+    }
+    let requested =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let content = |n: &str| -> Vec<String> {
+        p.status
+            .as_ref()
+            .and_then(|s| s.nodes.iter().find(|x| x.node == n))
+            .map(|x| x.content.clone())
+            .unwrap_or_default()
+    };
+    let api: Api<StoragePool> = Api::all(guests.client.clone());
+    crate::cache::replace_retrying(&api, storage, |pool| {
+        pool.spec
+            .removals
+            .retain(|r| content(&r.node).contains(&r.volume) && requested.saturating_sub(r.requested) < 3600);
+        pool.spec.removals.push(kpve_crds::VolumeRemoval {
+            node: node.to_string(),
+            volume: volid.clone(),
+            requested,
+        });
+        Ok(())
+    })
+    .await?;
+    let owner = dir.parse::<u32>().ok();
+    let id = owner.map_or_else(|| storage.to_string(), |o| format!("{o}@{storage}"));
+    tracing::info!(%volid, %user, "volume removal requested through the Proxmox API");
+    tasks
+        .record(crate::tasks::Task {
+            node,
+            kind: "imgdel",
+            guest_kind: crate::guests::Kind::Qemu,
+            vmid: owner.unwrap_or(0),
+            id: Some(id),
+            target: crate::tasks::Target::VolumeGone,
+            user,
+            log: Some(format!("removing volume '{volid}' ({file})")),
+            error: None,
+            volume: Some(volid.clone()),
+        })
+        .map(Value::from)
+        .map_err(|e| PveError::new(500, e.to_string()))
+}

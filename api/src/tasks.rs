@@ -27,6 +27,28 @@ pub enum Target {
     Gone,
     /// The guest's agent has seen this generation of the spec (a config change applied).
     Observed(i64),
+    /// The volume `Task::volume` is no longer in its node's storage content.
+    VolumeGone,
+}
+
+/// A task to record.
+pub struct Task<'a> {
+    pub node: &'a str,
+    /// Task type (`qmstart`, `qmsnapshot`).
+    pub kind: &'a str,
+    pub guest_kind: Kind,
+    /// The guest whose state the task follows.
+    pub vmid: u32,
+    /// The UPID's id field, when not `vmid` (a clone's is the source's VMID).
+    pub id: Option<String>,
+    pub target: Target,
+    pub user: &'a str,
+    /// The first log line, when not the generic one.
+    pub log: Option<String>,
+    /// Proxmox reports some refusals from inside the worker: the task ends at once with this.
+    pub error: Option<String>,
+    /// For [`Target::VolumeGone`]: the volume id.
+    pub volume: Option<String>,
 }
 
 pub struct Tasks {
@@ -72,41 +94,108 @@ impl Tasks {
         target: Target,
         user: &str,
     ) -> std::io::Result<String> {
+        self.record(Task {
+            node,
+            kind,
+            guest_kind,
+            vmid,
+            id: None,
+            target,
+            user,
+            log: None,
+            error: None,
+            volume: None,
+        })
+    }
+
+    /// Records a task as `task` describes it (its UPID id, first log line, or an error it
+    /// already ended with); returns its UPID.
+    pub fn record(&self, task: Task<'_>) -> std::io::Result<String> {
         let upid = Upid {
-            node: node.into(),
+            node: task.node.into(),
             pid: std::process::id(),
             pstart: self.counter.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF,
             starttime: now() as u32,
-            kind: kind.into(),
-            id: vmid.to_string(),
-            user: user.into(),
+            kind: task.kind.into(),
+            id: task.id.unwrap_or_else(|| task.vmid.to_string()),
+            user: task.user.into(),
         }
         .to_string();
+        let target = task.target;
         let what = match target {
             Target::Running => "start",
             Target::Stopped => "stop",
             Target::Paused => "suspend",
             Target::Gone => "destroy",
             Target::Observed(_) => "config",
+            Target::VolumeGone => "imgdel",
         };
-        let record = json!({
-            "upid": upid, "vmid": vmid, "guest": if guest_kind == Kind::Qemu { "qemu" } else { "lxc" },
-            "target": what, "started": now(), "status": "running",
-            "log": [format!("{what} {} {}: {} declared", if guest_kind == Kind::Qemu { "VM" } else { "CT" }, vmid,
-                             match target {
-                                 Target::Running => "powerState Running",
-                                 Target::Stopped => "powerState Stopped",
-                                 Target::Paused => "powerState Paused",
-                                 Target::Gone => "deletion",
-                                 Target::Observed(_) => "configuration update",
-                             })],
+        let vmid = task.vmid;
+        let first = task.log.unwrap_or_else(|| {
+            format!(
+                "{what} {} {}: {} declared",
+                if task.guest_kind == Kind::Qemu { "VM" } else { "CT" },
+                vmid,
+                match target {
+                    Target::Running => "powerState Running",
+                    Target::Stopped => "powerState Stopped",
+                    Target::Paused => "powerState Paused",
+                    Target::Gone => "deletion",
+                    Target::Observed(_) => "configuration update",
+                    Target::VolumeGone => "volume removal",
+                }
+            )
         });
-        let mut record = record;
+        let mut record = json!({
+            "upid": upid, "vmid": vmid, "guest": if task.guest_kind == Kind::Qemu { "qemu" } else { "lxc" },
+            "target": what, "started": now(), "status": "running",
+            "log": first.lines().collect::<Vec<_>>(),
+        });
         if let Target::Observed(generation) = target {
             record["generation"] = json!(generation);
         }
+        if let Some(volume) = task.volume {
+            record["volume"] = json!(volume);
+            record["node"] = json!(task.node);
+        }
+        if let Some(error) = task.error {
+            record["log"].as_array_mut().expect("a list").push(json!(format!("TASK ERROR: {error}")));
+            record["exitstatus"] = json!(error);
+            record["status"] = json!("stopped");
+        }
         std::fs::write(self.path(&upid), record.to_string())?;
         Ok(upid)
+    }
+
+    /// A task (`<qm|vz><op>`) following the generation `outcome` carries, or one that already
+    /// ended with the refusal in it (Proxmox reports these from inside its worker).
+    pub fn for_outcome(
+        &self,
+        node: &str,
+        g: &guests::Guest,
+        op: &str,
+        log: String,
+        outcome: Result<i64, String>,
+        user: &str,
+    ) -> Result<Value, PveError> {
+        let (target, error) = match outcome {
+            Ok(generation) => (Target::Observed(generation), None),
+            Err(e) => (Target::Observed(i64::MAX), Some(e)),
+        };
+        let kind = format!("{}{op}", g.kind.task_prefix());
+        let task = Task {
+            node,
+            kind: &kind,
+            guest_kind: g.kind,
+            vmid: g.vmid,
+            id: None,
+            target,
+            user,
+            log: Some(log),
+            error,
+            volume: None,
+        };
+        self.record(task).map(Value::from).map_err(|e| PveError::new(500, e.to_string()))
     }
 
     fn load(&self, upid: &str) -> Result<(Upid, Value), PveError> {
@@ -120,6 +209,9 @@ impl Tasks {
     async fn settle(&self, guests: &Guests, upid: &str, record: &mut Value) {
         if record["status"] != "running" {
             return;
+        }
+        if record["target"] == "imgdel" {
+            return self.settle_volume(guests, upid, record).await;
         }
         let kind = if record["guest"] == "qemu" { Kind::Qemu } else { Kind::Lxc };
         let vmid = record["vmid"].as_u64().unwrap_or(0) as u32;
@@ -175,7 +267,38 @@ impl Tasks {
                 }
             },
         };
-        let Some(outcome) = outcome else { return };
+        if let Some(outcome) = outcome {
+            self.finish(upid, record, outcome);
+        }
+    }
+
+    /// A volume removal is done once its node's agent no longer reports the volume.
+    async fn settle_volume(&self, guests: &Guests, upid: &str, record: &mut Value) {
+        let volume = record["volume"].as_str().unwrap_or("").to_string();
+        let node = record["node"].as_str().unwrap_or("").to_string();
+        let storage = volume.split(':').next().unwrap_or("");
+        let api: kube::Api<kpve_crds::StoragePool> = kube::Api::all(guests.client.clone());
+        let Ok(pool) = api.get(storage).await else { return };
+        let listed = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.nodes.iter().find(|n| n.node == node))
+            .is_some_and(|n| n.content.contains(&volume));
+        if !listed {
+            if let Some(log) = record["log"].as_array_mut() {
+                log.push(json!(format!("Removed volume '{volume}'")));
+            }
+            self.finish(upid, record, Ok(()));
+        } else if now() - record["started"].as_i64().unwrap_or(0) > 60 {
+            self.finish(
+                upid,
+                record,
+                Err(format!("volume '{volume}' was not removed within 60 s (in use?)")),
+            );
+        }
+    }
+
+    fn finish(&self, upid: &str, record: &mut Value, outcome: Result<(), String>) {
         let (line, exit) = match outcome {
             Ok(()) => ("TASK OK".to_string(), "OK".to_string()),
             Err(e) => (format!("TASK ERROR: {e}"), e),

@@ -758,6 +758,15 @@ impl Api {
                 },
             ));
         }
+        if rt.group == kpve_crds::GROUP && rt.kind == "VirtualMachine" {
+            causes.extend(kpve_crds::vm::check_virtual_machine(&new).into_iter().map(|(field, message)| {
+                Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!("Invalid value: {message}"),
+                    field,
+                }
+            }));
+        }
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, &name, causes).into());
         }

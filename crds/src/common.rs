@@ -235,6 +235,12 @@ pub struct GuestStatus {
     /// Allocated volumes by device id (e.g. `scsi0` → `local:100/vm-100-disk-0.qcow2`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub volumes: BTreeMap<String, String>,
+    /// Snapshots the guest's disks have (VMs: qcow2 internal snapshots).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
+    /// The id of the last rollback applied (spec.rollback.id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<String>,
     /// Generation of the firewall inputs enforced for this guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firewall_generation: Option<i64>,

@@ -64,6 +64,21 @@ pub struct StoragePoolSpec {
     /// Create the directory when missing (`dir`).
     #[serde(default = "crate::firewall::yes")]
     pub mkdir: bool,
+    /// Volumes to remove (Proxmox `DELETE …/content/{volume}`): the node's agent deletes the
+    /// file unless it is newer than the request or a running guest there uses it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removals: Vec<VolumeRemoval>,
+}
+
+/// A request to remove one volume from one node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeRemoval {
+    pub node: String,
+    /// Volume id (`local:iso/x.iso`, `local:100/vm-100-disk-1.qcow2`).
+    pub volume: String,
+    /// Unix time of the request: a file written after it is kept.
+    pub requested: u64,
 }
 
 fn default_content() -> Vec<ContentType> {

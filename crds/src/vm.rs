@@ -104,6 +104,19 @@ pub struct VirtualMachineSpec {
     /// A template cannot run; it is the source of clones.
     #[serde(default)]
     pub template: bool,
+    /// Disk snapshots (Proxmox `qm snapshot`, qcow2 internal snapshots): the agent takes each
+    /// declared snapshot that no disk has yet and deletes snapshots no longer declared. Every
+    /// disk must be qcow2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub snapshots: Vec<Snapshot>,
+    /// The snapshot the current state derives from (Proxmox `parent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Reverts the disks to a snapshot (Proxmox `rollback`), once per `id`: the agent stops
+    /// the VM, reverts every disk that has the snapshot, then follows powerState.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
     #[serde(default)]
     pub placement: Placement,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +245,111 @@ pub struct Disk {
     /// Further Proxmox drive options (`mbps_rd`, `iops`, `detect_zeroes`, …).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
+    /// A new volume starts as a copy of this one (Proxmox `clone`) instead of empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_from: Option<CloneSource>,
+}
+
+/// The volume (and optionally its snapshot) a cloned disk is copied from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloneSource {
+    /// Volume id on the same node (`local:100/vm-100-disk-0.qcow2`).
+    #[schemars(pattern(r"^[a-z][a-z0-9\-_.]*[a-z0-9]:.+$"))]
+    pub volume: String,
+    /// Copy the volume as it was at this internal snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// A disk snapshot and the configuration it was taken with.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Snapshot {
+    /// Proxmox `pve-configid`: a letter, then letters, digits, `_`, `-`; at most 40.
+    #[schemars(pattern(r"^[a-zA-Z][a-zA-Z0-9_-]{1,39}$"))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Unix time it was declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snaptime: Option<u64>,
+    /// The snapshot this one derives from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The VM's configuration when it was taken, as qemu-server config lines (what a
+    /// rollback restores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+}
+
+/// A request to revert the disks to a snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rollback {
+    /// A declared snapshot.
+    pub snapshot: String,
+    /// A new value asks for another rollback; the agent reports the last one applied in
+    /// status.rollback.
+    #[schemars(length(min = 1, max = 64))]
+    pub id: String,
+}
+
+impl Disk {
+    /// The image format: declared, else the volume's extension, else qcow2 (kpve's default).
+    pub fn image_format(&self) -> &'static str {
+        match (self.format, self.volume.as_deref()) {
+            (Some(DiskFormat::Raw), _) => "raw",
+            (Some(DiskFormat::Vmdk), _) => "vmdk",
+            (Some(DiskFormat::Qcow2), _) => "qcow2",
+            (None, Some(v)) if v.ends_with(".raw") => "raw",
+            (None, Some(v)) if v.ends_with(".vmdk") => "vmdk",
+            _ => "qcow2",
+        }
+    }
+
+    /// A CD-ROM drive or an ISO: not a disk image the VM writes.
+    pub fn is_media(&self) -> bool {
+        self.media == Some(Media::Cdrom)
+            || self.volume.as_deref().is_some_and(|v| v == "none" || v == "cdrom" || v.contains(":iso/"))
+    }
+}
+
+/// Checks the schema cannot express: snapshot names unique, every disk qcow2 when snapshots
+/// are declared, a rollback naming a declared snapshot. (field path, message) pairs.
+pub fn check_virtual_machine(object: &serde_json::Value) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    let Some(spec) =
+        object.get("spec").and_then(|s| serde_json::from_value::<VirtualMachineSpec>(s.clone()).ok())
+    else {
+        return errors;
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, snap) in spec.snapshots.iter().enumerate() {
+        if !seen.insert(snap.name.as_str()) {
+            errors.push((format!("spec.snapshots[{i}].name"), format!("Duplicate value: \"{}\"", snap.name)));
+        }
+        if ["current", "pending"].contains(&snap.name.to_lowercase().as_str()) {
+            errors.push((format!("spec.snapshots[{i}].name"), format!("\"{}\": a reserved name", snap.name)));
+        }
+    }
+    if !spec.snapshots.is_empty() {
+        for disk in spec.disks.iter().filter(|d| !d.is_media()) {
+            if disk.image_format() != "qcow2" {
+                errors.push((
+                    format!("spec.disks[{}].format", disk.id),
+                    format!("{}: snapshots need qcow2 disks", disk.image_format()),
+                ));
+            }
+        }
+    }
+    if let Some(r) = &spec.rollback
+        && !seen.contains(r.snapshot.as_str())
+    {
+        errors
+            .push(("spec.rollback.snapshot".into(), format!("\"{}\": not a declared snapshot", r.snapshot)));
+    }
+    errors
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

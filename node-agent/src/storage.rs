@@ -88,25 +88,43 @@ impl DirPool {
         Ok(true)
     }
 
-    /// The virtual size of a volume's image in bytes (`qemu-img info -U`: readable while a
-    /// running QEMU holds the image).
+    /// The virtual size of a volume's image in bytes.
     pub async fn virtual_size(&self, volume: &str) -> Result<u64> {
         let path = self.path_of(volume)?;
-        let out = Command::new("qemu-img")
-            .args(["info", "-U", "--output=json"])
-            .arg(&path)
-            .output()
-            .await
-            .map_err(|source| StorageError::Io { path: path.clone(), source })?;
-        let info: serde_json::Value =
-            serde_json::from_slice(&out.stdout).map_err(|e| StorageError::Create {
-                path: path.clone(),
-                message: format!("qemu-img info: {e}: {}", String::from_utf8_lossy(&out.stderr).trim()),
-            })?;
-        info["virtual-size"].as_u64().ok_or_else(|| StorageError::Create {
+        image_info(&path).await?["virtual-size"].as_u64().ok_or_else(|| StorageError::Create {
             path,
             message: "qemu-img info reports no virtual-size".into(),
         })
+    }
+
+    /// Makes `volume` (absent) a copy of `source`, or of `source` as it was at its internal
+    /// snapshot `snapshot`, in `format` (`qemu-img convert` into `<volume>.partial`, then
+    /// renamed: a half-made copy is never taken for the volume). Returns whether it copied.
+    /// Without a snapshot the source must not be in use (QEMU's image lock refuses it).
+    pub async fn copy_from(
+        &self,
+        source: &str,
+        snapshot: Option<&str>,
+        volume: &str,
+        format: &str,
+    ) -> Result<bool> {
+        let path = self.path_of(volume)?;
+        if path.exists() {
+            return Ok(false);
+        }
+        let from = self.path_of(source)?;
+        let dir = path.parent().expect("volume paths have a parent");
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::Io { path: dir.into(), source })?;
+        let partial = path.with_extension(format!("{format}.partial"));
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["convert", "-q", "-O", format]);
+        if let Some(snap) = snapshot {
+            // The snapshot's clusters never change, so a running source is fine.
+            cmd.args(["-U", "-l"]).arg(format!("snapshot.name={snap}"));
+        }
+        run(cmd.arg(&from).arg(&partial), "convert", &path).await?;
+        std::fs::rename(&partial, &path).map_err(|source| StorageError::Io { path: path.clone(), source })?;
+        Ok(true)
     }
 
     /// Grows an image no process holds to `size` bytes (`qemu-img resize`).
@@ -152,18 +170,46 @@ impl DirPool {
 
 /// `qemu-img create|resize -q -f FORMAT PATH SIZE`.
 async fn qemu_img(action: &str, format: &str, path: &Path, size: u64) -> Result<()> {
-    let out = Command::new("qemu-img")
-        .args([action, "-q", "-f", format])
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .await
-        .map_err(|source| StorageError::Io { path: path.into(), source })?;
+    let mut cmd = Command::new("qemu-img");
+    run(cmd.args([action, "-q", "-f", format]).arg(path).arg(size.to_string()), action, path).await
+}
+
+/// Runs a `qemu-img` command about `path`; its stderr is the error.
+async fn run(cmd: &mut Command, action: &str, path: &Path) -> Result<()> {
+    let out = cmd.output().await.map_err(|source| StorageError::Io { path: path.into(), source })?;
     if !out.status.success() {
         let message = format!("qemu-img {action}: {}", String::from_utf8_lossy(&out.stderr).trim());
         return Err(StorageError::Create { path: path.into(), message });
     }
     Ok(())
+}
+
+/// `qemu-img info -U --output=json` (readable while a running QEMU holds the image).
+async fn image_info(path: &Path) -> Result<serde_json::Value> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .await
+        .map_err(|source| StorageError::Io { path: path.into(), source })?;
+    serde_json::from_slice(&out.stdout).map_err(|e| StorageError::Create {
+        path: path.into(),
+        message: format!("qemu-img info: {e}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+    })
+}
+
+/// The internal snapshots of a qcow2 image, oldest first.
+pub async fn image_snapshots(path: &Path) -> Result<Vec<String>> {
+    let info = image_info(path).await?;
+    let list = info["snapshots"].as_array().cloned().unwrap_or_default();
+    Ok(list.iter().filter_map(|s| s["name"].as_str().map(str::to_string)).collect())
+}
+
+/// Creates (`-c`), deletes (`-d`) or reverts to (`-a`) an internal snapshot of an image no
+/// process holds.
+pub async fn image_snapshot(path: &Path, op: &str, name: &str) -> Result<()> {
+    let mut cmd = Command::new("qemu-img");
+    run(cmd.args(["snapshot", "-q", op, name]).arg(path), "snapshot", path).await
 }
 
 /// Filesystem usage from `df` (std has no statvfs, and kpve forbids `unsafe`).

@@ -427,11 +427,22 @@ pub fn proxmoxer_available() -> bool {
     have
 }
 
-/// Runs a Python client script (`python3 -c SCRIPT ARGS…`, through `cmd`) and returns the
-/// JSON it prints; fails the test with its stderr and the server's log otherwise.
+/// Helpers every client script has: `err(f)` is the error text of calling `f`, or None.
+const PY_PRELUDE: &str = "
+def err(f):
+    try:
+        f()
+        return None
+    except Exception as e:
+        return str(e)
+";
+
+/// Runs a Python client script (`python3 -c SCRIPT ARGS…`, through `cmd`, after
+/// [`PY_PRELUDE`]) and returns the JSON it prints; fails the test with its stderr and the
+/// server's log otherwise.
 #[allow(dead_code)]
 pub fn run_client(mut cmd: Command, script: &str, args: &[&str], server: &Server) -> serde_json::Value {
-    let out = cmd.arg("-c").arg(script).args(args).output().unwrap();
+    let out = cmd.arg("-c").arg(format!("{PY_PRELUDE}{script}")).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "client failed: {}\n{}",
@@ -439,4 +450,27 @@ pub fn run_client(mut cmd: Command, script: &str, args: &[&str], server: &Server
         server.log()
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A network namespace made for one test (loopback up), deleted when dropped.
+#[allow(dead_code)]
+pub struct Netns(pub String);
+
+#[allow(dead_code)]
+impl Netns {
+    /// `ip netns add <prefix>-<pid>` and `lo` up.
+    pub fn new(prefix: &str) -> Netns {
+        let ns = Netns(format!("{prefix}-{}", std::process::id()));
+        for args in [vec!["netns", "add", &ns.0], vec!["-n", &ns.0, "link", "set", "lo", "up"]] {
+            let out = Command::new("ip").args(&args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }

@@ -192,6 +192,7 @@ impl Runtime for Lxc {
             launch: config.lines().map(str::to_string).collect(),
             volumes,
             accelerator: None,
+            status: Value::Null,
             plan: CtWork {
                 config,
                 seccomp: config::render_seccomp(spec),

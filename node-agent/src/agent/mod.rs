@@ -125,6 +125,9 @@ pub(crate) struct Agent {
     /// Virtual sizes of volumes as last seen or set, so a reconcile asks `qemu-img` only
     /// when a declared size differs.
     pub(crate) volume_sizes: std::sync::Mutex<HashMap<PathBuf, u64>>,
+    /// Internal snapshots of qcow2 images as last read or made, so a reconcile runs
+    /// `qemu-img` only to change them.
+    pub(crate) snapshot_cache: std::sync::Mutex<HashMap<PathBuf, Vec<String>>>,
 }
 
 pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
@@ -138,6 +141,7 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         cpu_samples: std::sync::Mutex::new(HashMap::new()),
         guests: Mutex::new(HashMap::new()),
         volume_sizes: std::sync::Mutex::new(HashMap::new()),
+        snapshot_cache: std::sync::Mutex::new(HashMap::new()),
     });
     // The server may still be starting: keep trying, the way a kubelet registers.
     let mut delay = Duration::from_millis(100);
@@ -222,14 +226,18 @@ impl Agent {
 
     async fn pool_status(&self) {
         let pools: Api<kpve_crds::StoragePool> = Api::all(self.client.clone());
-        if let Ok(sp) = pools.get("local").await
-            && let Some(path) = sp.spec.path
-        {
+        let declared = pools.get("local").await.ok();
+        if let Some(path) = declared.as_ref().and_then(|sp| sp.spec.path.clone()) {
             *self.pool_path.lock().expect("pool path lock") = PathBuf::from(path);
         }
         let pool = self.pool();
         if pool.activate().is_err() {
             return;
+        }
+        for removal in declared.iter().flat_map(|sp| &sp.spec.removals) {
+            if removal.node == self.config.node {
+                self.remove_volume(&pool, removal);
+            }
         }
         let usage = pool.usage();
         let status = json!({
@@ -240,6 +248,38 @@ impl Agent {
         });
         if let Err(e) = pools.patch_status("local", &self.apply(), &Patch::Apply(&status)).await {
             tracing::debug!(error = %e, "pool status not written");
+        }
+    }
+
+    /// Deletes a volume asked to be removed, unless it was written after the request or a
+    /// VM running here uses it.
+    fn remove_volume(&self, pool: &DirPool, removal: &kpve_crds::VolumeRemoval) {
+        let Ok(path) = pool.path_of(&removal.volume) else { return };
+        let Ok(modified) = std::fs::metadata(&path).and_then(|m| m.modified()) else { return };
+        let modified =
+            modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(u64::MAX);
+        if modified > removal.requested {
+            return;
+        }
+        let in_use = std::fs::read_dir(self.config.run_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|d| {
+                // A QEMU that runs (a stopped guest's volumes are the API's to judge).
+                let run = d.path();
+                host::read_pid(&run.join("qemu.pid"))
+                    .is_some_and(|pid| host::process_alive(pid, &format!("{}/", run.display())))
+            })
+            .filter_map(|d| read_checkpoint(&d.path()))
+            .any(|cp| cp.volumes.values().any(|v| *v == removal.volume));
+        if in_use {
+            tracing::warn!(volume = %removal.volume, "not removing a volume a guest uses");
+            return;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(volume = %removal.volume, "volume removed"),
+            Err(e) => tracing::warn!(volume = %removal.volume, error = %e, "removing the volume failed"),
         }
     }
 
@@ -338,6 +378,8 @@ pub(crate) struct Prepared<P> {
     pub volumes: BTreeMap<String, String>,
     /// QEMU's accelerator; none for containers.
     pub accelerator: Option<&'static str>,
+    /// Status fields the runtime reports beside the shared ones (snapshots, rollback).
+    pub status: Value,
     pub plan: P,
 }
 
@@ -516,6 +558,8 @@ impl Agent {
                 return self.stalled::<R>(guest, phase, stall).await;
             }
         };
+        // Preparing may have stopped the guest (a rollback).
+        let observed = if observed.is_some() { R::observe(self, vmid, &run).await } else { observed };
         let restart_token =
             guest.meta().annotations.as_ref().and_then(|a| a.get(RESTART_ANNOTATION)).cloned();
         let desired = spec.power_state();
@@ -581,6 +625,11 @@ impl Agent {
         figures["phase"] = json!(phase);
         figures["vmid"] = json!(vmid);
         figures["volumes"] = json!(prepared.volumes);
+        if let Some(extra) = prepared.status.as_object() {
+            for (key, value) in extra {
+                figures[key] = value.clone();
+            }
+        }
         if let Some(accelerator) = prepared.accelerator {
             figures["accelerator"] = json!(accelerator);
         }

@@ -51,7 +51,8 @@ impl Runtime for Qemu {
             argv::render(&vm.spec, &plan).map_err(|e| Stall::new("InvalidSpec", e.to_string()))?
         };
         let volumes = plan.disks.iter().map(|d| (d.id.clone(), volume_id(vm, d, vmid))).collect();
-        Ok(Prepared { launch, volumes, accelerator: Some(plan.accel.as_str()), plan })
+        let status = snapshots(agent, vm, vmid, &plan).await?;
+        Ok(Prepared { launch, volumes, accelerator: Some(plan.accel.as_str()), status, plan })
     }
 
     async fn observe(_agent: &Agent, vmid: u32, run: &Path) -> Option<Observed> {
@@ -201,10 +202,26 @@ async fn plan(agent: &Agent, vm: &VirtualMachine, vmid: u32, run: &LaunchPaths) 
     let pool = agent.pool();
     pool.activate().map_err(|e| Stall::new("StorageUnavailable", e.to_string()))?;
     let mut disks = Vec::new();
+    // A rollback not applied yet: the VM stops and each disk is reverted before its size is
+    // looked at (the snapshot may predate a resize).
+    let rollback_file = run.run_dir.join("rollback");
+    let rollback = vm
+        .spec
+        .rollback
+        .as_ref()
+        .filter(|r| std::fs::read_to_string(&rollback_file).ok().as_deref() != Some(r.id.as_str()));
+    let mut reverted = 0;
+    if rollback.is_some() && running_pid(run, vmid).is_some() {
+        // Proxmox stops the VM hard for a rollback: its memory is about to be wrong.
+        Qemu::stop(agent, vmid, &run.run_dir, Duration::ZERO).await;
+    }
     for (index, disk) in vm.spec.disks.iter().enumerate() {
         let format = disk.format.map(|f| format!("{f:?}").to_lowercase()).unwrap_or_else(|| "qcow2".into());
         let volume = match (&disk.volume, &disk.pool, &disk.size) {
             (Some(volume), _, _) => volume.clone(),
+            (None, Some(pool_name), Some(_)) | (None, Some(pool_name), None) if disk.clone_from.is_some() => {
+                format!("{pool_name}:{}", DirPool::volume_name(vmid, index, &format))
+            }
             (None, Some(pool_name), Some(_)) => {
                 format!("{pool_name}:{}", DirPool::volume_name(vmid, index, &format))
             }
@@ -227,18 +244,58 @@ async fn plan(agent: &Agent, vm: &VirtualMachine, vmid: u32, run: &LaunchPaths) 
                 ),
             ));
         }
+        let path = pool.path_of(&volume).map_err(|e| Stall::new("InvalidDisk", e.to_string()))?;
+        if let Some(r) = rollback
+            && !disk.is_media()
+            && disk.image_format() == "qcow2"
+            && path.exists()
+        {
+            let failed = |e: storage::StorageError| {
+                Stall::new("RollbackFailed", format!("spec.disks[{}]: {e}", disk.id))
+            };
+            let list = storage::image_snapshots(&path).await.map_err(failed)?;
+            if list.contains(&r.snapshot) {
+                storage::image_snapshot(&path, "-a", &r.snapshot).await.map_err(failed)?;
+                agent.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&path);
+                reverted += 1;
+            }
+            agent.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).insert(path.clone(), list);
+        }
+        if let Some(source) = &disk.clone_from {
+            pool.copy_from(&source.volume, source.snapshot.as_deref(), &volume, &format).await.map_err(
+                |e| {
+                    Stall::new(
+                        "CloneFailed",
+                        format!("spec.disks[{}].cloneFrom {}: {e}", disk.id, source.volume),
+                    )
+                },
+            )?;
+        }
         if let Some(size) = &disk.size {
             let bytes = storage::parse_size(size).ok_or_else(|| {
                 Stall::new("InvalidDisk", format!("spec.disks[{}].size: {size:?} is not a size", disk.id))
             })?;
+            // A copy has its source's size: look at it before trusting the declared one.
             let created = pool
                 .allocate(&volume, &format, bytes)
                 .await
-                .map_err(|e| Stall::new("AllocationFailed", format!("spec.disks[{}]: {e}", disk.id)))?;
+                .map_err(|e| Stall::new("AllocationFailed", format!("spec.disks[{}]: {e}", disk.id)))?
+                && disk.clone_from.is_none();
             grow_disk(agent, &pool, &volume, &format, &disk.id, bytes, created, run, vmid).await?;
         }
-        let path = pool.path_of(&volume).map_err(|e| Stall::new("InvalidDisk", e.to_string()))?;
         disks.push(ResolvedDisk { id: disk.id.clone(), path, format, media: None });
+    }
+    if let Some(r) = rollback {
+        if reverted == 0 {
+            return Err(Stall::new(
+                "SnapshotMissing",
+                format!("spec.rollback: no disk has snapshot {:?}", r.snapshot),
+            ));
+        }
+        std::fs::create_dir_all(&run.run_dir)
+            .and_then(|()| std::fs::write(&rollback_file, &r.id))
+            .map_err(|e| Stall::new("RollbackFailed", format!("{}: {e}", rollback_file.display())))?;
+        tracing::info!(vmid, snapshot = %r.snapshot, disks = reverted, "rolled back");
     }
     let mut nics = Vec::new();
     for (index, nic) in vm.spec.nics.iter().enumerate() {
@@ -317,6 +374,116 @@ async fn grow_disk(
     }
     agent.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).insert(path, bytes);
     Ok(())
+}
+
+/// Brings the disks' internal snapshots to the declared ones (after [`plan`] applied a pending
+/// rollback): snapshots declared but on no disk are taken (QMP while the VM runs, paused for
+/// the moment so all disks agree; `qemu-img` otherwise), and snapshots no longer declared are
+/// deleted. Returns the status part: the snapshots present and the last rollback applied.
+async fn snapshots(agent: &Agent, vm: &VirtualMachine, vmid: u32, plan: &LaunchPlan) -> Result<Value, Stall> {
+    let run = &plan.paths;
+    let applied = std::fs::read_to_string(run.run_dir.join("rollback")).ok();
+    let images: Vec<(&str, &Path)> = vm
+        .spec
+        .disks
+        .iter()
+        .filter(|d| !d.is_media() && d.image_format() == "qcow2")
+        .filter_map(|d| plan.disks.iter().find(|r| r.id == d.id).map(|r| (d.id.as_str(), r.path.as_path())))
+        .collect();
+    let failed = |reason: &'static str, e: String| Stall::new(reason, e);
+    // What each image has (read once per image, then kept up to date by what this agent does).
+    let mut present: Vec<Vec<String>> = Vec::new();
+    for (id, path) in &images {
+        let known = agent.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).get(*path).cloned();
+        present.push(match known {
+            Some(list) => list,
+            None => storage::image_snapshots(path)
+                .await
+                .map_err(|e| failed("StorageUnavailable", format!("spec.disks[{id}]: {e}")))?,
+        });
+    }
+    let remember = |path: &Path, list: &Vec<String>| {
+        agent
+            .snapshot_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), list.clone());
+    };
+    for ((_, path), list) in images.iter().zip(&present) {
+        remember(path, list);
+    }
+    let running = running_pid(run, vmid).is_some();
+    let declared: Vec<&str> = vm.spec.snapshots.iter().map(|s| s.name.as_str()).collect();
+    let new: Vec<&str> =
+        declared.iter().copied().filter(|n| !present.iter().any(|l| l.iter().any(|x| x == n))).collect();
+    if !new.is_empty() && !images.is_empty() {
+        let mut qmp = if running {
+            let mut q =
+                qmp(run).await.ok_or_else(|| failed("SnapshotFailed", "QMP is not answering".into()))?;
+            let was_running = qmp_status(run).await.as_deref() == Some("running");
+            if was_running {
+                q.stop().await.map_err(|e| failed("SnapshotFailed", format!("pausing: {e}")))?;
+            }
+            Some((q, was_running))
+        } else {
+            None
+        };
+        let mut outcome = Ok(());
+        'take: for name in &new {
+            for ((id, path), list) in images.iter().zip(present.iter_mut()) {
+                let result = match &mut qmp {
+                    Some((q, _)) => q
+                        .execute(
+                            "blockdev-snapshot-internal-sync",
+                            Some(json!({"device": format!("drive-{id}"), "name": name})),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => storage::image_snapshot(path, "-c", name).await.map_err(|e| e.to_string()),
+                };
+                if let Err(e) = result {
+                    outcome = Err(failed("SnapshotFailed", format!("spec.snapshots[{name}] on {id}: {e}")));
+                    break 'take;
+                }
+                list.push(name.to_string());
+                remember(path, list);
+            }
+            tracing::info!(vmid, snapshot = name, "snapshot taken");
+        }
+        if let Some((mut q, true)) = qmp {
+            let _ = q.cont().await;
+        }
+        outcome?;
+    }
+    for ((id, path), list) in images.iter().zip(present.iter_mut()) {
+        let gone: Vec<String> = list.iter().filter(|n| !declared.contains(&n.as_str())).cloned().collect();
+        for name in gone {
+            let result = if running {
+                match qmp(run).await {
+                    Some(mut q) => q
+                        .execute(
+                            "blockdev-snapshot-delete-internal-sync",
+                            Some(json!({"device": format!("drive-{id}"), "name": name})),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => Err("QMP is not answering".to_string()),
+                }
+            } else {
+                storage::image_snapshot(path, "-d", &name).await.map_err(|e| e.to_string())
+            };
+            result.map_err(|e| failed("SnapshotFailed", format!("deleting snapshot {name} of {id}: {e}")))?;
+            list.retain(|n| *n != name);
+            remember(path, list);
+            tracing::info!(vmid, snapshot = %name, disk = id, "snapshot deleted");
+        }
+    }
+    let mut names: Vec<&String> = present.iter().flatten().collect();
+    names.sort();
+    names.dedup();
+    Ok(json!({"snapshots": names, "rollback": applied}))
 }
 
 fn volume_id(vm: &VirtualMachine, disk: &ResolvedDisk, vmid: u32) -> String {
