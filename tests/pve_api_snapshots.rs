@@ -4,7 +4,8 @@
 //! snapshot reads back after a rollback; a snapshot taken while QEMU runs (QMP) is on the
 //! image; a clone of a snapshot carries the snapshot's data and a clone of the current state
 //! the current data, with new MAC addresses; a removed ISO is gone from the node's storage;
-//! refusals come back as Proxmox words them.
+//! a container template's clone has the template's files and runs; refusals come back as
+//! Proxmox words them.
 
 mod support;
 
@@ -15,7 +16,7 @@ import json, subprocess, sys, time, warnings
 from proxmoxer import ProxmoxAPI
 from proxmoxer.tools import Tasks
 warnings.filterwarnings("ignore")
-port, password, images = sys.argv[1], sys.argv[2], sys.argv[3]
+port, password, images, template = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 p = ProxmoxAPI("127.0.0.1", port=int(port), user="root@pam", password=password, verify_ssl=False)
 n = p.nodes("node1")
 out = {}
@@ -83,7 +84,22 @@ out["iso_listed"] = [c["volid"] for c in st.content.get(content="iso")]
 out["iso_delete"] = wait(st.content("local:iso/scratch.iso").delete())
 out["iso_after"] = [c["volid"] for c in st.content.get(content="iso")]
 out["in_use"] = err(lambda: st.content("local:400/vm-400-disk-0.qcow2").delete())
-out["ct_snapshot"] = None
+
+# Containers: a template, its clone (a copy of the rootfs) runs; no snapshots on dir storage.
+rootfs = lambda v: f"{images}/{v}/subvol-{v}-disk-0.subvol"
+out["ct_create"] = wait(n.lxc.post(vmid=420, hostname="tplct", memory=128, ostemplate=template, rootfs="local:1", start=1))
+open(rootfs(420) + "/etc/kpve-marker", "w").write("from the template")
+out["ct_stop"] = wait(n.lxc(420).status.stop.post())
+out["ct_template"] = wait(n.lxc(420).template.post())
+out["ct_template_start"] = err(lambda: n.lxc(420).status.start.post())
+out["ct_clone"] = wait(n.lxc(420).clone.post(newid=421, hostname="cloned"))
+out["ct_clone_marker"] = open(rootfs(421) + "/etc/kpve-marker").read()
+out["ct_clone_start"] = wait(n.lxc(421).status.start.post())
+out["ct_clone_config"] = n.lxc(421).config.get()
+out["ct_snapshot"] = wait(n.lxc(421).snapshot.post(snapname="s1"))
+out["ct_clone_stop"] = wait(n.lxc(421).status.stop.post())
+for v in (420, 421):
+    wait(n.lxc(v).delete())
 for v in (400, 401, 402, 403):
     if v in [x["vmid"] for x in p.cluster.resources.get(type="vm")]:
         wait(n.qemu(v).delete())
@@ -105,10 +121,12 @@ fn snapshots_rollbacks_clones_and_content_removal() {
     let password =
         std::fs::read_to_string(server.data_dir().join("pve-root-password")).unwrap().trim().to_string();
     let images = server.data_dir().join("storage/local/images");
+    support::install_busybox_template(server.data_dir());
+    let template = format!("local:vztmpl/{}.tar.gz", support::BUSYBOX_TEMPLATE);
     let r = support::run_client(
         netns_command(&ns.0, "python3"),
         CLIENT,
-        &[&server.pve_port.to_string(), &password, images.to_str().unwrap()],
+        &[&server.pve_port.to_string(), &password, images.to_str().unwrap(), &template],
         &server,
     );
     let ok = |key: &str| assert_eq!(r[key]["exitstatus"], "OK", "{key}: {}\n{}", r[key], server.log());
@@ -194,6 +212,20 @@ fn snapshots_rollbacks_clones_and_content_removal() {
         "{}",
         r["in_use"]
     );
+
+    // Containers: template, clone with the template's files, running clone; no snapshots.
+    for key in ["ct_create", "ct_stop", "ct_template", "ct_clone", "ct_clone_start", "ct_clone_stop"] {
+        ok(key);
+    }
+    assert!(
+        r["ct_template_start"].as_str().unwrap().contains("you can't start a CT if it's a template"),
+        "{}",
+        r["ct_template_start"]
+    );
+    assert_eq!(r["ct_clone_marker"], "from the template");
+    assert_eq!(r["ct_clone_config"]["hostname"], "cloned");
+    assert!(r["ct_clone_config"].get("template").is_none(), "{}", r["ct_clone_config"]);
+    failed_with("ct_snapshot", "snapshot feature is not available");
 
     // The snapshot is a resource: kubectl shows it with the config it was taken with, and
     // a declaration kpve cannot honour is refused with the field named.

@@ -202,7 +202,10 @@ impl Guest {
 
     /// A VM template (the source of clones; it never runs).
     pub fn is_template(&self) -> bool {
-        matches!(&self.spec, Spec::Qemu(vm) if vm.spec.template)
+        match &self.spec {
+            Spec::Qemu(vm) => vm.spec.template,
+            Spec::Lxc(ct) => ct.spec.is_template(),
+        }
     }
 
     /// The guest's HA declaration (Proxmox `ha/resources.cfg` entry), if any.
@@ -218,6 +221,14 @@ impl Guest {
         match self.kind {
             Kind::Qemu => "VM",
             Kind::Lxc => "CT",
+        }
+    }
+
+    /// The LinuxContainer behind an `lxc` guest.
+    pub fn ct(&self) -> Option<&Arc<LinuxContainer>> {
+        match &self.spec {
+            Spec::Lxc(ct) => Some(ct),
+            Spec::Qemu(_) => None,
         }
     }
 
@@ -445,7 +456,8 @@ pub async fn power(
         _ => return Err(PveError::not_implemented("POST", &format!("/nodes/{node}/.../status/{action}"))),
     };
     if action == "start" && g.is_template() {
-        return Err(PveError::new(500, "you can't start a vm if it's a template"));
+        let what = if g.kind == Kind::Qemu { "vm" } else { "CT" };
+        return Err(PveError::new(500, format!("you can't start a {what} if it's a template")));
     }
     if action == "start" && g.running() {
         let what = if g.kind == Kind::Qemu { "VM" } else { "CT" };
@@ -680,6 +692,9 @@ pub async fn update(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
                 spec.power_state = ct.spec.power_state;
                 spec.placement = ct.spec.placement.clone();
                 spec.template = ct.spec.template.clone();
+                if spec.rootfs.volume.is_none() && spec.rootfs.pool == ct.spec.rootfs.pool {
+                    spec.rootfs.clone_from = ct.spec.rootfs.clone_from.take();
+                }
                 spec.ha = ct.spec.ha.take();
                 spec.firewall = ct.spec.firewall.take();
                 ct.spec = spec;
@@ -719,29 +734,50 @@ pub async fn resize(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
         Ok(format_size(target))
     };
     let no_disk = || PveError::new(500, format!("disk '{disk}' does not exist"));
+    edit_guest(
+        guests,
+        g,
+        |vm| {
+            let d = vm.disks.iter_mut().find(|d| d.id == disk).ok_or_else(no_disk)?;
+            d.size = Some(new_size(d.size.as_ref())?);
+            Ok(())
+        },
+        |ct| {
+            if disk == "rootfs" {
+                ct.rootfs.size = Some(new_size(ct.rootfs.size.as_ref())?);
+            } else {
+                let mp = ct.mount_points.iter_mut().find(|m| m.id == disk).ok_or_else(no_disk)?;
+                mp.size = Some(new_size(mp.size.as_ref())?);
+            }
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// Replaces the guest's spec through `vm` or `ct` (whichever its kind is), retrying on
+/// conflicts; returns the new generation, once the cache shows it.
+async fn edit_guest(
+    guests: &Guests,
+    g: &Guest,
+    mut vm: impl FnMut(&mut kpve_crds::VirtualMachineSpec) -> Result<(), PveError>,
+    mut ct: impl FnMut(&mut kpve_crds::LinuxContainerSpec) -> Result<(), PveError>,
+) -> Result<i64, PveError> {
     let saved = match g.kind {
         Kind::Qemu => {
             let api = Api::<VirtualMachine>::namespaced(guests.client.clone(), &g.namespace);
-            cache::replace_retrying(&api, &g.name, |vm| {
-                let d = vm.spec.disks.iter_mut().find(|d| d.id == disk).ok_or_else(no_disk)?;
-                d.size = Some(new_size(d.size.as_ref())?);
-                vm.status = None;
-                Ok(())
+            cache::replace_retrying(&api, &g.name, |o| {
+                o.status = None;
+                vm(&mut o.spec)
             })
             .await?
             .metadata
         }
         Kind::Lxc => {
             let api = Api::<LinuxContainer>::namespaced(guests.client.clone(), &g.namespace);
-            cache::replace_retrying(&api, &g.name, |ct| {
-                if disk == "rootfs" {
-                    ct.spec.rootfs.size = Some(new_size(ct.spec.rootfs.size.as_ref())?);
-                } else {
-                    let mp = ct.spec.mount_points.iter_mut().find(|m| m.id == disk).ok_or_else(no_disk)?;
-                    mp.size = Some(new_size(mp.size.as_ref())?);
-                }
-                ct.status = None;
-                Ok(())
+            cache::replace_retrying(&api, &g.name, |o| {
+                o.status = None;
+                ct(&mut o.spec)
             })
             .await?
             .metadata
@@ -751,28 +787,32 @@ pub async fn resize(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
     Ok(saved.generation.unwrap_or(0))
 }
 
-/// `POST …/qemu/{vmid}/template`: marks a stopped VM as a template; returns the generation
-/// that carries it (the agent then never starts it).
+/// `POST …/{qemu,lxc}/{vmid}/template`: marks a stopped guest as a template (a container's
+/// `template: 1`); returns the generation that carries it (the agent then never starts it).
 pub async fn make_template(guests: &Guests, g: &Guest) -> Result<i64, PveError> {
-    if g.kind != Kind::Qemu {
-        return Err(PveError::new(501, "container templates are not supported by kpve yet"));
-    }
     if g.is_template() {
         return Err(PveError::new(500, "you can't convert a template to a template"));
     }
     if g.running() {
-        return Err(PveError::new(500, "you can't convert a VM to template if VM is running"));
+        let what = g.label();
+        return Err(PveError::new(
+            500,
+            format!("you can't convert a {what} to template if {what} is running"),
+        ));
     }
-    let api = Api::<VirtualMachine>::namespaced(guests.client.clone(), &g.namespace);
-    let saved = cache::replace_retrying(&api, &g.name, |vm| {
-        vm.spec.template = true;
-        vm.status = None;
-        Ok(())
-    })
-    .await?
-    .metadata;
-    guests.settle(g, saved.resource_version.as_deref()).await;
-    Ok(saved.generation.unwrap_or(0))
+    edit_guest(
+        guests,
+        g,
+        |vm| {
+            vm.template = true;
+            Ok(())
+        },
+        |ct| {
+            ct.options.insert("template".into(), "1".into());
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// `DELETE /nodes/{node}/{kind}/{vmid}`: deletes the resource; the task ends once it is gone
@@ -822,25 +862,8 @@ fn fresh_uuid(value: &str) -> String {
 /// source's VMID as its id, as Proxmox) ends when the agent has made the copies. Linked
 /// clones of templates are made as full copies.
 pub async fn clone(call: &Call<'_>, g: &Guest, params: &BTreeMap<String, String>) -> Result<Value, PveError> {
-    let Call { guests, tasks, node, user } = *call;
-    let Some(vm) = g.vm() else {
-        return Err(PveError::new(501, "cloning containers is not supported by kpve yet"));
-    };
-    let newid: u32 = params["newid"].parse().map_err(|_| PveError::new(400, "newid: not a VMID"))?;
-    if list(guests, None).await?.iter().any(|o| o.vmid == newid) {
-        return Err(PveError::new(500, format!("unable to create VM {newid}: config file already exists")));
-    }
-    if let Some(target) = params.get("target").filter(|t| *t != node) {
-        return Err(PveError::new(500, format!("can't clone VM to node '{target}' (VM uses local storage)")));
-    }
-    let full = params.get("full").map_or(!vm.spec.template, |f| f == "1");
-    if !full {
-        for key in ["storage", "format"] {
-            if params.contains_key(key) {
-                return Err(PveError::new(500, format!("parameter '{key}' not allowed for linked clones")));
-            }
-        }
-    }
+    let Some(vm) = g.vm() else { return clone_ct(call, g, params).await };
+    let (newid, full) = clone_checks(call, g, params).await?;
     let snapname = params.get("snapname");
     let source = match snapname {
         Some(name) => {
@@ -862,7 +885,7 @@ pub async fn clone(call: &Call<'_>, g: &Guest, params: &BTreeMap<String, String>
         ));
     }
     let mut spec = source;
-    let mut log = vec![format!("creating a clone of VM {} with ID {newid}", g.vmid)];
+    let mut log = Vec::new();
     for (index, disk) in spec.disks.iter_mut().enumerate() {
         if disk.is_media() {
             continue;
@@ -880,7 +903,8 @@ pub async fn clone(call: &Call<'_>, g: &Guest, params: &BTreeMap<String, String>
         if !full && !vm.spec.template {
             let what = if snapname.is_some() { "a snapshot of " } else { "" };
             let message = format!("Linked clone feature is not supported for {what}'{volume}' ({})", disk.id);
-            return call.task(g, "clone", log.remove(0), Err(format!("clone failed: {message}")));
+            let log = format!("creating a clone of VM {} with ID {newid}", g.vmid);
+            return call.task(g, "clone", log, Err(format!("clone failed: {message}")));
         }
         if disk.size.is_none() {
             return Err(PveError::new(
@@ -916,7 +940,7 @@ pub async fn clone(call: &Call<'_>, g: &Guest, params: &BTreeMap<String, String>
     spec.ha = None;
     spec.firewall = vm.spec.firewall.clone();
     spec.power_state = kpve_crds::PowerState::Stopped;
-    spec.placement = kpve_crds::Placement { nodes: vec![node.to_string()], ..Default::default() };
+    spec.placement = kpve_crds::Placement { nodes: vec![call.node.to_string()], ..Default::default() };
     for nic in &mut spec.nics {
         nic.macaddr = None;
     }
@@ -935,18 +959,127 @@ pub async fn clone(call: &Call<'_>, g: &Guest, params: &BTreeMap<String, String>
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     });
-    let saved = create_vm(guests, namespace, &object).await?;
-    tracing::info!(source = g.vmid, newid, %user, "VM cloned through the Proxmox API");
-    tasks
+    let saved = create_vm(call.guests, namespace, &object).await?;
+    tracing::info!(source = g.vmid, newid, user = %call.user, "VM cloned through the Proxmox API");
+    record_clone(call, g, newid, saved.metadata.generation.unwrap_or(1), log.join("\n"))
+}
+
+/// The checks both kinds of clone share: a free VMID, the same node, linked-clone parameters.
+/// Returns the new VMID and whether the copy is full.
+async fn clone_checks(
+    call: &Call<'_>,
+    g: &Guest,
+    params: &BTreeMap<String, String>,
+) -> Result<(u32, bool), PveError> {
+    let newid: u32 = params["newid"].parse().map_err(|_| PveError::new(400, "newid: not a VMID"))?;
+    if list(call.guests, None).await?.iter().any(|o| o.vmid == newid) {
+        let what = g.label();
+        return Err(PveError::new(
+            500,
+            format!("unable to create {what} {newid}: config file already exists"),
+        ));
+    }
+    if let Some(target) = params.get("target").filter(|t| *t != call.node) {
+        let what = g.label();
+        return Err(PveError::new(
+            500,
+            format!("can't clone {what} to node '{target}' ({what} uses local storage)"),
+        ));
+    }
+    let full = params.get("full").map_or(!g.is_template(), |f| f == "1");
+    if !full {
+        for key in ["storage", "format"] {
+            if params.contains_key(key) {
+                return Err(PveError::new(500, format!("parameter '{key}' not allowed for linked clones")));
+            }
+        }
+    }
+    Ok((newid, full))
+}
+
+/// `POST /nodes/{node}/lxc/{vmid}/clone`: a new LinuxContainer `ct-<newid>` whose rootfs is a
+/// copy of the source's (`rootfs.cloneFrom`, copied by the node agent with `cp -a`; a source
+/// that never ran has no rootfs yet, and the clone is made from the same OS template). MACs
+/// are new; HA and the template flag are not copied. Container snapshots do not exist on dir
+/// storage, so `snapname` names nothing.
+async fn clone_ct(call: &Call<'_>, g: &Guest, params: &BTreeMap<String, String>) -> Result<Value, PveError> {
+    let ct = g.ct().expect("an lxc guest");
+    let (newid, full) = clone_checks(call, g, params).await?;
+    if let Some(name) = params.get("snapname") {
+        return Err(PveError::new(500, format!("snapshot '{name}' does not exist")));
+    }
+    if g.running() {
+        return Err(PveError::new(
+            500,
+            "cloning a running container is not supported by kpve yet: stop it first",
+        ));
+    }
+    let volume = g.status.volumes.get("rootfs").cloned().unwrap_or_else(|| {
+        format!(
+            "{}:{}/subvol-{}-disk-0.subvol",
+            ct.spec.rootfs.pool.as_deref().unwrap_or("local"),
+            g.vmid,
+            g.vmid
+        )
+    });
+    let log = format!("create full clone of mountpoint rootfs ({volume})");
+    if !full && !g.is_template() {
+        let message = format!("Linked clone feature for '{volume}' is not available");
+        return call.task(g, "clone", log, Err(format!("clone failed: {message}")));
+    }
+    if ct.spec.rootfs.volume.is_some() || ct.spec.mount_points.iter().any(|m| m.volume.is_none()) {
+        return Err(PveError::new(500, "kpve clones containers whose only allocated volume is the rootfs"));
+    }
+    let mut spec = ct.spec.clone();
+    spec.vmid = Some(newid);
+    if let Some(h) = params.get("hostname") {
+        spec.hostname = Some(h.clone());
+    }
+    if let Some(d) = params.get("description") {
+        spec.description = Some(d.clone());
+    }
+    spec.options.remove("template");
+    spec.ha = None;
+    spec.power_state = kpve_crds::PowerState::Stopped;
+    spec.placement = kpve_crds::Placement { nodes: vec![call.node.to_string()], ..Default::default() };
+    spec.rootfs.pool =
+        Some(params.get("storage").cloned().or(spec.rootfs.pool).unwrap_or_else(|| "local".into()));
+    spec.rootfs.clone_from = Some(volume);
+    for nic in &mut spec.nics {
+        nic.hwaddr = None;
+    }
+    let namespace = params.get("pool").map_or("default", String::as_str);
+    let mut object = LinuxContainer::new(&format!("ct-{newid}"), spec);
+    object.metadata.namespace = Some(namespace.to_string());
+    let saved = Api::<LinuxContainer>::namespaced(call.guests.client.clone(), namespace)
+        .create(&kube::api::PostParams::default(), &object)
+        .await
+        .map_err(write_error)?;
+    let version = saved.metadata.resource_version.as_deref();
+    cache::settle(&call.guests.cts, Some(namespace), &saved.name_any(), version).await;
+    tracing::info!(source = g.vmid, newid, user = %call.user, "container cloned through the Proxmox API");
+    record_clone(call, g, newid, saved.metadata.generation.unwrap_or(1), log)
+}
+
+/// The `qmclone`/`vzclone` task: follows the new guest, carries the source's VMID.
+fn record_clone(
+    call: &Call<'_>,
+    g: &Guest,
+    newid: u32,
+    generation: i64,
+    log: String,
+) -> Result<Value, PveError> {
+    let kind = format!("{}clone", g.kind.task_prefix());
+    call.tasks
         .record(crate::tasks::Task {
-            node,
-            kind: "qmclone",
-            guest_kind: Kind::Qemu,
+            node: call.node,
+            kind: &kind,
+            guest_kind: g.kind,
             vmid: newid,
             id: Some(g.vmid.to_string()),
-            target: Target::Observed(saved.metadata.generation.unwrap_or(1)),
-            user,
-            log: Some(log.join("\n")),
+            target: Target::Observed(generation),
+            user: call.user,
+            log: Some(format!("creating a clone of {} {} with ID {newid}\n{log}", g.label(), g.vmid)),
             error: None,
             volume: None,
         })

@@ -186,6 +186,18 @@ pub struct RootFs {
     pub size: Option<String>,
     #[serde(default, flatten)]
     pub mount: MountOptions,
+    /// A new volume starts as a copy of this one (`local:100/subvol-100-disk-0.subvol`,
+    /// Proxmox `clone`) instead of being extracted from the OS template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[a-z][a-z0-9\-_.]*[a-z0-9]:.+$"))]
+    pub clone_from: Option<String>,
+}
+
+impl LinuxContainerSpec {
+    /// A container template (Proxmox `template: 1`): the source of clones; it never runs.
+    pub fn is_template(&self) -> bool {
+        self.options.get("template").is_some_and(|v| v == "1")
+    }
 }
 
 /// Options shared by rootfs and mount points.

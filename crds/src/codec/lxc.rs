@@ -299,7 +299,7 @@ fn parse_rootfs(value: &str) -> Result<RootFs> {
     }
     let mount = take_mount_options(key, &mut p)?;
     p.finish(key, &[])?;
-    Ok(RootFs { pool, volume, size, mount })
+    Ok(RootFs { pool, volume, size, mount, clone_from: None })
 }
 
 fn parse_mount_point(key: &str, value: &str) -> Result<MountPoint> {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kpve_crds::{LinuxContainer, LinuxContainerSpec};
+use kpve_crds::{LinuxContainer, LinuxContainerSpec, PowerState};
 use kube::ResourceExt;
 use serde_json::{Value, json};
 use tokio::process::Command;
@@ -59,6 +59,12 @@ impl Runtime for Lxc {
         run: &Path,
     ) -> Result<Prepared<CtWork>, Stall> {
         let spec = &ct.spec;
+        if spec.is_template() && spec.power_state == PowerState::Running {
+            return Err(Stall::new(
+                "IsTemplate",
+                "options.template: a template never runs (clone it); powerState must be Stopped",
+            ));
+        }
         let pool = agent.pool();
         pool.activate().map_err(|e| Stall::new("StorageUnavailable", e.to_string()))?;
         let idmap = spec.unprivileged.then(IdMap::default);
@@ -87,8 +93,22 @@ impl Runtime for Lxc {
                 check_size(spec.rootfs.size.as_deref(), "spec.rootfs.size")?;
                 let volume = format!("{pool_name}:{vmid}/{}", config::ct_volume_name(vmid, 0));
                 let path = volume_path(&pool, &volume, "spec.rootfs", agent.node())?;
-                if !path.exists() {
-                    create.push((path.clone(), Some(template_path(&pool, spec, agent.node())?)));
+                let source = match &spec.rootfs.clone_from {
+                    Some(source) if !path.exists() => {
+                        Some(volume_path(&pool, source, "spec.rootfs.cloneFrom", agent.node())?)
+                    }
+                    _ => None,
+                };
+                match source {
+                    // A clone of a container that never ran has no rootfs yet: it is made from
+                    // the template like its source's will be.
+                    Some(source) if source.is_dir() => copy_subvolume(&source, &path)
+                        .await
+                        .map_err(|e| Stall::new("CloneFailed", format!("spec.rootfs.cloneFrom: {e}")))?,
+                    _ if !path.exists() => {
+                        create.push((path.clone(), Some(template_path(&pool, spec, agent.node())?)))
+                    }
+                    _ => {}
                 }
                 (volume, path)
             }
@@ -538,6 +558,23 @@ fn parse_ips(fib_trie: &str, if_inet6: &str) -> Vec<String> {
         }
     }
     ips
+}
+
+/// Copies a container volume (ownership, modes, links as they are: `cp -a`) through
+/// `<dst>.partial`, so a half-made copy is never taken for the volume.
+async fn copy_subvolume(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    let partial = dst.with_extension("subvol.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let out = tokio::process::Command::new("cp").arg("-a").arg(src).arg(&partial).output().await?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&partial);
+        anyhow::bail!("cp -a {}: {}", src.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    std::fs::rename(&partial, dst)?;
+    Ok(())
 }
 
 #[cfg(test)]
