@@ -83,6 +83,9 @@ struct ServerArgs {
     /// Do not run a node agent for this host.
     #[arg(long)]
     no_agent: bool,
+    /// Mount the /etc/pve view (pmxcfs layout) here, acting as the admin identity.
+    #[arg(long)]
+    pve_fs: Option<PathBuf>,
     /// Do not run the controllers (scheduler, guest controller): the API server alone.
     #[arg(long)]
     no_controllers: bool,
@@ -114,6 +117,13 @@ struct AgentArgs {
     /// Where agent state and the default `local` pool live.
     #[arg(long, env = "KPVE_DATA_DIR", default_value = "/var/lib/kpve")]
     data_dir: PathBuf,
+    /// Mount the /etc/pve view (pmxcfs layout) here.
+    #[arg(long)]
+    pve_fs: Option<PathBuf>,
+    /// The identity the /etc/pve view writes with (a token file); without it the view acts
+    /// as this node, which may read everything and change nothing.
+    #[arg(long, requires = "pve_fs")]
+    pve_fs_token: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -252,6 +262,9 @@ fn server(args: ServerArgs) -> Result<ExitCode> {
                 tracing::error!(error = %e, "Proxmox VE API stopped");
             }
         });
+        if let Some(dir) = &args.pve_fs {
+            mount_pve_fs(kube_client(&server_url, &running.admin_token, &ca)?, &node, dir).await?;
+        }
         if !args.no_controllers {
             let admin = kube_client(&server_url, &running.admin_token, &ca)?;
             tokio::spawn(async move {
@@ -275,6 +288,29 @@ fn server(args: ServerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Mounts the /etc/pve view at `dir`, reading and writing as `client`'s identity. It stays
+/// mounted while the process runs; SIGTERM or SIGINT unmounts it and ends the process.
+async fn mount_pve_fs(client: kube::Client, node: &str, dir: &Path) -> Result<()> {
+    let view = std::sync::Arc::new(kpve_api::pmxcfs::View::start(client, node).await?);
+    let session = kpve_api::pmxcfs::fs::mount(view, dir, tokio::runtime::Handle::current())
+        .with_context(|| format!("mounting the /etc/pve view at {}", dir.display()))?;
+    eprintln!("kpve: /etc/pve view mounted at {}", dir.display());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        match tokio::task::spawn_blocking(move || session.umount_and_join()).await {
+            Ok(Ok(())) => eprintln!("kpve: /etc/pve view unmounted"),
+            Ok(Err(e)) => eprintln!("kpve: unmounting the /etc/pve view: {e}"),
+            Err(e) => eprintln!("kpve: unmounting the /etc/pve view: {e}"),
+        }
+        std::process::exit(0);
+    });
+    Ok(())
+}
+
 /// A kube client for `server` with a bearer token, trusting `ca`.
 fn kube_client(server: &str, token: &str, ca: &Path) -> Result<kube::Client> {
     let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
@@ -294,6 +330,17 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let client = kube_client(&args.server, token.trim(), &args.ca_file)?;
+        if let Some(dir) = &args.pve_fs {
+            let client = match &args.pve_fs_token {
+                Some(file) => {
+                    let token = std::fs::read_to_string(file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    kube_client(&args.server, token.trim(), &args.ca_file)?
+                }
+                None => client.clone(),
+            };
+            mount_pve_fs(client, &args.node, dir).await?;
+        }
         let config = kpve_node_agent::agent::AgentConfig::new(args.node, args.data_dir);
         kpve_node_agent::agent::run(client, config).await
     })?;

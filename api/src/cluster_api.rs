@@ -21,13 +21,7 @@ fn flag(params: &Params, key: &str) -> Option<bool> {
 }
 
 fn group_json(g: &HAGroup) -> Value {
-    let nodes: Vec<String> = g
-        .spec
-        .nodes
-        .iter()
-        .map(|n| if n.priority > 0 { format!("{}:{}", n.node, n.priority) } else { n.node.clone() })
-        .collect();
-    let mut e = json!({"group": g.name_any(), "type": "group", "nodes": nodes.join(","),
+    let mut e = json!({"group": g.name_any(), "type": "group", "nodes": g.spec.nodes_text(),
                        "restricted": u8::from(g.spec.restricted), "nofailback": u8::from(g.spec.nofailback)});
     if let Some(c) = &g.spec.comment {
         e["comment"] = json!(c);

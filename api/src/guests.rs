@@ -232,6 +232,40 @@ impl Guest {
         }
     }
 
+    /// The volume ids the guest's spec names or has allocated from a pool, as the agent names
+    /// them (`local:100/vm-100-disk-0.qcow2`, `local:101/subvol-101-disk-0.subvol`).
+    pub fn declared_volumes(&self) -> Vec<String> {
+        let vmid = self.vmid;
+        match &self.spec {
+            Spec::Qemu(vm) => vm
+                .spec
+                .disks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| match (&d.volume, &d.pool) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(pool)) => {
+                        Some(format!("{pool}:{vmid}/vm-{vmid}-disk-{i}.{}", d.image_format()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Spec::Lxc(ct) => {
+                let mut out: Vec<String> = ct.spec.rootfs.volume.iter().cloned().collect();
+                if let Some(pool) = &ct.spec.rootfs.pool {
+                    out.push(format!("{pool}:{vmid}/subvol-{vmid}-disk-0.subvol"));
+                }
+                for mp in &ct.spec.mount_points {
+                    out.extend(mp.volume.iter().cloned());
+                    if let (Some(pool), Ok(n)) = (&mp.pool, mp.id.trim_start_matches("mp").parse::<u32>()) {
+                        out.push(format!("{pool}:{vmid}/subvol-{vmid}-disk-{}.subvol", n + 1));
+                    }
+                }
+                out
+            }
+        }
+    }
+
     /// The VirtualMachine behind a `qemu` guest.
     pub fn vm(&self) -> Option<&Arc<VirtualMachine>> {
         match &self.spec {
@@ -521,16 +555,6 @@ fn edited_text(current: &str, set: &BTreeMap<String, String>, delete: &[String])
     text
 }
 
-/// A disk still allocated as a copy keeps its source across a config edit (the Proxmox config
-/// does not carry it).
-fn keep_clone_sources(spec: &mut kpve_crds::VirtualMachineSpec, old: &kpve_crds::VirtualMachineSpec) {
-    for disk in spec.disks.iter_mut().filter(|d| d.volume.is_none()) {
-        if let Some(before) = old.disks.iter().find(|o| o.id == disk.id && o.pool == disk.pool) {
-            disk.clone_from = before.clone_from.clone();
-        }
-    }
-}
-
 fn codec_error(e: kpve_crds::codec::CodecError) -> PveError {
     let mut errors = BTreeMap::new();
     errors.insert(e.key().unwrap_or("config").to_string(), e.to_string());
@@ -667,15 +691,7 @@ pub async fn update(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
             cache::replace_retrying(&api, &g.name, |vm| {
                 // Fields the Proxmox config does not carry stay as declared.
                 let mut spec = spec.clone();
-                spec.vmid = vm.spec.vmid;
-                spec.power_state = vm.spec.power_state;
-                spec.placement = vm.spec.placement.clone();
-                spec.ha = vm.spec.ha.take();
-                spec.firewall = vm.spec.firewall.take();
-                spec.snapshots = std::mem::take(&mut vm.spec.snapshots);
-                spec.parent = vm.spec.parent.take();
-                spec.rollback = vm.spec.rollback.take();
-                keep_clone_sources(&mut spec, &vm.spec);
+                spec.keep_undeclared(&mut vm.spec);
                 vm.spec = spec;
                 vm.status = None;
                 Ok(())
@@ -688,15 +704,7 @@ pub async fn update(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
             let api = Api::<LinuxContainer>::namespaced(guests.client.clone(), &g.namespace);
             cache::replace_retrying(&api, &g.name, |ct| {
                 let mut spec = spec.clone();
-                spec.vmid = ct.spec.vmid;
-                spec.power_state = ct.spec.power_state;
-                spec.placement = ct.spec.placement.clone();
-                spec.template = ct.spec.template.clone();
-                if spec.rootfs.volume.is_none() && spec.rootfs.pool == ct.spec.rootfs.pool {
-                    spec.rootfs.clone_from = ct.spec.rootfs.clone_from.take();
-                }
-                spec.ha = ct.spec.ha.take();
-                spec.firewall = ct.spec.firewall.take();
+                spec.keep_undeclared(&mut ct.spec);
                 ct.spec = spec;
                 ct.status = None;
                 Ok(())

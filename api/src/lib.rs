@@ -8,7 +8,8 @@
 //! rollbacks; [`cache`] holds the watch-fed caches;
 //! [`firewall_api`] and [`cluster_api`] edit the firewall, HA and pool resources;
 //! [`envelope`] is the `{"data": …}` envelope and Proxmox's error format; [`server`] ties it
-//! together (docs/ARCHITECTURE.md §0).
+//! together (docs/ARCHITECTURE.md §0). [`pmxcfs`] serves the same resources as an `/etc/pve`
+//! file tree over FUSE.
 
 pub mod access;
 pub mod access_api;
@@ -18,6 +19,7 @@ pub mod cluster_api;
 pub mod envelope;
 pub mod firewall_api;
 pub mod guests;
+pub mod pmxcfs;
 pub mod schema;
 pub mod server;
 pub mod snapshots;

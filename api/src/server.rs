@@ -535,6 +535,9 @@ async fn dispatch(
         }
         ("POST", "/nodes/{node}/{type}/{vmid}/clone") => {
             let g = find(kind).await?;
+            // As Proxmox's check_storage_access_clone: space on the storage the copies land on.
+            let target = p.get("storage").map_or("local", String::as_str);
+            require(c, &format!("/storage/{target}"), "Datastore.AllocateSpace")?;
             guests::clone(&call, &g, p).await
         }
         ("DELETE", "/nodes/{node}/{type}/{vmid}") => {

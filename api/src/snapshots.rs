@@ -150,6 +150,26 @@ pub async fn delete(call: &Call<'_>, g: &Guest, name: &str) -> Result<Value, Pve
     if g.kind == Kind::Lxc {
         return call.task(g, "delsnapshot", log, Err(format!("snapshot '{name}' does not exist")));
     }
+    // A clone still copying from this snapshot would read clusters being freed.
+    let copying = guests::list(guests, Some(Kind::Qemu)).await?.into_iter().find(|o| {
+        o.vm().is_some_and(|vm| {
+            vm.spec.disks.iter().any(|d| {
+                d.clone_from.as_ref().is_some_and(|c| {
+                    c.snapshot.as_deref() == Some(name)
+                        && c.volume.split(':').nth(1).is_some_and(|v| v.starts_with(&format!("{}/", g.vmid)))
+                }) && !o.status.volumes.contains_key(&d.id)
+            })
+        })
+    });
+    if let Some(clone) = copying {
+        return Err(PveError::new(
+            500,
+            format!(
+                "snapshot '{name}' is being cloned to VM {}; try again once that clone is done",
+                clone.vmid
+            ),
+        ));
+    }
     let outcome = edit_vm(guests, g, |spec| {
         let Some(at) = spec.snapshots.iter().position(|s| s.name == name) else {
             return Err(format!("snapshot '{name}' does not exist"));
@@ -202,6 +222,9 @@ pub async fn rollback(
             .ok_or_else(|| format!("snapshot '{name}' does not exist"))?;
         let mut restored = VirtualMachineSpec::from_qemu_config(snap.config.as_deref().unwrap_or(""))
             .map_err(|e| format!("snapshot '{name}' has an unreadable config: {e}"))?;
+        // Disks keep their order: a volume allocated from a pool is named by its position.
+        let position = |id: &str| spec.disks.iter().position(|d| d.id == id).unwrap_or(usize::MAX);
+        restored.disks.sort_by_key(|d| position(&d.id));
         restored.vmid = spec.vmid;
         restored.description = spec.description.clone();
         restored.placement = spec.placement.clone();

@@ -143,15 +143,17 @@ pub async fn delete_volume(
         errors.insert("volume".to_string(), format!("storage ID mismatch ({sid} != {storage})"));
         return Err(PveError::parameters(errors));
     }
+    let plain = |f: &str| !f.is_empty() && f != "." && f != ".." && !f.contains('/');
+    let owner_dir = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
     let (dir, file) = rel
         .split_once('/')
-        .filter(|(d, f)| {
-            !f.is_empty() && !f.contains('/') && (*d == "iso" || *d == "vztmpl" || d.parse::<u32>().is_ok())
-        })
+        .filter(|(d, f)| plain(f) && (*d == "iso" || *d == "vztmpl" || owner_dir(d)))
         .ok_or_else(|| PveError::new(500, format!("unable to parse directory volume name '{rel}'")))?;
     let p = one(&guests.client, storage).await?;
     for g in crate::guests::list(guests, None).await? {
-        if g.status.volumes.values().any(|v| *v == volid) {
+        // What the agent reports, and what the spec names or will allocate (a stalled guest's
+        // status may not list its volumes).
+        if g.status.volumes.values().any(|v| *v == volid) || g.declared_volumes().contains(&volid) {
             let what = if g.kind == crate::guests::Kind::Qemu { "VM" } else { "CT" };
             return Err(PveError::new(500, format!("volume '{volid}' is in use by {what} {}", g.vmid)));
         }

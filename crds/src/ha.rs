@@ -56,3 +56,15 @@ pub struct HAGroupStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
+
+impl HAGroupSpec {
+    /// The node list as Proxmox writes it (`node1:2,node2`; a priority of 0 is left out).
+    pub fn nodes_text(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| if n.priority > 0 { format!("{}:{}", n.node, n.priority) } else { n.node.clone() })
+            .collect();
+        nodes.join(",")
+    }
+}

@@ -194,6 +194,21 @@ pub struct RootFs {
 }
 
 impl LinuxContainerSpec {
+    /// Takes from `old` what a pve-container config does not carry (VMID, power state,
+    /// placement, OS template, HA, firewall, the rootfs clone source), for a spec parsed from
+    /// an edited config.
+    pub fn keep_undeclared(&mut self, old: &mut LinuxContainerSpec) {
+        self.vmid = old.vmid;
+        self.power_state = old.power_state;
+        self.placement = std::mem::take(&mut old.placement);
+        self.template = old.template.take();
+        self.ha = old.ha.take();
+        self.firewall = old.firewall.take();
+        if self.rootfs.volume.is_none() && self.rootfs.pool == old.rootfs.pool {
+            self.rootfs.clone_from = old.rootfs.clone_from.take();
+        }
+    }
+
     /// A container template (Proxmox `template: 1`): the source of clones; it never runs.
     pub fn is_template(&self) -> bool {
         self.options.get("template").is_some_and(|v| v == "1")

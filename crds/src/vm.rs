@@ -295,6 +295,31 @@ pub struct Rollback {
     pub id: String,
 }
 
+impl VirtualMachineSpec {
+    /// Takes from `old` what a qemu-server config does not carry (VMID, power state,
+    /// placement, HA, firewall, snapshots, rollback, clone sources), for a spec parsed from an
+    /// edited config.
+    pub fn keep_undeclared(&mut self, old: &mut VirtualMachineSpec) {
+        self.vmid = old.vmid;
+        self.power_state = old.power_state;
+        self.placement = std::mem::take(&mut old.placement);
+        self.ha = old.ha.take();
+        self.firewall = old.firewall.take();
+        self.snapshots = std::mem::take(&mut old.snapshots);
+        self.parent = old.parent.take();
+        self.rollback = old.rollback.take();
+        // Disks keep their order: a volume allocated from a pool is named by its position.
+        let position = |id: &str| old.disks.iter().position(|d| d.id == id).unwrap_or(usize::MAX);
+        self.disks.sort_by_key(|d| position(&d.id));
+        // A disk still allocated as a copy keeps its source.
+        for disk in self.disks.iter_mut().filter(|d| d.volume.is_none()) {
+            if let Some(before) = old.disks.iter().find(|o| o.id == disk.id && o.pool == disk.pool) {
+                disk.clone_from = before.clone_from.clone();
+            }
+        }
+    }
+}
+
 impl Disk {
     /// The image format: declared, else the volume's extension, else qcow2 (kpve's default).
     pub fn image_format(&self) -> &'static str {

@@ -116,8 +116,15 @@ impl DirPool {
         let dir = path.parent().expect("volume paths have a parent");
         std::fs::create_dir_all(dir).map_err(|source| StorageError::Io { path: dir.into(), source })?;
         let partial = path.with_extension(format!("{format}.partial"));
+        // The source's format is named, never probed: a guest could have written an image
+        // header (with a backing file on the host) into a raw disk.
+        let source_format = match source.rsplit_once('.').map(|(_, ext)| ext) {
+            Some("raw") => "raw",
+            Some("vmdk") => "vmdk",
+            _ => "qcow2",
+        };
         let mut cmd = Command::new("qemu-img");
-        cmd.args(["convert", "-q", "-O", format]);
+        cmd.args(["convert", "-q", "-f", source_format, "-O", format]);
         if let Some(snap) = snapshot {
             // The snapshot's clusters never change, so a running source is fine.
             cmd.args(["-U", "-l"]).arg(format!("snapshot.name={snap}"));

@@ -45,6 +45,9 @@ pub const CMDLINE_ANNOTATION: &str = "kpve.io/cmdline";
 const FIGURES: &[&str] = &["mem", "uptime", "cpu", "diskRead", "diskWrite", "netIn", "netOut"];
 const FIGURES_REFRESH: Duration = Duration::from_secs(5);
 
+/// How long a volume removal request stays valid (the API's task gives up after 60 s).
+const REMOVAL_VALIDITY: u64 = 120;
+
 /// A new value of this annotation restarts the guest (a reboot), applying RestartRequired changes.
 pub const RESTART_ANNOTATION: &str = "kpve.io/restart";
 
@@ -255,6 +258,11 @@ impl Agent {
     /// VM running here uses it.
     fn remove_volume(&self, pool: &DirPool, removal: &kpve_crds::VolumeRemoval) {
         let Ok(path) = pool.path_of(&removal.volume) else { return };
+        // A request the API stopped waiting for (its task ended after a minute) is void: the
+        // volume may be in use again by the time a guest lets go of it.
+        if host::unix_now().saturating_sub(removal.requested) > REMOVAL_VALIDITY {
+            return;
+        }
         let Ok(modified) = std::fs::metadata(&path).and_then(|m| m.modified()) else { return };
         let modified =
             modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(u64::MAX);
@@ -277,10 +285,25 @@ impl Agent {
             tracing::warn!(volume = %removal.volume, "not removing a volume a guest uses");
             return;
         }
+        self.forget_image(&path);
         match std::fs::remove_file(&path) {
             Ok(()) => tracing::info!(volume = %removal.volume, "volume removed"),
             Err(e) => tracing::warn!(volume = %removal.volume, error = %e, "removing the volume failed"),
         }
+    }
+
+    /// Forgets what this agent knows about an image (its snapshots, its size): it was made,
+    /// replaced or removed, or a command on it failed.
+    pub(crate) fn forget_image(&self, path: &Path) {
+        self.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
+        self.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
+    }
+
+    pub(crate) fn remember_snapshots(&self, path: &Path, list: &[String]) {
+        self.snapshot_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), list.to_vec());
     }
 
     pub(crate) fn run_dir(&self, vmid: u32) -> PathBuf {
@@ -735,6 +758,9 @@ impl Agent {
             return;
         }
         R::stop(self, vmid, &run, self.config.shutdown_timeout).await;
+        let images = self.pool().path.join("images").join(vmid.to_string());
+        self.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
+        self.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
         if let Err(e) = self.pool().free_guest(vmid) {
             tracing::warn!(vmid, error = %e, "freeing volumes failed");
         }

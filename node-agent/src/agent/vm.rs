@@ -211,10 +211,6 @@ async fn plan(agent: &Agent, vm: &VirtualMachine, vmid: u32, run: &LaunchPaths) 
         .as_ref()
         .filter(|r| std::fs::read_to_string(&rollback_file).ok().as_deref() != Some(r.id.as_str()));
     let mut reverted = 0;
-    if rollback.is_some() && running_pid(run, vmid).is_some() {
-        // Proxmox stops the VM hard for a rollback: its memory is about to be wrong.
-        Qemu::stop(agent, vmid, &run.run_dir, Duration::ZERO).await;
-    }
     for (index, disk) in vm.spec.disks.iter().enumerate() {
         let format = disk.format.map(|f| format!("{f:?}").to_lowercase()).unwrap_or_else(|| "qcow2".into());
         let volume = match (&disk.volume, &disk.pool, &disk.size) {
@@ -253,15 +249,25 @@ async fn plan(agent: &Agent, vm: &VirtualMachine, vmid: u32, run: &LaunchPaths) 
             let failed = |e: storage::StorageError| {
                 Stall::new("RollbackFailed", format!("spec.disks[{}]: {e}", disk.id))
             };
+            agent.forget_image(&path);
             let list = storage::image_snapshots(&path).await.map_err(failed)?;
             if list.contains(&r.snapshot) {
+                // Proxmox stops the VM hard for a rollback: its memory is about to be wrong.
+                // Only once a disk has the snapshot: a rollback that cannot happen kills nothing.
+                if reverted == 0 && running_pid(run, vmid).is_some() {
+                    Qemu::stop(agent, vmid, &run.run_dir, Duration::ZERO).await;
+                }
                 storage::image_snapshot(&path, "-a", &r.snapshot).await.map_err(failed)?;
                 agent.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&path);
                 reverted += 1;
             }
             agent.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).insert(path.clone(), list);
         }
-        if let Some(source) = &disk.clone_from {
+        if let Some(source) = &disk.clone_from
+            && !path.exists()
+        {
+            // A new file: nothing this agent remembers about an earlier one at this path holds.
+            agent.forget_image(&path);
             pool.copy_from(&source.volume, source.snapshot.as_deref(), &volume, &format).await.map_err(
                 |e| {
                     Stall::new(
@@ -275,6 +281,9 @@ async fn plan(agent: &Agent, vm: &VirtualMachine, vmid: u32, run: &LaunchPaths) 
             let bytes = storage::parse_size(size).ok_or_else(|| {
                 Stall::new("InvalidDisk", format!("spec.disks[{}].size: {size:?} is not a size", disk.id))
             })?;
+            if !path.exists() {
+                agent.forget_image(&path);
+            }
             // A copy has its source's size: look at it before trusting the declared one.
             let created = pool
                 .allocate(&volume, &format, bytes)
@@ -378,8 +387,10 @@ async fn grow_disk(
 
 /// Brings the disks' internal snapshots to the declared ones (after [`plan`] applied a pending
 /// rollback): snapshots declared but on no disk are taken (QMP while the VM runs, paused for
-/// the moment so all disks agree; `qemu-img` otherwise), and snapshots no longer declared are
-/// deleted. Returns the status part: the snapshots present and the last rollback applied.
+/// the moment so all disks agree; `qemu-img` otherwise), and snapshots this VM declared before
+/// (its last `status.snapshots`) but no longer are deleted; snapshots kpve never made (an
+/// attached image's own) are left alone. Returns the status part: the managed snapshots
+/// present and the last rollback applied.
 async fn snapshots(agent: &Agent, vm: &VirtualMachine, vmid: u32, plan: &LaunchPlan) -> Result<Value, Stall> {
     let run = &plan.paths;
     let applied = std::fs::read_to_string(run.run_dir.join("rollback")).ok();
@@ -390,100 +401,108 @@ async fn snapshots(agent: &Agent, vm: &VirtualMachine, vmid: u32, plan: &LaunchP
         .filter(|d| !d.is_media() && d.image_format() == "qcow2")
         .filter_map(|d| plan.disks.iter().find(|r| r.id == d.id).map(|r| (d.id.as_str(), r.path.as_path())))
         .collect();
-    let failed = |reason: &'static str, e: String| Stall::new(reason, e);
-    // What each image has (read once per image, then kept up to date by what this agent does).
+    let declared: Vec<&str> = vm.spec.snapshots.iter().map(|s| s.name.as_str()).collect();
+    let previous: Vec<String> = vm.status.as_ref().map(|s| s.snapshots.clone()).unwrap_or_default();
+    let managed = |n: &str| declared.contains(&n) || previous.iter().any(|p| p == n);
+    let failed = |e: String| Stall::new("SnapshotFailed", e);
+    // What each image has (read once per image, then kept up to date by what this agent does;
+    // forgotten whenever a command fails, so the next pass reads it again).
     let mut present: Vec<Vec<String>> = Vec::new();
     for (id, path) in &images {
         let known = agent.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).get(*path).cloned();
-        present.push(match known {
+        let list = match known {
             Some(list) => list,
             None => storage::image_snapshots(path)
                 .await
-                .map_err(|e| failed("StorageUnavailable", format!("spec.disks[{id}]: {e}")))?,
-        });
-    }
-    let remember = |path: &Path, list: &Vec<String>| {
-        agent
-            .snapshot_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(path.to_path_buf(), list.clone());
-    };
-    for ((_, path), list) in images.iter().zip(&present) {
-        remember(path, list);
+                .map_err(|e| Stall::new("StorageUnavailable", format!("spec.disks[{id}]: {e}")))?,
+        };
+        agent.remember_snapshots(path, &list);
+        present.push(list);
     }
     let running = running_pid(run, vmid).is_some();
-    let declared: Vec<&str> = vm.spec.snapshots.iter().map(|s| s.name.as_str()).collect();
     let new: Vec<&str> =
         declared.iter().copied().filter(|n| !present.iter().any(|l| l.iter().any(|x| x == n))).collect();
+    let mut q = if running && !images.is_empty() { qmp(run).await } else { None };
+    if running && !images.is_empty() && q.is_none() {
+        return Err(failed("QMP is not answering".into()));
+    }
     if !new.is_empty() && !images.is_empty() {
-        let mut qmp = if running {
-            let mut q =
-                qmp(run).await.ok_or_else(|| failed("SnapshotFailed", "QMP is not answering".into()))?;
-            let was_running = qmp_status(run).await.as_deref() == Some("running");
+        // QMP serves one client at a time: ask on this connection.
+        let mut was_running = false;
+        if let Some(q) = &mut q {
+            was_running = q.query_status().await.is_ok_and(|s| s == "running");
             if was_running {
-                q.stop().await.map_err(|e| failed("SnapshotFailed", format!("pausing: {e}")))?;
+                q.stop().await.map_err(|e| failed(format!("pausing: {e}")))?;
             }
-            Some((q, was_running))
-        } else {
-            None
-        };
+        }
         let mut outcome = Ok(());
         'take: for name in &new {
-            for ((id, path), list) in images.iter().zip(present.iter_mut()) {
-                let result = match &mut qmp {
-                    Some((q, _)) => q
-                        .execute(
-                            "blockdev-snapshot-internal-sync",
-                            Some(json!({"device": format!("drive-{id}"), "name": name})),
-                        )
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    None => storage::image_snapshot(path, "-c", name).await.map_err(|e| e.to_string()),
-                };
-                if let Err(e) = result {
-                    outcome = Err(failed("SnapshotFailed", format!("spec.snapshots[{name}] on {id}: {e}")));
+            let mut taken: Vec<usize> = Vec::new();
+            for (i, (id, path)) in images.iter().enumerate() {
+                if let Err(e) = snapshot_op(&mut q, path, id, "-c", name).await {
+                    agent.forget_image(path);
+                    // All disks or none: undo the part taken, so the next pass starts over.
+                    for j in taken {
+                        let (id, path) = images[j];
+                        if snapshot_op(&mut q, path, id, "-d", name).await.is_err() {
+                            agent.forget_image(path);
+                        }
+                        present[j].retain(|n| n != name);
+                    }
+                    outcome = Err(failed(format!("spec.snapshots[{name}] on {id}: {e}")));
                     break 'take;
                 }
-                list.push(name.to_string());
-                remember(path, list);
+                present[i].push(name.to_string());
+                taken.push(i);
             }
             tracing::info!(vmid, snapshot = name, "snapshot taken");
         }
-        if let Some((mut q, true)) = qmp {
+        if let Some(q) = &mut q
+            && was_running
+        {
             let _ = q.cont().await;
+        }
+        for ((_, path), list) in images.iter().zip(&present) {
+            agent.remember_snapshots(path, list);
         }
         outcome?;
     }
-    for ((id, path), list) in images.iter().zip(present.iter_mut()) {
-        let gone: Vec<String> = list.iter().filter(|n| !declared.contains(&n.as_str())).cloned().collect();
+    for (i, (id, path)) in images.iter().enumerate() {
+        let gone: Vec<String> =
+            present[i].iter().filter(|n| !declared.contains(&n.as_str()) && managed(n)).cloned().collect();
         for name in gone {
-            let result = if running {
-                match qmp(run).await {
-                    Some(mut q) => q
-                        .execute(
-                            "blockdev-snapshot-delete-internal-sync",
-                            Some(json!({"device": format!("drive-{id}"), "name": name})),
-                        )
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    None => Err("QMP is not answering".to_string()),
-                }
-            } else {
-                storage::image_snapshot(path, "-d", &name).await.map_err(|e| e.to_string())
-            };
-            result.map_err(|e| failed("SnapshotFailed", format!("deleting snapshot {name} of {id}: {e}")))?;
-            list.retain(|n| *n != name);
-            remember(path, list);
+            if let Err(e) = snapshot_op(&mut q, path, id, "-d", &name).await {
+                agent.forget_image(path);
+                return Err(failed(format!("deleting snapshot {name} of {id}: {e}")));
+            }
+            present[i].retain(|n| *n != name);
+            agent.remember_snapshots(path, &present[i]);
             tracing::info!(vmid, snapshot = %name, disk = id, "snapshot deleted");
         }
     }
-    let mut names: Vec<&String> = present.iter().flatten().collect();
+    let mut names: Vec<&String> = present.iter().flatten().filter(|n| managed(n)).collect();
     names.sort();
     names.dedup();
     Ok(json!({"snapshots": names, "rollback": applied}))
+}
+
+/// Takes (`-c`) or deletes (`-d`) internal snapshot `name` of disk `id`: through QMP when the
+/// VM runs (`q`), with `qemu-img` on the image otherwise.
+async fn snapshot_op(q: &mut Option<Qmp>, path: &Path, id: &str, op: &str, name: &str) -> Result<(), String> {
+    match q {
+        Some(q) => {
+            let command = if op == "-c" {
+                "blockdev-snapshot-internal-sync"
+            } else {
+                "blockdev-snapshot-delete-internal-sync"
+            };
+            q.execute(command, Some(json!({"device": format!("drive-{id}"), "name": name})))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        None => storage::image_snapshot(path, op, name).await.map_err(|e| e.to_string()),
+    }
 }
 
 fn volume_id(vm: &VirtualMachine, disk: &ResolvedDisk, vmid: u32) -> String {

@@ -1,0 +1,565 @@
+//! The `/etc/pve` view (Proxmox's pmxcfs layout) as a FUSE file system: files rendered on
+//! demand from watch-fed caches of the resources ([`render`]), and writes that parse a
+//! guest's config and update (or create, or delete) its resource with the identity the
+//! mount runs as ([`fs`] is the FUSE side). While a watch has been failing for over 10 s the
+//! view is read-only.
+//!
+//! Layout: `nodes/<node>/{qemu-server,lxc}/<vmid>.conf`, `nodes/<node>/host.fw`, the links
+//! `qemu-server`, `lxc` and `local` to the local node, `storage.cfg`, `datacenter.cfg`,
+//! `user.cfg`, `ha/{groups,resources}.cfg`, `firewall/{cluster,<vmid>}.fw`, `.members`,
+//! `.vmlist`, `.version`.
+
+pub mod fs;
+pub mod render;
+
+use std::collections::BTreeMap;
+
+use kpve_crds::{
+    ClusterFirewall, HAGroup, Hypervisor, IPSet, LinuxContainer, LinuxContainerSpec, PVEACL, PVEGroup,
+    PVERole, PVEUser, PowerState, SecurityGroup, StoragePool, VirtualMachine, VirtualMachineSpec,
+};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::reflector::Store;
+
+use crate::cache::{self, Health};
+
+/// pmxcfs refuses files above 1 MiB; so does the view.
+pub const MAX_FILE: usize = 1024 * 1024;
+
+/// What a path in the view is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Dir,
+    Link(String),
+    File(String),
+}
+
+/// Why a write was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the view is read-only while the API server is unreachable")]
+    ReadOnly,
+    #[error("files are limited to 1 MiB, as in pmxcfs")]
+    TooBig,
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0} cannot be written")]
+    NotWritable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A guest config path: node, kind (`qemu-server`/`lxc`), VMID.
+pub fn guest_path(path: &str) -> Option<(&str, &str, u32)> {
+    let rest = path.strip_prefix("nodes/")?;
+    let (node, rest) = rest.split_once('/')?;
+    let (dir, file) = rest.split_once('/')?;
+    let vmid = file.strip_suffix(".conf")?.parse().ok().filter(|v| *v >= 100)?;
+    (matches!(dir, "qemu-server" | "lxc") && !file.contains('/')).then_some((node, dir, vmid))
+}
+
+/// The resources the view renders, kept by watches.
+pub struct View {
+    client: kube::Client,
+    node: String,
+    start: u64,
+    vms: Store<VirtualMachine>,
+    cts: Store<LinuxContainer>,
+    hvs: Store<Hypervisor>,
+    pools: Store<StoragePool>,
+    cfw: Store<ClusterFirewall>,
+    sgs: Store<SecurityGroup>,
+    ipsets: Store<IPSet>,
+    hagroups: Store<HAGroup>,
+    users: Store<PVEUser>,
+    groups: Store<PVEGroup>,
+    roles: Store<PVERole>,
+    acls: Store<PVEACL>,
+    health: Vec<Health>,
+}
+
+fn sorted<K: kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
+    let mut list: Vec<K> = store.state().iter().map(|k| (**k).clone()).collect();
+    list.sort_by_key(|k| k.meta().name.clone());
+    list
+}
+
+impl View {
+    /// Starts the watches (as `client`'s identity) and waits for their first lists.
+    pub async fn start(client: kube::Client, node: &str) -> anyhow::Result<View> {
+        let mut health = Vec::new();
+        macro_rules! watch {
+            () => {{
+                let (store, h) = cache::watch(&client);
+                health.push(h);
+                store
+            }};
+        }
+        let view = View {
+            node: node.to_string(),
+            start: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            vms: watch!(),
+            cts: watch!(),
+            hvs: watch!(),
+            pools: watch!(),
+            cfw: watch!(),
+            sgs: watch!(),
+            ipsets: watch!(),
+            hagroups: watch!(),
+            users: watch!(),
+            groups: watch!(),
+            roles: watch!(),
+            acls: watch!(),
+            health,
+            client,
+        };
+        let ready = async {
+            view.vms.wait_until_ready().await?;
+            view.cts.wait_until_ready().await?;
+            view.hvs.wait_until_ready().await?;
+            view.pools.wait_until_ready().await?;
+            view.cfw.wait_until_ready().await?;
+            view.sgs.wait_until_ready().await?;
+            view.ipsets.wait_until_ready().await?;
+            view.hagroups.wait_until_ready().await?;
+            view.users.wait_until_ready().await?;
+            view.groups.wait_until_ready().await?;
+            view.roles.wait_until_ready().await?;
+            view.acls.wait_until_ready().await
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), ready)
+            .await
+            .map_err(|_| anyhow::anyhow!("the /etc/pve view's caches did not fill within 60 s"))??;
+        Ok(view)
+    }
+
+    /// Writes are taken only while every watch delivers.
+    pub fn writable(&self) -> bool {
+        self.health.iter().all(Health::current)
+    }
+
+    /// The newest resource version in the caches (`.version`, `.vmlist`).
+    fn version(&self) -> u64 {
+        let rv = |m: &kube::api::ObjectMeta| {
+            m.resource_version.as_deref().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        };
+        let mut max = 0;
+        for v in self.vms.state() {
+            max = max.max(rv(&v.metadata));
+        }
+        for c in self.cts.state() {
+            max = max.max(rv(&c.metadata));
+        }
+        for h in self.hvs.state() {
+            max = max.max(rv(&h.metadata));
+        }
+        max
+    }
+
+    /// The node a guest lives on: where it is bound, else the first node it is pinned to.
+    fn node_of(meta_node: Option<&String>, placement: &kpve_crds::Placement) -> Option<String> {
+        meta_node.cloned().or_else(|| placement.nodes.first().cloned())
+    }
+
+    fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self.hvs.state().iter().map(|h| h.name_any()).collect();
+        if !nodes.contains(&self.node) {
+            nodes.push(self.node.clone());
+        }
+        nodes.sort();
+        nodes
+    }
+
+    /// VMID → (node, kind, resource) of every guest that has a VMID and a node.
+    fn guests(&self) -> BTreeMap<u32, (String, &'static str)> {
+        let mut out = BTreeMap::new();
+        for vm in self.vms.state() {
+            let node = Self::node_of(vm.status.as_ref().and_then(|s| s.node.as_ref()), &vm.spec.placement);
+            if let (Some(vmid), Some(node)) = (vm.spec.vmid, node) {
+                out.insert(vmid, (node, "qemu"));
+            }
+        }
+        for ct in self.cts.state() {
+            let node = Self::node_of(ct.status.as_ref().and_then(|s| s.node.as_ref()), &ct.spec.placement);
+            if let (Some(vmid), Some(node)) = (ct.spec.vmid, node) {
+                out.insert(vmid, (node, "lxc"));
+            }
+        }
+        out
+    }
+
+    fn vm(&self, vmid: u32) -> Option<std::sync::Arc<VirtualMachine>> {
+        self.vms.state().into_iter().find(|v| v.spec.vmid == Some(vmid))
+    }
+
+    fn ct(&self, vmid: u32) -> Option<std::sync::Arc<LinuxContainer>> {
+        self.cts.state().into_iter().find(|c| c.spec.vmid == Some(vmid))
+    }
+
+    /// What `path` (relative, no leading slash) is, with a file's current content.
+    pub fn entry(&self, path: &str) -> Option<Entry> {
+        let local = format!("nodes/{}", self.node);
+        match path {
+            "" | "nodes" | "ha" | "firewall" => return Some(Entry::Dir),
+            "qemu-server" => return Some(Entry::Link(format!("{local}/qemu-server"))),
+            "lxc" => return Some(Entry::Link(format!("{local}/lxc"))),
+            "local" => return Some(Entry::Link(local)),
+            "storage.cfg" => return Some(Entry::File(render::storage_cfg(&sorted(&self.pools)))),
+            "datacenter.cfg" => return Some(Entry::File(String::new())),
+            "user.cfg" => {
+                let text = render::user_cfg(
+                    &sorted(&self.users),
+                    &sorted(&self.groups),
+                    &sorted(&self.roles),
+                    &sorted(&self.acls),
+                );
+                return Some(Entry::File(text));
+            }
+            "ha/groups.cfg" => return Some(Entry::File(render::ha_groups_cfg(&sorted(&self.hagroups)))),
+            "ha/resources.cfg" => {
+                let vms = sorted(&self.vms);
+                let cts = sorted(&self.cts);
+                let mut entries: Vec<(&str, u32, &kpve_crds::common::HaSpec)> = Vec::new();
+                for vm in &vms {
+                    if let (Some(vmid), Some(ha)) = (vm.spec.vmid, vm.spec.ha.as_ref()) {
+                        entries.push(("vm", vmid, ha));
+                    }
+                }
+                for ct in &cts {
+                    if let (Some(vmid), Some(ha)) = (ct.spec.vmid, ct.spec.ha.as_ref()) {
+                        entries.push(("ct", vmid, ha));
+                    }
+                }
+                entries.sort_by_key(|e| e.1);
+                return Some(Entry::File(render::ha_resources_cfg(&entries)));
+            }
+            "firewall/cluster.fw" => {
+                let cluster = self.cfw.state().into_iter().find(|c| c.name_any() == "cluster");
+                return render::cluster_fw(cluster.as_deref(), &sorted(&self.sgs), &sorted(&self.ipsets))
+                    .map(Entry::File);
+            }
+            ".version" => return Some(Entry::File(render::version(self.version(), self.start))),
+            ".vmlist" => {
+                let guests = self.guests();
+                let list: Vec<(u32, &str, &str)> =
+                    guests.iter().map(|(vmid, (node, kind))| (*vmid, node.as_str(), *kind)).collect();
+                return Some(Entry::File(render::vmlist(self.version(), &list)));
+            }
+            ".members" => {
+                let now = jiff::Timestamp::now();
+                let nodes: Vec<(String, bool)> = self
+                    .nodes()
+                    .into_iter()
+                    .map(|n| {
+                        let online = self.hvs.state().iter().any(|h| {
+                            h.name_any() == n
+                                && h.status
+                                    .as_ref()
+                                    .and_then(|s| s.last_heartbeat_time.as_deref())
+                                    .is_some_and(|t| {
+                                        t.parse::<jiff::Timestamp>()
+                                            .is_ok_and(|t| now.duration_since(t).as_secs() < 60)
+                                    })
+                        });
+                        (n, online)
+                    })
+                    .collect();
+                return Some(Entry::File(render::members(&self.node, self.version(), &nodes)));
+            }
+            _ => {}
+        }
+        if let Some(file) = path.strip_prefix("firewall/") {
+            let vmid: u32 = file.strip_suffix(".fw")?.parse().ok()?;
+            let fw = match self.vm(vmid) {
+                Some(vm) => render::guest_fw(vm.spec.firewall.as_ref()),
+                None => render::guest_fw(self.ct(vmid)?.spec.firewall.as_ref()),
+            };
+            return fw.map(Entry::File);
+        }
+        let rest = path.strip_prefix("nodes/")?;
+        let (node, sub) = rest.split_once('/').unwrap_or((rest, ""));
+        if !self.nodes().iter().any(|n| n == node) {
+            return None;
+        }
+        match sub {
+            "" | "qemu-server" | "lxc" => return Some(Entry::Dir),
+            "host.fw" => {
+                let hv = self.hvs.state().into_iter().find(|h| h.name_any() == node)?;
+                return render::host_fw(&hv).map(Entry::File);
+            }
+            _ => {}
+        }
+        let (_, dir, vmid) = guest_path(path)?;
+        let guests = self.guests();
+        let (owner, kind) = guests.get(&vmid)?;
+        if owner != node {
+            return None;
+        }
+        match (dir, *kind) {
+            ("qemu-server", "qemu") => Some(Entry::File(render::qemu_conf(self.vm(vmid)?.as_ref()))),
+            ("lxc", "lxc") => Some(Entry::File(render::lxc_conf(self.ct(vmid)?.as_ref()))),
+            _ => None,
+        }
+    }
+
+    /// The names in directory `path`, with whether each is a directory.
+    pub fn list(&self, path: &str) -> Vec<String> {
+        let mut names: Vec<String> = match path {
+            "" => [
+                "nodes",
+                "qemu-server",
+                "lxc",
+                "local",
+                "storage.cfg",
+                "datacenter.cfg",
+                "user.cfg",
+                "ha",
+                "firewall",
+                ".members",
+                ".vmlist",
+                ".version",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            "nodes" => self.nodes(),
+            "ha" => vec!["groups.cfg".into(), "resources.cfg".into()],
+            "firewall" => {
+                let mut names = Vec::new();
+                if self.cfw.state().iter().any(|c| c.name_any() == "cluster") {
+                    names.push("cluster.fw".to_string());
+                }
+                for vm in self.vms.state() {
+                    if let (Some(vmid), Some(_)) = (vm.spec.vmid, &vm.spec.firewall) {
+                        names.push(format!("{vmid}.fw"));
+                    }
+                }
+                for ct in self.cts.state() {
+                    if let (Some(vmid), Some(_)) = (ct.spec.vmid, &ct.spec.firewall) {
+                        names.push(format!("{vmid}.fw"));
+                    }
+                }
+                names
+            }
+            _ => {
+                let Some(rest) = path.strip_prefix("nodes/") else { return Vec::new() };
+                let (node, sub) = rest.split_once('/').unwrap_or((rest, ""));
+                match sub {
+                    "" => {
+                        let mut names = vec!["qemu-server".to_string(), "lxc".to_string()];
+                        if self.hvs.state().iter().any(|h| h.name_any() == node && h.spec.firewall.is_some())
+                        {
+                            names.push("host.fw".into());
+                        }
+                        names
+                    }
+                    "qemu-server" | "lxc" => {
+                        let want = if sub == "lxc" { "lxc" } else { "qemu" };
+                        self.guests()
+                            .into_iter()
+                            .filter(|(_, (n, k))| n == node && *k == want)
+                            .map(|(vmid, _)| format!("{vmid}.conf"))
+                            .collect()
+                    }
+                    _ => Vec::new(),
+                }
+            }
+        };
+        names.sort();
+        names
+    }
+
+    /// Whether a write to `path` is taken (guest configs), even if the file does not exist yet.
+    pub fn is_writable_path(&self, path: &str) -> bool {
+        guest_path(path).is_some_and(|(node, _, _)| self.nodes().iter().any(|n| n == node))
+    }
+
+    /// Parses `text` as the file at `path` and applies it: a guest config updates its
+    /// resource (fields the config does not carry stay as declared) or creates one.
+    pub async fn apply(&self, path: &str, text: &[u8]) -> Result<(), WriteError> {
+        if text.len() > MAX_FILE {
+            return Err(WriteError::TooBig);
+        }
+        let Some((node, dir, vmid)) = guest_path(path).filter(|_| self.is_writable_path(path)) else {
+            return Err(WriteError::NotWritable(path.to_string()));
+        };
+        if !self.writable() {
+            return Err(WriteError::ReadOnly);
+        }
+        let text =
+            std::str::from_utf8(text).map_err(|_| WriteError::Invalid(format!("{path}: not UTF-8")))?;
+        let owner = self.guests().get(&vmid).cloned();
+        if let Some((other, kind)) = &owner
+            && (other != node || (*kind == "qemu") != (dir == "qemu-server"))
+        {
+            return Err(self
+                .refuse(path, vmid, &format!("VMID {vmid} is a {kind} guest on node {other}"))
+                .await);
+        }
+        let result = if dir == "qemu-server" {
+            self.apply_vm(node, vmid, text).await
+        } else {
+            self.apply_ct(node, vmid, text).await
+        };
+        match result {
+            Err(WriteError::Invalid(message)) => Err(self.refuse(path, vmid, &message).await),
+            other => other,
+        }
+    }
+
+    async fn apply_vm(&self, node: &str, vmid: u32, text: &str) -> Result<(), WriteError> {
+        let parsed = kpve_crds::codec::qemu::parse_qemu_config(text)
+            .map_err(|e| WriteError::Invalid(format!("{vmid}.conf: {e}")))?;
+        match self.vm(vmid) {
+            Some(vm) => {
+                let api = Api::<VirtualMachine>::namespaced(
+                    self.client.clone(),
+                    &vm.namespace().unwrap_or_default(),
+                );
+                cache::replace_retrying(&api, &vm.name_any(), |current| {
+                    let mut spec = parsed.spec.clone();
+                    spec.keep_undeclared(&mut current.spec);
+                    current.spec = spec;
+                    current.status = None;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| kube_error(e.message))?;
+            }
+            None => {
+                let mut spec: VirtualMachineSpec = parsed.spec;
+                spec.vmid = Some(vmid);
+                spec.power_state = PowerState::Stopped;
+                spec.placement.nodes = vec![node.to_string()];
+                let vm = VirtualMachine::new(&format!("vm-{vmid}"), spec);
+                Api::<VirtualMachine>::namespaced(self.client.clone(), "default")
+                    .create(&PostParams::default(), &vm)
+                    .await
+                    .map_err(|e| kube_error(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_ct(&self, node: &str, vmid: u32, text: &str) -> Result<(), WriteError> {
+        let spec = LinuxContainerSpec::from_lxc_config(text)
+            .map_err(|e| WriteError::Invalid(format!("{vmid}.conf: {e}")))?;
+        match self.ct(vmid) {
+            Some(ct) => {
+                let api = Api::<LinuxContainer>::namespaced(
+                    self.client.clone(),
+                    &ct.namespace().unwrap_or_default(),
+                );
+                cache::replace_retrying(&api, &ct.name_any(), |current| {
+                    let mut new = spec.clone();
+                    new.keep_undeclared(&mut current.spec);
+                    current.spec = new;
+                    current.status = None;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| kube_error(e.message))?;
+            }
+            None => {
+                let mut spec = spec;
+                spec.vmid = Some(vmid);
+                spec.power_state = PowerState::Stopped;
+                spec.placement.nodes = vec![node.to_string()];
+                let ct = LinuxContainer::new(&format!("ct-{vmid}"), spec);
+                Api::<LinuxContainer>::namespaced(self.client.clone(), "default")
+                    .create(&PostParams::default(), &ct)
+                    .await
+                    .map_err(|e| kube_error(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removing a guest's config deletes the guest.
+    pub async fn remove(&self, path: &str) -> Result<(), WriteError> {
+        let Some((_, dir, vmid)) = guest_path(path) else {
+            return Err(WriteError::NotWritable(path.to_string()));
+        };
+        if !self.writable() {
+            return Err(WriteError::ReadOnly);
+        }
+        let dp = DeleteParams::default();
+        let result = match (dir, self.vm(vmid), self.ct(vmid)) {
+            ("qemu-server", Some(vm), _) => {
+                Api::<VirtualMachine>::namespaced(self.client.clone(), &vm.namespace().unwrap_or_default())
+                    .delete(&vm.name_any(), &dp)
+                    .await
+                    .map(|_| ())
+            }
+            ("lxc", _, Some(ct)) => {
+                Api::<LinuxContainer>::namespaced(self.client.clone(), &ct.namespace().unwrap_or_default())
+                    .delete(&ct.name_any(), &dp)
+                    .await
+                    .map(|_| ())
+            }
+            _ => return Err(WriteError::NotWritable(path.to_string())),
+        };
+        result.map_err(|e| kube_error(e.to_string()))
+    }
+
+    /// Records why an edit was refused as an Event on the guest (or where it would be), and
+    /// returns the error.
+    async fn refuse(&self, path: &str, vmid: u32, message: &str) -> WriteError {
+        use k8s_openapi::api::core::v1::{Event, ObjectReference};
+        let (kind, name, namespace) = match (self.vm(vmid), self.ct(vmid)) {
+            (Some(vm), _) => ("VirtualMachine", vm.name_any(), vm.namespace().unwrap_or_default()),
+            (_, Some(ct)) => ("LinuxContainer", ct.name_any(), ct.namespace().unwrap_or_default()),
+            _ if path.contains("/lxc/") => ("LinuxContainer", format!("ct-{vmid}"), "default".to_string()),
+            _ => ("VirtualMachine", format!("vm-{vmid}"), "default".to_string()),
+        };
+        let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
+        let event = Event {
+            metadata: kube::api::ObjectMeta {
+                generate_name: Some(format!("{name}.")),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("kpve.io/v1alpha1".into()),
+                kind: Some(kind.into()),
+                name: Some(name),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            },
+            reason: Some("InvalidConfig".into()),
+            message: Some(format!("/etc/pve/{path}: {message}")),
+            type_: Some("Warning".into()),
+            first_timestamp: now.parse().ok().map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            source: Some(k8s_openapi::api::core::v1::EventSource {
+                component: Some("kpve-pmxcfs".into()),
+                host: Some(self.node.clone()),
+            }),
+            count: Some(1),
+            ..Default::default()
+        };
+        if let Err(e) = Api::<Event>::namespaced(self.client.clone(), &namespace)
+            .create(&PostParams::default(), &event)
+            .await
+        {
+            tracing::debug!(error = %e, "event not recorded");
+        }
+        tracing::warn!(%path, %message, "/etc/pve edit refused");
+        WriteError::Invalid(message.to_string())
+    }
+}
+
+fn kube_error(message: String) -> WriteError {
+    if message.contains("forbidden") || message.contains("403") {
+        WriteError::Denied(message)
+    } else if message.contains("Invalid") || message.contains("422") || message.contains("invalid") {
+        WriteError::Invalid(message)
+    } else {
+        WriteError::Failed(message)
+    }
+}

@@ -1,0 +1,156 @@
+//! The `/etc/pve` view on a real FUSE mount (`kpve server --pve-fs DIR`), used the way
+//! Proxmox admins and their scripts use pmxcfs: `cat` a VM's config (the same keys the
+//! Proxmox API returns), `sed -i` it to change memory, write a new `<vmid>.conf` to create a
+//! VM and `rm` it to delete it; an invalid edit is refused (EINVAL) with an Event and changes
+//! nothing; files over 1 MiB are refused; the cluster files (`storage.cfg`, `user.cfg`,
+//! `.vmlist`, `firewall/cluster.fw`, `ha/resources.cfg`) show what the resources declare.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::{Server, wait_until};
+
+fn sh(script: &str) -> std::process::Output {
+    Command::new("sh").arg("-c").arg(script).output().unwrap()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn etc_pve_view_reads_and_writes_resources() {
+    if !Path::new("/dev/fuse").exists() {
+        assert!(std::env::var("KPVE_REQUIRE_HOST").is_err(), "/dev/fuse is required");
+        eprintln!("skipping: no /dev/fuse");
+        return;
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let etc = mnt.path().join("pve");
+    let server = Server::start_with(&["--pve-fs", etc.to_str().unwrap()]);
+    let _unmount = Unmount(etc.clone());
+    wait_until("the view is mounted", || etc.join(".version").exists());
+
+    // A VM declared with kubectl shows up as qemu-server/100.conf on its node.
+    let vm = "apiVersion: kpve.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: web, namespace: default}\nspec:\n  \
+              vmid: 100\n  name: web\n  memory: {size: 256}\n  cpu: {cores: 2}\n  \
+              disks: [{id: scsi0, pool: local, size: 4G}]\n  placement: {nodes: [node1]}\n  \
+              ha: {group: g1}\n  firewall: {enable: true, rules: [{type: in, action: ACCEPT, proto: tcp, dport: '22'}]}\n";
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(vm));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conf = etc.join("nodes/node1/qemu-server/100.conf");
+    wait_until("100.conf appears", || conf.exists());
+    let text = read(&conf);
+    assert!(
+        text.contains("memory: 256\n") && text.contains("cores: 2\n") && text.contains("name: web\n"),
+        "{text}"
+    );
+    // The local node's links, as on Proxmox.
+    assert_eq!(read(&etc.join("qemu-server/100.conf")), text);
+    assert_eq!(std::fs::read_link(etc.join("local")).unwrap(), Path::new("nodes/node1"));
+    let listing: Vec<String> = std::fs::read_dir(etc.join("nodes/node1/qemu-server"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(listing, ["100.conf"]);
+
+    // The same keys the Proxmox API returns for the VM.
+    if support::proxmoxer_available() {
+        let password =
+            std::fs::read_to_string(server.data_dir().join("pve-root-password")).unwrap().trim().to_string();
+        let script = r#"
+import json, sys, warnings
+from proxmoxer import ProxmoxAPI
+warnings.filterwarnings("ignore")
+p = ProxmoxAPI("127.0.0.1", port=int(sys.argv[1]), user="root@pam", password=sys.argv[2], verify_ssl=False)
+print(json.dumps(p.nodes("node1").qemu(100).config.get()))
+"#;
+        let api = support::run_client(
+            Command::new("python3"),
+            script,
+            &[&server.pve_port.to_string(), &password],
+            &server,
+        );
+        for line in text.lines().filter(|l| l.contains(": ")) {
+            let (key, value) = line.split_once(": ").unwrap();
+            assert_eq!(api[key], value, "{key} in the API's config: {api}");
+        }
+    }
+
+    // sed -i (a temporary file renamed over the config) changes the spec; what the config
+    // does not carry (HA, firewall, placement) stays.
+    let out = sh(&format!("sed -i 's/^memory: 256$/memory: 512/' {}", conf.display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec = server.kubectl_ok(&[
+        "get",
+        "vm",
+        "web",
+        "-o",
+        "jsonpath={.spec.memory.size} {.spec.ha.group} {.spec.firewall.enable} {.spec.placement.nodes[0]}",
+    ]);
+    assert_eq!(spec, "512 g1 true node1");
+    assert!(read(&conf).contains("memory: 512\n"));
+
+    // An invalid edit is refused and changes nothing; an Event says why.
+    let out = sh(&format!("sed -i 's/^memory: 512$/memory: lots/' {}", conf.display()));
+    assert!(!out.status.success(), "sed -i with an invalid memory must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Invalid argument"), "{err}");
+    assert_eq!(server.kubectl_ok(&["get", "vm", "web", "-o", "jsonpath={.spec.memory.size}"]), "512");
+    assert!(read(&conf).contains("memory: 512\n"));
+    let events = server.kubectl_ok(&["get", "events", "-n", "default", "-o", "json"]);
+    assert!(events.contains("InvalidConfig") && events.contains("memory"), "{events}");
+
+    // A new config creates a VM; removing it deletes the VM.
+    let new = etc.join("nodes/node1/qemu-server/105.conf");
+    std::fs::write(&new, "name: fromfs\nmemory: 128\ncores: 1\n").unwrap();
+    assert_eq!(
+        server.kubectl_ok(&[
+            "get",
+            "vm",
+            "vm-105",
+            "-o",
+            "jsonpath={.spec.vmid} {.spec.memory.size} {.spec.placement.nodes[0]} {.spec.powerState}"
+        ]),
+        "105 128 node1 Stopped"
+    );
+    // Truncate-and-write of invalid content is refused when written out (fsync, or the
+    // close, which Rust's File ignores), and nothing changes.
+    let mut file = std::fs::File::create(&new).unwrap();
+    std::io::Write::write_all(&mut file, b"memory: nope\n").unwrap();
+    assert_eq!(file.sync_all().unwrap_err().raw_os_error(), Some(22), "EINVAL");
+    drop(file);
+    assert_eq!(server.kubectl_ok(&["get", "vm", "vm-105", "-o", "jsonpath={.spec.memory.size}"]), "128");
+    // pmxcfs's 1 MiB limit.
+    let big = format!("memory: 128\ndescription: {}\n", "x".repeat(1100 * 1024));
+    assert_eq!(std::fs::write(&new, big).unwrap_err().raw_os_error(), Some(27), "EFBIG");
+    std::fs::remove_file(&new).unwrap();
+    let gone = server.kubectl(&["get", "vm", "vm-105"]);
+    assert!(!gone.status.success(), "vm-105 is deleted");
+
+    // Cluster files.
+    let vmlist: serde_json::Value = serde_json::from_str(&read(&etc.join(".vmlist"))).unwrap();
+    assert_eq!(vmlist["ids"]["100"]["node"], "node1");
+    assert_eq!(vmlist["ids"]["100"]["type"], "qemu");
+    assert!(vmlist["ids"].get("105").is_none(), "{vmlist}");
+    let resources = read(&etc.join("ha/resources.cfg"));
+    assert!(resources.contains("vm: 100\n") && resources.contains("\tgroup g1\n"), "{resources}");
+    let fw = read(&etc.join("firewall/100.fw"));
+    assert!(fw.contains("enable: 1") && fw.contains("IN ACCEPT -p tcp -dport 22"), "{fw}");
+    let users = read(&etc.join("user.cfg"));
+    assert!(users.starts_with("user:root@pam:1:0:"), "{users}");
+    let storage = read(&etc.join("storage.cfg"));
+    assert!(storage.contains("dir: local\n"), "{storage}");
+    // Files outside a guest's config cannot be written.
+    assert!(std::fs::write(etc.join("storage.cfg"), "dir: other\n").is_err());
+}
