@@ -134,6 +134,7 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     // pmxcfs's 1 MiB limit.
     let big = format!("memory: 128\ndescription: {}\n", "x".repeat(1100 * 1024));
     assert_eq!(std::fs::write(&new, big).unwrap_err().raw_os_error(), Some(27), "EFBIG");
+    assert_eq!(server.kubectl_ok(&["get", "vm", "vm-105", "-o", "jsonpath={.spec.memory.size}"]), "128");
     std::fs::remove_file(&new).unwrap();
     let gone = server.kubectl(&["get", "vm", "vm-105"]);
     assert!(!gone.status.success(), "vm-105 is deleted");
@@ -151,6 +152,39 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     assert!(users.starts_with("user:root@pam:1:0:"), "{users}");
     let storage = read(&etc.join("storage.cfg"));
     assert!(storage.contains("dir: local\n"), "{storage}");
-    // Files outside a guest's config cannot be written.
+    // Files the view does not write back are read-only.
     assert!(std::fs::write(etc.join("storage.cfg"), "dir: other\n").is_err());
+
+    // Firewall and HA files round-trip: edited with the tools admins use, they change the
+    // resources they render, and read back as written.
+    let out = sh(&format!("sed -i 's/-dport 22/-dport 2222/' {}", etc.join("firewall/100.fw").display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        server.kubectl_ok(&["get", "vm", "web", "-o", "jsonpath={.spec.firewall.rules[0].dport}"]),
+        "2222"
+    );
+    let cluster = "[OPTIONS]\n\nenable: 1\n\n[RULES]\n\nIN ACCEPT -p tcp -dport 8006\n\n[group webservers]\n\nIN ACCEPT -p tcp -dport 80\n";
+    std::fs::write(etc.join("firewall/cluster.fw"), cluster).unwrap();
+    assert_eq!(
+        server.kubectl_ok(&["get", "clusterfirewall", "cluster", "-o", "jsonpath={.spec.enable}"]),
+        "true"
+    );
+    assert_eq!(
+        server.kubectl_ok(&["get", "securitygroup", "webservers", "-o", "jsonpath={.spec.rules[0].dport}"]),
+        "80"
+    );
+    let shown = read(&etc.join("firewall/cluster.fw"));
+    assert!(shown.contains("enable: 1") && shown.contains("[group webservers]"), "{shown}");
+    std::fs::write(etc.join("ha/groups.cfg"), "group: g1\n\tnodes node1:2\n\trestricted 1\n").unwrap();
+    assert_eq!(server.kubectl_ok(&["get", "hagroup", "g1", "-o", "jsonpath={.spec.restricted}"]), "true");
+    let out =
+        sh(&format!("sed -i 's/state started/state stopped/' {}", etc.join("ha/resources.cfg").display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.kubectl_ok(&["get", "vm", "web", "-o", "jsonpath={.spec.ha.state}"]), "stopped");
+    assert!(read(&etc.join("ha/resources.cfg")).contains("\tstate stopped\n"));
+    // An HA entry for a guest that does not exist is refused, and nothing changes.
+    let out =
+        sh(&format!("printf 'vm: 999\\n\\tstate started\\n' > {}", etc.join("ha/resources.cfg").display()));
+    let _ = out;
+    assert_eq!(server.kubectl_ok(&["get", "vm", "web", "-o", "jsonpath={.spec.ha.state}"]), "stopped");
 }

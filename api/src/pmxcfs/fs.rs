@@ -30,6 +30,8 @@ struct Open {
     dirty: bool,
     /// A scratch file (not a view path): kept, never applied.
     scratch: bool,
+    /// Opened for writing: only such a handle takes a truncation or is ever applied.
+    writing: bool,
 }
 
 /// The mounted view.
@@ -164,12 +166,14 @@ impl PveFs {
     }
 
     /// Applies an open file's content if it was written: a scratch file keeps it, a view file
-    /// goes to the resources.
-    fn commit(&self, fh: FileHandle) -> Result<(), Errno> {
+    /// goes to the resources. `closing` is the last close (release); before it, an empty
+    /// buffer waits: a shell opens with O_TRUNC, dup2s and closes the first descriptor (a
+    /// flush) before it writes anything.
+    fn commit(&self, fh: FileHandle, closing: bool) -> Result<(), Errno> {
         let (path, data, scratch) = {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             let Some(o) = open.get_mut(&fh.0) else { return Ok(()) };
-            if !o.dirty {
+            if !o.dirty || !o.writing || (o.data.is_empty() && !closing) {
                 return Ok(());
             }
             o.dirty = false;
@@ -233,7 +237,7 @@ impl Filesystem for PveFs {
             }
         }
         let data = if truncate && writing { Vec::new() } else { content };
-        let fh = self.new_handle(Open { path, data, dirty: truncate && writing, scratch });
+        let fh = self.new_handle(Open { path, data, dirty: truncate && writing, scratch, writing });
         reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
     }
 
@@ -263,7 +267,13 @@ impl Filesystem for PveFs {
             }
         }
         // A new guest config is applied when closed; an empty one is refused then.
-        let fh = self.new_handle(Open { path: path.clone(), data: Vec::new(), dirty: !scratch, scratch });
+        let fh = self.new_handle(Open {
+            path: path.clone(),
+            data: Vec::new(),
+            dirty: !scratch,
+            scratch,
+            writing: true,
+        });
         match self.attr(&path) {
             Some(attr) => reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_DIRECT_IO),
             None => {
@@ -312,6 +322,10 @@ impl Filesystem for PveFs {
         let Some(o) = open.get_mut(&fh.0) else { return reply.error(Errno::EBADF) };
         let end = offset as usize + data.len();
         if end > MAX_FILE {
+            // Nothing of an oversized file is applied, not even the part that fit.
+            o.data.clear();
+            o.dirty = false;
+            o.writing = false;
             return reply.error(Errno::EFBIG);
         }
         if o.data.len() < end {
@@ -348,11 +362,15 @@ impl Filesystem for PveFs {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             // The kernel truncates for open(O_TRUNC) with a separate setattr, not always naming
             // the handle: any open handle of the file takes it (applied when closed).
-            let by_fh = fh.is_some_and(|fh| open.get(&fh.0).is_some_and(|o| o.path == path));
+            // A reader of the same file (its release comes later, asynchronously) must not
+            // take it: only handles opened for writing, the newest first.
+            let by_fh = fh.is_some_and(|fh| open.get(&fh.0).is_some_and(|o| o.path == path && o.writing));
             let handle = if by_fh {
                 fh.and_then(|fh| open.get_mut(&fh.0))
             } else {
-                open.values_mut().find(|o| o.path == path)
+                let newest =
+                    open.iter().filter(|(_, o)| o.path == path && o.writing).map(|(fh, _)| *fh).max();
+                newest.and_then(|fh| open.get_mut(&fh))
             };
             match handle {
                 Some(o) => {
@@ -396,14 +414,14 @@ impl Filesystem for PveFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.commit(fh) {
+        match self.commit(fh, false) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.commit(fh) {
+        match self.commit(fh, false) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -419,7 +437,7 @@ impl Filesystem for PveFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let result = self.commit(fh);
+        let result = self.commit(fh, true);
         self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh.0);
         match result {
             Ok(()) => reply.ok(),

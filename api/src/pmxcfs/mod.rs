@@ -10,6 +10,7 @@
 //! `.vmlist`, `.version`.
 
 pub mod fs;
+pub mod parse;
 pub mod render;
 
 use std::collections::BTreeMap;
@@ -375,9 +376,20 @@ impl View {
         names
     }
 
-    /// Whether a write to `path` is taken (guest configs), even if the file does not exist yet.
+    /// Whether a write to `path` is taken (guest configs, firewall and HA files), even if the
+    /// file does not exist yet.
     pub fn is_writable_path(&self, path: &str) -> bool {
-        guest_path(path).is_some_and(|(node, _, _)| self.nodes().iter().any(|n| n == node))
+        if let Some((node, _, _)) = guest_path(path) {
+            return self.nodes().iter().any(|n| n == node);
+        }
+        if let Some(node) = path.strip_prefix("nodes/").and_then(|r| r.strip_suffix("/host.fw")) {
+            return self.hvs.state().iter().any(|h| h.name_any() == node);
+        }
+        if let Some(vmid) = path.strip_prefix("firewall/").and_then(|f| f.strip_suffix(".fw")) {
+            return vmid == "cluster"
+                || vmid.parse::<u32>().is_ok_and(|v| self.vm(v).is_some() || self.ct(v).is_some());
+        }
+        matches!(path, "ha/groups.cfg" | "ha/resources.cfg")
     }
 
     /// Parses `text` as the file at `path` and applies it: a guest config updates its
@@ -386,20 +398,30 @@ impl View {
         if text.len() > MAX_FILE {
             return Err(WriteError::TooBig);
         }
-        let Some((node, dir, vmid)) = guest_path(path).filter(|_| self.is_writable_path(path)) else {
+        if !self.is_writable_path(path) {
             return Err(WriteError::NotWritable(path.to_string()));
-        };
+        }
         if !self.writable() {
             return Err(WriteError::ReadOnly);
         }
         let text =
             std::str::from_utf8(text).map_err(|_| WriteError::Invalid(format!("{path}: not UTF-8")))?;
+        let Some((node, dir, vmid)) = guest_path(path) else {
+            return match self.apply_file(path, text).await {
+                Err(WriteError::Invalid(message)) => Err(self.refuse(path, None, &message).await),
+                other => other,
+            };
+        };
+        if text.trim().is_empty() {
+            let message = "an empty config; remove the file to delete the guest";
+            return Err(self.refuse(path, Some(vmid), message).await);
+        }
         let owner = self.guests().get(&vmid).cloned();
         if let Some((other, kind)) = &owner
             && (other != node || (*kind == "qemu") != (dir == "qemu-server"))
         {
             return Err(self
-                .refuse(path, vmid, &format!("VMID {vmid} is a {kind} guest on node {other}"))
+                .refuse(path, Some(vmid), &format!("VMID {vmid} is a {kind} guest on node {other}"))
                 .await);
         }
         let result = if dir == "qemu-server" {
@@ -408,9 +430,187 @@ impl View {
             self.apply_ct(node, vmid, text).await
         };
         match result {
-            Err(WriteError::Invalid(message)) => Err(self.refuse(path, vmid, &message).await),
+            Err(WriteError::Invalid(message)) => Err(self.refuse(path, Some(vmid), &message).await),
             other => other,
         }
+    }
+
+    /// Firewall and HA files: each replaces what it declares (the cluster firewall with its
+    /// groups and IP sets, a guest's or node's firewall, the HA groups, the guests' HA).
+    async fn apply_file(&self, path: &str, text: &str) -> Result<(), WriteError> {
+        use kpve_crds::codec::fw;
+        let invalid = |e: String| WriteError::Invalid(format!("{path}: {e}"));
+        match path {
+            "firewall/cluster.fw" => {
+                let parsed = fw::parse_cluster_fw(text).map_err(|e| invalid(e.to_string()))?;
+                let spec = parsed.spec.clone();
+                self.upsert(ClusterFirewall::new("cluster", spec.clone()), |o: &mut ClusterFirewall| {
+                    o.spec = spec.clone()
+                })
+                .await?;
+                let groups: Vec<SecurityGroup> = parsed
+                    .groups
+                    .into_iter()
+                    .map(|(name, spec)| SecurityGroup::new(&name.to_ascii_lowercase(), spec))
+                    .collect();
+                self.replace_all(&self.sgs, groups, |o, n| o.spec = n.spec.clone()).await?;
+                let ipsets: Vec<IPSet> = parsed
+                    .ipsets
+                    .into_iter()
+                    .map(|(name, spec)| IPSet::new(&name.to_ascii_lowercase(), spec))
+                    .collect();
+                self.replace_all(&self.ipsets, ipsets, |o, n| o.spec = n.spec.clone()).await
+            }
+            "ha/groups.cfg" => {
+                let groups: Vec<HAGroup> = parse::ha_groups(text)
+                    .map_err(invalid)?
+                    .into_iter()
+                    .map(|(name, spec)| HAGroup::new(&name, spec))
+                    .collect();
+                self.replace_all(&self.hagroups, groups, |o, n| o.spec = n.spec.clone()).await
+            }
+            "ha/resources.cfg" => {
+                let entries = parse::ha_resources(text).map_err(invalid)?;
+                // Every entry names a guest of its kind, checked before anything changes.
+                for (kind, vmid, _) in &entries {
+                    let exists =
+                        if kind == "vm" { self.vm(*vmid).is_some() } else { self.ct(*vmid).is_some() };
+                    if !exists {
+                        return Err(invalid(format!("{kind}:{vmid}: no such guest")));
+                    }
+                }
+                let wanted = |kind: &str, vmid: Option<u32>| {
+                    entries.iter().find(|(k, v, _)| k == kind && Some(*v) == vmid).map(|e| e.2.clone())
+                };
+                for vm in self.vms.state() {
+                    let ha = wanted("vm", vm.spec.vmid);
+                    if ha != vm.spec.ha {
+                        self.edit_vm(&vm, |spec| spec.ha = ha.clone()).await?;
+                    }
+                }
+                for ct in self.cts.state() {
+                    let ha = wanted("ct", ct.spec.vmid);
+                    if ha != ct.spec.ha {
+                        self.edit_ct(&ct, |spec| spec.ha = ha.clone()).await?;
+                    }
+                }
+                Ok(())
+            }
+            _ => {
+                if let Some(node) = path.strip_prefix("nodes/").and_then(|r| r.strip_suffix("/host.fw")) {
+                    let parsed = fw::parse_host_fw(text).map_err(|e| invalid(e.to_string()))?;
+                    let api = Api::<Hypervisor>::all(self.client.clone());
+                    return cache::replace_retrying(&api, node, |o| {
+                        o.spec.firewall = Some(parsed.clone());
+                        o.status = None;
+                        Ok(())
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| kube_error(e.message));
+                }
+                let vmid: u32 = path
+                    .strip_prefix("firewall/")
+                    .and_then(|f| f.strip_suffix(".fw"))
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| WriteError::NotWritable(path.to_string()))?;
+                let parsed = fw::parse_guest_fw(text).map_err(|e| invalid(e.to_string()))?;
+                if let Some(vm) = self.vm(vmid) {
+                    self.edit_vm(&vm, |spec| spec.firewall = Some(parsed.clone())).await
+                } else if let Some(ct) = self.ct(vmid) {
+                    self.edit_ct(&ct, |spec| spec.firewall = Some(parsed.clone())).await
+                } else {
+                    Err(WriteError::NotWritable(path.to_string()))
+                }
+            }
+        }
+    }
+
+    async fn edit_vm(
+        &self,
+        vm: &VirtualMachine,
+        edit: impl Fn(&mut VirtualMachineSpec),
+    ) -> Result<(), WriteError> {
+        let api = Api::<VirtualMachine>::namespaced(self.client.clone(), &vm.namespace().unwrap_or_default());
+        cache::replace_retrying(&api, &vm.name_any(), |o| {
+            edit(&mut o.spec);
+            o.status = None;
+            Ok(())
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| kube_error(e.message))
+    }
+
+    async fn edit_ct(
+        &self,
+        ct: &LinuxContainer,
+        edit: impl Fn(&mut LinuxContainerSpec),
+    ) -> Result<(), WriteError> {
+        let api = Api::<LinuxContainer>::namespaced(self.client.clone(), &ct.namespace().unwrap_or_default());
+        cache::replace_retrying(&api, &ct.name_any(), |o| {
+            edit(&mut o.spec);
+            o.status = None;
+            Ok(())
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| kube_error(e.message))
+    }
+
+    /// Replaces the spec of a cluster-scoped resource (through `set`), or creates `fresh`.
+    async fn upsert<K>(&self, fresh: K, set: impl Fn(&mut K)) -> Result<(), WriteError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + serde::Serialize,
+    {
+        let api: Api<K> = Api::all(self.client.clone());
+        let name = fresh.name_any();
+        match api.get_opt(&name).await.map_err(|e| kube_error(e.to_string()))? {
+            Some(_) => cache::replace_retrying(&api, &name, |o| {
+                set(o);
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| kube_error(e.message)),
+            None => api
+                .create(&PostParams::default(), &fresh)
+                .await
+                .map(|_| ())
+                .map_err(|e| kube_error(e.to_string())),
+        }
+    }
+
+    /// Makes the cluster-scoped resources of one kind exactly `wanted`: each created or
+    /// updated (through `set`), the others deleted.
+    async fn replace_all<K>(
+        &self,
+        store: &Store<K>,
+        wanted: Vec<K>,
+        set: impl Fn(&mut K, &K),
+    ) -> Result<(), WriteError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + serde::Serialize,
+    {
+        for object in &wanted {
+            self.upsert(object.clone(), |o| set(o, object)).await?;
+        }
+        let api: Api<K> = Api::all(self.client.clone());
+        for existing in store.state() {
+            let name = existing.name_any();
+            if !wanted.iter().any(|w| w.name_any() == name) {
+                api.delete(&name, &DeleteParams::default()).await.map_err(|e| kube_error(e.to_string()))?;
+            }
+        }
+        Ok(())
     }
 
     async fn apply_vm(&self, node: &str, vmid: u32, text: &str) -> Result<(), WriteError> {
@@ -418,19 +618,12 @@ impl View {
             .map_err(|e| WriteError::Invalid(format!("{vmid}.conf: {e}")))?;
         match self.vm(vmid) {
             Some(vm) => {
-                let api = Api::<VirtualMachine>::namespaced(
-                    self.client.clone(),
-                    &vm.namespace().unwrap_or_default(),
-                );
-                cache::replace_retrying(&api, &vm.name_any(), |current| {
-                    let mut spec = parsed.spec.clone();
-                    spec.keep_undeclared(&mut current.spec);
-                    current.spec = spec;
-                    current.status = None;
-                    Ok(())
+                self.edit_vm(&vm, |spec| {
+                    let mut new = parsed.spec.clone();
+                    new.keep_undeclared(spec);
+                    *spec = new;
                 })
-                .await
-                .map_err(|e| kube_error(e.message))?;
+                .await?;
             }
             None => {
                 let mut spec: VirtualMachineSpec = parsed.spec;
@@ -452,19 +645,12 @@ impl View {
             .map_err(|e| WriteError::Invalid(format!("{vmid}.conf: {e}")))?;
         match self.ct(vmid) {
             Some(ct) => {
-                let api = Api::<LinuxContainer>::namespaced(
-                    self.client.clone(),
-                    &ct.namespace().unwrap_or_default(),
-                );
-                cache::replace_retrying(&api, &ct.name_any(), |current| {
+                self.edit_ct(&ct, |current| {
                     let mut new = spec.clone();
-                    new.keep_undeclared(&mut current.spec);
-                    current.spec = new;
-                    current.status = None;
-                    Ok(())
+                    new.keep_undeclared(current);
+                    *current = new;
                 })
-                .await
-                .map_err(|e| kube_error(e.message))?;
+                .await?;
             }
             None => {
                 let mut spec = spec;
@@ -510,14 +696,25 @@ impl View {
 
     /// Records why an edit was refused as an Event on the guest (or where it would be), and
     /// returns the error.
-    async fn refuse(&self, path: &str, vmid: u32, message: &str) -> WriteError {
+    async fn refuse(&self, path: &str, vmid: Option<u32>, message: &str) -> WriteError {
         use k8s_openapi::api::core::v1::{Event, ObjectReference};
-        let (kind, name, namespace) = match (self.vm(vmid), self.ct(vmid)) {
-            (Some(vm), _) => ("VirtualMachine", vm.name_any(), vm.namespace().unwrap_or_default()),
-            (_, Some(ct)) => ("LinuxContainer", ct.name_any(), ct.namespace().unwrap_or_default()),
-            _ if path.contains("/lxc/") => ("LinuxContainer", format!("ct-{vmid}"), "default".to_string()),
-            _ => ("VirtualMachine", format!("vm-{vmid}"), "default".to_string()),
-        };
+        let (kind, name, namespace) =
+            match (vmid, vmid.and_then(|v| self.vm(v)), vmid.and_then(|v| self.ct(v))) {
+                (_, Some(vm), _) => ("VirtualMachine", vm.name_any(), vm.namespace().unwrap_or_default()),
+                (_, _, Some(ct)) => ("LinuxContainer", ct.name_any(), ct.namespace().unwrap_or_default()),
+                (Some(vmid), _, _) if path.contains("/lxc/") => {
+                    ("LinuxContainer", format!("ct-{vmid}"), "default".to_string())
+                }
+                (Some(vmid), _, _) => ("VirtualMachine", format!("vm-{vmid}"), "default".to_string()),
+                // Cluster files: the Event stands in `default`, about the kind the file declares.
+                (None, _, _) if path.starts_with("ha/") => {
+                    ("HAGroup", "ha".to_string(), "default".to_string())
+                }
+                (None, _, _) if path.ends_with("host.fw") => {
+                    ("Hypervisor", self.node.clone(), "default".to_string())
+                }
+                (None, _, _) => ("ClusterFirewall", "cluster".to_string(), "default".to_string()),
+            };
         let now = jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default();
         let event = Event {
             metadata: kube::api::ObjectMeta {
@@ -533,7 +730,7 @@ impl View {
                 ..Default::default()
             },
             reason: Some("InvalidConfig".into()),
-            message: Some(format!("/etc/pve/{path}: {message}")),
+            message: Some(format!("/etc/pve/{path}: {}", short(message))),
             type_: Some("Warning".into()),
             first_timestamp: now.parse().ok().map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
             source: Some(k8s_openapi::api::core::v1::EventSource {
@@ -549,8 +746,16 @@ impl View {
         {
             tracing::debug!(error = %e, "event not recorded");
         }
-        tracing::warn!(%path, %message, "/etc/pve edit refused");
+        tracing::warn!(%path, message = %short(message), "/etc/pve edit refused");
         WriteError::Invalid(message.to_string())
+    }
+}
+
+/// A message cut to a readable length (an API error may quote a whole oversized value).
+fn short(message: &str) -> String {
+    match message.char_indices().nth(400) {
+        Some((at, _)) => format!("{}…", &message[..at]),
+        None => message.to_string(),
     }
 }
 
