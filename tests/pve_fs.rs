@@ -3,7 +3,9 @@
 //! Proxmox API returns), `sed -i` it to change memory, write a new `<vmid>.conf` to create a
 //! VM and `rm` it to delete it; an invalid edit is refused (EINVAL) with an Event and changes
 //! nothing; files over 1 MiB are refused; the cluster files (`storage.cfg`, `user.cfg`,
-//! `.vmlist`, `firewall/cluster.fw`, `ha/resources.cfg`) show what the resources declare.
+//! `.vmlist`, `firewall/cluster.fw`, `ha/resources.cfg`) show what the resources declare, and
+//! firewall and HA files round-trip. An agent's mount survives an API server restart,
+//! read-only meanwhile.
 
 mod support;
 
@@ -187,4 +189,56 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
         sh(&format!("printf 'vm: 999\\n\\tstate started\\n' > {}", etc.join("ha/resources.cfg").display()));
     let _ = out;
     assert_eq!(server.kubectl_ok(&["get", "vm", "web", "-o", "jsonpath={.spec.ha.state}"]), "stopped");
+}
+
+/// An agent's mount (its own process, writing with an admin token) keeps serving reads while
+/// the API server is down, refuses writes with EROFS once its watches have failed for 10 s,
+/// takes writes again after the server is back, and unmounts on SIGTERM.
+#[test]
+fn an_agent_mount_is_read_only_while_the_server_is_down() {
+    if !Path::new("/dev/fuse").exists() {
+        assert!(std::env::var("KPVE_REQUIRE_HOST").is_err(), "/dev/fuse is required");
+        return;
+    }
+    let mut server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("pve");
+    let token = server.data_dir().join("fs-admin-token");
+    std::fs::write(&token, server.token("admin", None)).unwrap();
+    let mut agent = server.spawn_agent_with(
+        "node2",
+        &dir.path().join("agent"),
+        &["--pve-fs", etc.to_str().unwrap(), "--pve-fs-token", token.to_str().unwrap()],
+    );
+    let _unmount = Unmount(etc.clone());
+    wait_until("the agent's view is mounted", || etc.join(".version").exists());
+    let vm = "apiVersion: kpve.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: db, namespace: default}\nspec:\n  \
+              vmid: 110\n  memory: {size: 256}\n  placement: {nodes: [node2]}\n";
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(vm));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conf = etc.join("nodes/node2/qemu-server/110.conf");
+    wait_until("110.conf appears", || conf.exists());
+    let edit =
+        |from: u32, to: u32| sh(&format!("sed -i 's/^memory: {from}$/memory: {to}/' {}", conf.display()));
+    let out = edit(256, 384);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    server.kill9();
+    // Reads go on from the caches; writes are refused once the watches are stale.
+    assert!(read(&conf).contains("memory: 384\n"));
+    wait_until("writes get EROFS", || {
+        String::from_utf8_lossy(&edit(384, 512).stderr).contains("Read-only file system")
+    });
+    assert!(read(&conf).contains("memory: 384\n"));
+
+    server.spawn();
+    wait_until("writes are taken again", || edit(384, 512).status.success());
+    assert_eq!(server.kubectl_ok(&["get", "vm", "db", "-o", "jsonpath={.spec.memory.size}"]), "512");
+
+    // SIGTERM unmounts.
+    let out = Command::new("kill").args(["-TERM", &agent.id().to_string()]).output().unwrap();
+    assert!(out.status.success());
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "the agent exits cleanly: {status}");
+    assert!(!etc.join(".version").exists(), "the view is unmounted");
 }

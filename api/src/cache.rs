@@ -52,15 +52,27 @@ where
             .default_backoff();
     let health = Health::default();
     let flag = health.0.clone();
+    let probe = Api::<K>::all(client.clone());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => flag.store(0, Ordering::Relaxed),
-                Err(e) => {
-                    // Failing since the first error after the last delivery.
-                    let _ = flag.compare_exchange(0, unix_now(), Ordering::Relaxed, Ordering::Relaxed);
-                    tracing::warn!(error = %e, kind = %K::kind(&()), "watching resources");
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                event = stream.next() => match event {
+                    None => break,
+                    Some(Ok(_)) => flag.store(0, Ordering::Relaxed),
+                    Some(Err(e)) => {
+                        // Failing since the first error after the last delivery.
+                        let _ = flag.compare_exchange(0, unix_now(), Ordering::Relaxed, Ordering::Relaxed);
+                        tracing::warn!(error = %e, kind = %K::kind(&()), "watching resources");
+                    }
+                },
+                // A watch resumed after an outage delivers nothing until something changes:
+                // while failing, ask the server directly whether it answers again.
+                _ = tick.tick(), if flag.load(Ordering::Relaxed) != 0 => {
+                    if probe.list(&kube::api::ListParams::default().limit(1)).await.is_ok() {
+                        flag.store(0, Ordering::Relaxed);
+                    }
                 }
             }
         }

@@ -236,6 +236,11 @@ impl Server {
     /// Starts `kpve agent` for `node` as its own process, with a node token, its state in
     /// `agent_dir` and its log in `<data dir>/agent.log`.
     pub fn spawn_agent(&self, node: &str, agent_dir: &Path) -> Child {
+        self.spawn_agent_with(node, agent_dir, &[])
+    }
+
+    /// [`Server::spawn_agent`] with extra `kpve agent` arguments.
+    pub fn spawn_agent_with(&self, node: &str, agent_dir: &Path, extra: &[&str]) -> Child {
         let token_file = self.dir.path().join(format!("agent-token-{node}"));
         if !token_file.exists() {
             std::fs::write(&token_file, self.token("node", Some(node))).unwrap();
@@ -250,6 +255,7 @@ impl Server {
             .arg(self.dir.path().join("ca.crt"))
             .arg("--data-dir")
             .arg(agent_dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
