@@ -188,8 +188,15 @@ async fn kernel_boot_under_tcg() {
     let mut qmp = vm.qmp().await;
     assert!(qmp.greeting()["QMP"]["version"]["qemu"]["major"].as_u64().is_some());
 
-    let log = wait_for_file_text(&plan.paths.serial_log(), "Linux version", Duration::from_secs(8)).await;
-    assert!(log.contains("Command line: console=ttyS0 panic=-1"), "{log}");
+    // The banner's command line comes a moment after "Linux version": wait for it, not for the
+    // first line (the log was sometimes read between the two).
+    let log = wait_for_file_text(
+        &plan.paths.serial_log(),
+        "Command line: console=ttyS0 panic=-1",
+        Duration::from_secs(8),
+    )
+    .await;
+    assert!(log.contains("Linux version"), "{log}");
     let kvm = qmp.execute("query-kvm", None).await.unwrap();
     assert_eq!(kvm["enabled"], false);
 
