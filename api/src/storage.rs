@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 
 use crate::envelope::PveError;
 
-fn name_of<T: serde::Serialize>(v: &T) -> String {
+/// A unit enum's serialized name (`dir`, `images`, `started`).
+pub(crate) fn name_of<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
@@ -17,7 +18,8 @@ async fn pools(client: &kube::Client) -> Result<Vec<StoragePool>, PveError> {
     Ok(api.list(&ListParams::default()).await.map_err(PveError::read_failed)?.items)
 }
 
-fn content_types(pool: &StoragePool) -> String {
+/// The pool's content types as Proxmox lists them (`images,rootdir`).
+pub(crate) fn content_types(pool: &StoragePool) -> String {
     pool.spec.content.iter().map(name_of).collect::<Vec<_>>().join(",")
 }
 

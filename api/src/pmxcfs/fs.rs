@@ -460,10 +460,11 @@ impl Filesystem for PveFs {
         entries.push((self.ino(parent_of(&path)), FileType::Directory, "..".to_string()));
         for name in names {
             let child = if path.is_empty() { name.clone() } else { format!("{path}/{name}") };
-            let kind = match self.view.entry(&child) {
-                Some(Entry::Dir) => FileType::Directory,
-                Some(Entry::Link(_)) => FileType::Symlink,
-                _ => FileType::RegularFile,
+            // The kind only: rendering every child made a listing quadratic in the guests.
+            let kind = match self.view.kind(&child) {
+                Entry::Dir => FileType::Directory,
+                Entry::Link(_) => FileType::Symlink,
+                Entry::File(_) => FileType::RegularFile,
             };
             entries.push((self.ino(&child), kind, name));
         }

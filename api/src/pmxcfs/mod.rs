@@ -297,15 +297,31 @@ impl View {
             _ => {}
         }
         let (_, dir, vmid) = guest_path(path)?;
-        let guests = self.guests();
-        let (owner, kind) = guests.get(&vmid)?;
-        if owner != node {
-            return None;
+        fn on_node(
+            status: Option<&kpve_crds::common::GuestStatus>,
+            placement: &kpve_crds::Placement,
+            node: &str,
+        ) -> bool {
+            View::node_of(status.and_then(|s| s.node.as_ref()), placement).as_deref() == Some(node)
         }
-        match (dir, *kind) {
-            ("qemu-server", "qemu") => Some(Entry::File(render::qemu_conf(self.vm(vmid)?.as_ref()))),
-            ("lxc", "lxc") => Some(Entry::File(render::lxc_conf(self.ct(vmid)?.as_ref()))),
-            _ => None,
+        if dir == "qemu-server" {
+            let vm = self.vm(vmid).filter(|vm| on_node(vm.status.as_ref(), &vm.spec.placement, node))?;
+            Some(Entry::File(render::qemu_conf(&vm)))
+        } else {
+            let ct = self.ct(vmid).filter(|ct| on_node(ct.status.as_ref(), &ct.spec.placement, node))?;
+            Some(Entry::File(render::lxc_conf(&ct)))
+        }
+    }
+
+    /// Whether `path` is a directory, a link or a file, without rendering it.
+    pub fn kind(&self, path: &str) -> Entry {
+        match path {
+            "" | "nodes" | "ha" | "firewall" => Entry::Dir,
+            "qemu-server" | "lxc" | "local" => Entry::Link(String::new()),
+            _ => match path.strip_prefix("nodes/").map(|r| r.split_once('/').map_or("", |(_, sub)| sub)) {
+                Some("" | "qemu-server" | "lxc") => Entry::Dir,
+                _ => Entry::File(String::new()),
+            },
         }
     }
 

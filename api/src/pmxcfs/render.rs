@@ -12,9 +12,7 @@ use kpve_crds::{
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-fn enum_name<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-}
+use crate::storage::{content_types, name_of};
 
 /// `qemu-server/<vmid>.conf`: the current config, `parent`, and a section per snapshot.
 pub fn qemu_conf(vm: &VirtualMachine) -> String {
@@ -83,9 +81,8 @@ pub fn storage_cfg(pools: &[StoragePool]) -> String {
     let mut out = String::new();
     for p in pools {
         let s = &p.spec;
-        out.push_str(&format!("{}: {}\n", enum_name(&s.type_), p.name_any()));
-        let content: Vec<String> = s.content.iter().map(enum_name).collect();
-        let mut keys: Vec<(&str, String)> = vec![("content", content.join(","))];
+        out.push_str(&format!("{}: {}\n", name_of(&s.type_), p.name_any()));
+        let mut keys: Vec<(&str, String)> = vec![("content", content_types(p))];
         for (key, value) in [
             ("path", &s.path),
             ("format", &s.format),
@@ -202,7 +199,7 @@ pub fn ha_resources_cfg(entries: &[(&str, u32, &kpve_crds::common::HaSpec)]) -> 
         }
         out.push_str(&format!("\tmax_relocate {}\n", ha.max_relocate));
         out.push_str(&format!("\tmax_restart {}\n", ha.max_restart));
-        out.push_str(&format!("\tstate {}\n\n", enum_name(&ha.state)));
+        out.push_str(&format!("\tstate {}\n\n", name_of(&ha.state)));
     }
     out
 }

@@ -422,8 +422,11 @@ async fn snapshots(agent: &Agent, vm: &VirtualMachine, vmid: u32, plan: &LaunchP
     let running = running_pid(run, vmid).is_some();
     let new: Vec<&str> =
         declared.iter().copied().filter(|n| !present.iter().any(|l| l.iter().any(|x| x == n))).collect();
-    let mut q = if running && !images.is_empty() { qmp(run).await } else { None };
-    if running && !images.is_empty() && q.is_none() {
+    // QMP only when there is something to take or delete: most passes change nothing.
+    let stale = present.iter().flatten().any(|n| !declared.contains(&n.as_str()) && managed(n));
+    let work = !images.is_empty() && (!new.is_empty() || stale);
+    let mut q = if running && work { qmp(run).await } else { None };
+    if running && work && q.is_none() {
         return Err(failed("QMP is not answering".into()));
     }
     if !new.is_empty() && !images.is_empty() {
