@@ -63,6 +63,34 @@ enum Command {
     },
     /// Print the kpve version.
     Version,
+    /// The HA fence watchdog an agent starts for itself: kills the node's HA guests whenever
+    /// the agent's lease record is older than the self-fence deadline.
+    #[command(hide = true)]
+    FenceWatchdog {
+        /// The agent's state directory (DATA_DIR/agent).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        fence_ms: u64,
+    },
+}
+
+/// HA timing profiles (lease / renewal / self-fence deadline).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum HaProfile {
+    /// 40 s lease, renewed every 5 s, self-fence after 30 s.
+    Default,
+    /// 8 s lease, renewed every second, self-fence after 5 s: recovery in about 10 s.
+    Fast,
+}
+
+impl HaProfile {
+    fn profile(self) -> kpve_ha::Profile {
+        match self {
+            HaProfile::Default => kpve_ha::Profile::DEFAULT,
+            HaProfile::Fast => kpve_ha::Profile::FAST,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -83,6 +111,9 @@ struct ServerArgs {
     /// Do not run a node agent for this host.
     #[arg(long)]
     no_agent: bool,
+    /// HA timing of this host's node agent.
+    #[arg(long, value_enum, default_value = "default")]
+    ha_profile: HaProfile,
     /// Mount the /etc/pve view (pmxcfs layout) here, acting as the admin identity.
     #[arg(long)]
     pve_fs: Option<PathBuf>,
@@ -120,6 +151,9 @@ struct AgentArgs {
     /// Mount the /etc/pve view (pmxcfs layout) here.
     #[arg(long)]
     pve_fs: Option<PathBuf>,
+    /// HA timing: how long the node's lease lasts and when it fences itself.
+    #[arg(long, value_enum, default_value = "default")]
+    ha_profile: HaProfile,
     /// The identity the /etc/pve view writes with (a token file); without it the view acts
     /// as this node, which may read everything and change nothing.
     #[arg(long, requires = "pve_fs")]
@@ -210,6 +244,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Crdgen { out, check } => crdgen(&out, check),
         Command::Validate { files } => validate::run(&files),
         Command::Convert { direction } => convert::run(direction),
+        Command::FenceWatchdog { dir, fence_ms } => {
+            kpve_node_agent::fence::watchdog(&dir, fence_ms)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("kpve {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -276,7 +314,9 @@ fn server(args: ServerArgs) -> Result<ExitCode> {
         if !args.no_agent {
             let token = std::fs::read_to_string(args.data_dir.join("node-token"))?;
             let client = kube_client(&server_url, token.trim(), &ca)?;
-            let agent_config = kpve_node_agent::agent::AgentConfig::new(node.clone(), args.data_dir.clone());
+            let mut agent_config =
+                kpve_node_agent::agent::AgentConfig::new(node.clone(), args.data_dir.clone());
+            agent_config.ha = args.ha_profile.profile();
             tokio::spawn(async move {
                 if let Err(e) = kpve_node_agent::agent::run(client, agent_config).await {
                     tracing::error!(error = %e, "node agent stopped");
@@ -341,7 +381,8 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
             };
             mount_pve_fs(client, &args.node, dir).await?;
         }
-        let config = kpve_node_agent::agent::AgentConfig::new(args.node, args.data_dir);
+        let mut config = kpve_node_agent::agent::AgentConfig::new(args.node, args.data_dir);
+        config.ha = args.ha_profile.profile();
         kpve_node_agent::agent::run(client, config).await
     })?;
     Ok(ExitCode::SUCCESS)

@@ -1,12 +1,13 @@
 //! kpve's reconcilers. Built so far: the [`scheduler`] (initial placement of VMs and
-//! containers) and the [`guest`] controller (the deletion finalizer). Still to come: vmid,
-//! storage, firewall, HA CRM (docs/ARCHITECTURE.md §8).
+//! containers), the [`guest`] controller (the deletion finalizer) and the [`ha`] cluster
+//! resource manager. Still to come: vmid, storage, firewall (docs/ARCHITECTURE.md §8).
 //!
 //! Controllers talk to the API server only through the `kube` crate, re-exported from
 //! `kpve_crds`, so they run the same against kpve's own server and a real kube-apiserver.
 
 pub mod guest;
 mod guest_kind;
+pub mod ha;
 pub mod scheduler;
 
 use std::fmt::Debug;
@@ -48,7 +49,8 @@ impl Default for ControllersConfig {
 pub async fn run(client: Client, config: ControllersConfig) -> Result<()> {
     tokio::select! {
         result = scheduler::run(client.clone(), &config) => result,
-        result = guest::run(client) => result,
+        result = guest::run(client.clone()) => result,
+        result = ha::run(client) => result,
     }
 }
 

@@ -244,6 +244,79 @@ pub struct GuestStatus {
     /// Generation of the firewall inputs enforced for this guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firewall_generation: Option<i64>,
+    /// HA state as the cluster resource manager records it (Proxmox `ha-manager status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<HaStatus>,
+    /// What the local resource manager of the guest's node reports about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha_lrm: Option<HaLrmStatus>,
+}
+
+/// The CRM's record of an HA guest.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HaStatus {
+    /// started, stopped, disabled, ignored, fence, recovery, migrate or error.
+    #[serde(default)]
+    pub state: String,
+    /// Relocations after failed restarts so far (against spec.ha.maxRelocate).
+    #[serde(default)]
+    pub relocates: u32,
+    /// A move waiting for the current node to stop the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate: Option<HaMigrate>,
+    /// The node a maintenance drain took the guest from; it returns there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
+    /// The last failover's timeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<HaFailover>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HaMigrate {
+    pub id: u64,
+    pub target: String,
+}
+
+/// When a failover's steps happened (RFC 3339, milliseconds).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HaFailover {
+    /// The node that was lost.
+    pub from: String,
+    /// The CRM saw the node stop renewing its lease.
+    pub detected: String,
+    /// The node's lease expired: it had fenced itself.
+    pub fenced: String,
+    /// Where the guest went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<String>,
+    /// It ran there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
+}
+
+/// The node LRM's report on one HA guest.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HaLrmStatus {
+    pub node: String,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub failed: bool,
+    #[serde(default)]
+    pub started: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_for: Option<u64>,
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// A guest resource (VirtualMachine, LinuxContainer): what the scheduler, the guest

@@ -243,6 +243,12 @@ impl Crm {
         self.seen.get(node).map(|s| s.state)
     }
 
+    /// How long the CRM has not seen `node` renew its lease, unless `renew` is news to it.
+    pub fn silent_for(&self, node: &str, now: Ms, renew: Option<&str>) -> Option<Ms> {
+        let seen = self.seen.get(node)?;
+        (seen.renew.as_deref() == renew).then(|| now.saturating_sub(seen.at))
+    }
+
     /// Decides everything due at `now`.
     pub fn tick(&mut self, now: Ms, nodes: &[Node], groups: &[Group], guests: &[Guest]) -> Vec<Action> {
         let mut actions = Vec::new();

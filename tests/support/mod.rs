@@ -241,6 +241,12 @@ impl Server {
 
     /// [`Server::spawn_agent`] with extra `kpve agent` arguments.
     pub fn spawn_agent_with(&self, node: &str, agent_dir: &Path, extra: &[&str]) -> Child {
+        self.spawn_agent_via(node, agent_dir, self.port, extra)
+    }
+
+    /// [`Server::spawn_agent_with`], reaching the API server through `port` on loopback (a
+    /// [`Proxy`] the test can cut).
+    pub fn spawn_agent_via(&self, node: &str, agent_dir: &Path, port: u16, extra: &[&str]) -> Child {
         let token_file = self.dir.path().join(format!("agent-token-{node}"));
         if !token_file.exists() {
             std::fs::write(&token_file, self.token("node", Some(node))).unwrap();
@@ -248,7 +254,7 @@ impl Server {
         Command::new(env!("CARGO_BIN_EXE_kpve"))
             .args(["agent", "--node", node])
             .arg("--server")
-            .arg(format!("https://127.0.0.1:{}", self.port))
+            .arg(format!("https://127.0.0.1:{port}"))
             .arg("--token-file")
             .arg(&token_file)
             .arg("--ca-file")
@@ -478,5 +484,61 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A TCP forwarder on loopback that a test can cut, as a network partition between an agent
+/// and the API server would, and heal.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    /// Forwards 127.0.0.1:<self.port> to 127.0.0.1:`upstream`.
+    pub fn to(upstream: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (cut2, open2) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if cut2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                {
+                    let mut open = open2.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut, open }
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -95,8 +95,8 @@ impl Context {
 ///
 /// Not `Store::wait_until_ready`: its one-shot keeps a single waker, so with several
 /// reconciles (and the controller's own applier) waiting at once, all but one miss the wake-up.
-struct Cache<K: Resource<DynamicType = ()> + Clone + 'static> {
-    store: Store<K>,
+pub(crate) struct Cache<K: Resource<DynamicType = ()> + Clone + 'static> {
+    pub(crate) store: Store<K>,
     listed: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -105,7 +105,7 @@ where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     /// The cache, and the future that fills it (runs until the process ends).
-    fn new(api: Api<K>) -> (Self, impl Future<Output = ()> + Send) {
+    pub(crate) fn new(api: Api<K>) -> (Self, impl Future<Output = ()> + Send) {
         let (store, writer) = reflector::store();
         let (listed_tx, listed) = tokio::sync::watch::channel(false);
         let fill = reflector::reflector(writer, watcher(api, watcher::Config::default()))
@@ -124,7 +124,7 @@ where
         (Cache { store, listed }, fill)
     }
 
-    async fn synced(&self) -> Result<(), Error> {
+    pub(crate) async fn synced(&self) -> Result<(), Error> {
         let mut listed = self.listed.clone();
         match tokio::time::timeout(CACHE_SYNC_TIMEOUT, listed.wait_for(|listed| *listed)).await {
             Ok(Ok(_)) => Ok(()),

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kpve_crds::PowerState;
 use kpve_crds::common::{Condition, ConditionStatus, GuestObject, GuestSpec, condition_type, set_condition};
+use kpve_crds::{HaState, PowerState};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -33,8 +33,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+use crate::fence;
 use crate::host::{self, HostFacts};
 use crate::storage::DirPool;
+use kpve_ha::crm::LrmReport;
+use kpve_ha::lrm::{Fencing, GuestView, Lrm, Step};
 
 /// Direct kernel boot (appliances, tests): paths on the node, declared as annotations because
 /// Proxmox has no option for it and `args` (raw argv) is refused.
@@ -61,6 +64,8 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Graceful shutdown (ACPI) wait before QEMU is stopped hard.
     pub shutdown_timeout: Duration,
+    /// HA timing: lease duration and renewal, self-fence deadline.
+    pub ha: kpve_ha::Profile,
 }
 
 impl AgentConfig {
@@ -71,7 +76,13 @@ impl AgentConfig {
             heartbeat: Duration::from_secs(5),
             resync: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(10),
+            ha: kpve_ha::Profile::DEFAULT,
         }
+    }
+
+    /// Where the agent keeps its state (run directories, lease record, watchdog).
+    pub fn agent_dir(&self) -> PathBuf {
+        self.data_dir.join("agent")
     }
 
     fn run_root(&self) -> PathBuf {
@@ -131,11 +142,28 @@ pub(crate) struct Agent {
     /// Internal snapshots of qcow2 images as last read or made, so a reconcile runs
     /// `qemu-img` only to change them.
     pub(crate) snapshot_cache: std::sync::Mutex<HashMap<PathBuf, Vec<String>>>,
+    /// The HA local resource manager: lease held or not, self-fence.
+    lrm: std::sync::Mutex<Lrm>,
+    /// This run of the agent (its start, Unix ms): see `LrmReport::epoch`.
+    epoch: u64,
+    /// HA guests stopped by the last self-fence (starting them again is no restart).
+    fenced: std::sync::Mutex<HashSet<u32>>,
+    /// Per guest uid: the LRM's latest report, written with every status.
+    lrm_reports: std::sync::Mutex<HashMap<String, LrmReport>>,
 }
 
 pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
+    config.ha.check().map_err(|e| anyhow::anyhow!("unsafe HA timing: {e}"))?;
     std::fs::create_dir_all(config.run_root())?;
+    let agent_dir = config.agent_dir();
+    // A restarted agent carries on from the last renewal its predecessor recorded.
+    let lrm = Lrm::new(config.ha, fence::read_lease_ok(&agent_dir));
+    fence::ensure_watchdog(&agent_dir, config.ha.fence)?;
     let agent = Arc::new(Agent {
+        lrm: std::sync::Mutex::new(lrm),
+        epoch: fence::unix_ms(),
+        fenced: std::sync::Mutex::default(),
+        lrm_reports: std::sync::Mutex::default(),
         client,
         facts: host::facts(),
         pool_path: std::sync::Mutex::new(config.default_pool_path()),
@@ -154,6 +182,8 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         delay = (delay * 2).min(Duration::from_secs(5));
     }
     tokio::spawn(heartbeat(agent.clone()));
+    tokio::spawn(renew_lease(agent.clone()));
+    tokio::spawn(self_fence(agent.clone()));
     tokio::try_join!(
         guests::<vm::Qemu>(agent.clone()),
         guests::<ct::Lxc>(agent.clone()),
@@ -180,6 +210,7 @@ impl Agent {
         let name = &self.config.node;
         let body = json!({"apiVersion": "kpve.io/v1alpha1", "kind": "Hypervisor", "metadata": {"name": name}, "spec": {}});
         hvs.patch(name, &self.apply(), &Patch::Apply(&body)).await?;
+        self.renew_lease_once().await?;
         self.heartbeat_once().await
     }
 
@@ -212,15 +243,40 @@ impl Agent {
             status["status"]["conditions"][0]["lastTransitionTime"] = json!(c.last_transition_time);
         }
         hvs.patch_status(name, &self.apply(), &Patch::Apply(&status)).await?;
+        self.pool_status().await;
+        if let Err(e) = fence::ensure_watchdog(&self.config.agent_dir(), self.config.ha.fence) {
+            tracing::warn!(error = %e, "cannot start the fence watchdog");
+        }
+        Ok(())
+    }
+
+    /// Renews this node's Lease once; on success the LRM (and the watchdog) count the time
+    /// the renewal was sent.
+    async fn renew_lease_once(&self) -> anyhow::Result<()> {
+        let name = &self.config.node;
         let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
             Api::namespaced(self.client.clone(), "kube-node-lease");
+        let sent_at = fence::unix_ms();
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name},
-            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": micro_time()}
+            "spec": {
+                "holderIdentity": name,
+                "leaseDurationSeconds": self.config.ha.lease.div_ceil(1000),
+                "renewTime": micro_time(),
+            }
         });
         leases.patch(name, &self.apply(), &Patch::Apply(&lease)).await?;
-        self.pool_status().await;
+        let mut lrm = self.lrm.lock().expect("lrm lock");
+        lrm.renewed(sent_at);
+        if let Some(ok) = lrm.last_ok() {
+            fence::write_lease_ok(&self.config.agent_dir(), ok)?;
+        }
         Ok(())
+    }
+
+    /// Whether this node holds its lease now: HA guests may start.
+    fn holds_lease(&self) -> bool {
+        self.lrm.lock().expect("lrm lock").holds_lease(fence::unix_ms())
     }
 
     pub(crate) fn pool(&self) -> DirPool {
@@ -329,6 +385,50 @@ impl Agent {
                 ),
             )),
             _ => Ok(()),
+        }
+    }
+}
+
+/// Renews the node Lease every `ha.renew`, each attempt bounded so a hung request cannot
+/// delay the next.
+async fn renew_lease(agent: Arc<Agent>) {
+    let every = Duration::from_millis(agent.config.ha.renew);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(every * 2, agent.renew_lease_once()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+            Err(_) => tracing::warn!("lease renewal timed out"),
+        }
+    }
+}
+
+/// The LRM's deadline: once the lease has not been renewed for `ha.fence`, every HA guest on
+/// this node is killed, and none starts until a renewal goes through again.
+async fn self_fence(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let now = fence::unix_ms();
+        let (fencing, last_ok) = {
+            let mut lrm = agent.lrm.lock().expect("lrm lock");
+            (lrm.tick(now), lrm.last_ok())
+        };
+        match fencing {
+            Fencing::SelfFence => {
+                let run_root = agent.config.run_root();
+                let killed = tokio::task::spawn_blocking(move || fence::kill_ha_guests(&run_root))
+                    .await
+                    .unwrap_or_default();
+                let silent =
+                    last_ok.map(|t| format!("{} ms", now.saturating_sub(t))).unwrap_or_else(|| "ever".into());
+                tracing::warn!(?killed, "self-fence: no lease renewal for {silent}; HA guests stopped");
+                agent.fenced.lock().expect("fenced lock").extend(killed);
+            }
+            Fencing::Rejoined => tracing::info!("lease renewed again: HA guests may start"),
+            Fencing::Steady => {}
         }
     }
 }
@@ -442,12 +542,15 @@ async fn guests<R: Runtime>(agent: Arc<Agent>) -> anyhow::Result<()> {
                         spawn_reconcile::<R>(&agent, g).await;
                     }
                     Ok(watcher::Event::Delete(g)) => {
-                        // Gone from the API (or moved away): release what this node holds.
+                        // Moved away (an HA recovery or migration), or deleted after this node
+                        // released it (the finalizer waits for that): stop what still runs
+                        // here and forget it, but keep its volumes — they may be on shared
+                        // storage, in use by the node the guest runs on now.
                         bound.remove(&g.uid().unwrap_or_default());
                         let vmid = g.guest_spec().vmid().unwrap_or(0);
                         let uid = g.uid().unwrap_or_default();
                         let agent = agent.clone();
-                        tokio::spawn(async move { agent.release::<R>(vmid, Some(&uid)).await });
+                        tokio::spawn(async move { agent.let_go::<R>(vmid, &uid).await });
                     }
                     Ok(watcher::Event::Init) => {
                         listed = false;
@@ -490,8 +593,30 @@ async fn cleanup_orphans<R: Runtime>(agent: &Arc<Agent>, bound: &HashMap<String,
     for entry in entries.flatten() {
         let Some(vmid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         if !known.contains(&vmid) && engine_of(&entry.path()) == R::ENGINE {
-            tracing::info!(vmid, kind = R::KIND, "guest deleted while the agent was away; releasing it");
-            agent.release::<R>(vmid, None).await;
+            match agent.moved_elsewhere::<R>(&entry.path()).await {
+                Some(true) => {
+                    tracing::info!(
+                        vmid,
+                        kind = R::KIND,
+                        "guest moved to another node while the agent was away"
+                    );
+                    let uid = read_checkpoint(&entry.path()).map(|c| c.uid).unwrap_or_default();
+                    agent.let_go::<R>(vmid, &uid).await;
+                }
+                Some(false) => {
+                    tracing::info!(
+                        vmid,
+                        kind = R::KIND,
+                        "guest deleted while the agent was away; releasing it"
+                    );
+                    agent.release::<R>(vmid, None).await;
+                }
+                None => tracing::warn!(
+                    vmid,
+                    kind = R::KIND,
+                    "cannot tell whether the guest moved or was deleted; left alone"
+                ),
+            }
         }
     }
 }
@@ -585,7 +710,18 @@ impl Agent {
         let observed = if observed.is_some() { R::observe(self, vmid, &run).await } else { observed };
         let restart_token =
             guest.meta().annotations.as_ref().and_then(|a| a.get(RESTART_ANNOTATION)).cloned();
-        let desired = spec.power_state();
+        // HA guests: the LRM decides whether they run here (their HA state, the lease,
+        // restart limits, migrations the CRM asked for).
+        let lrm_step = self.lrm_step::<R>(guest, vmid, &run, observed.is_some()).await;
+        let desired = match lrm_step {
+            None => spec.power_state(),
+            Some(Step::Start | Step::Restart | Step::Nothing) if spec.power_state() == PowerState::Paused => {
+                PowerState::Paused
+            }
+            Some(Step::Start | Step::Restart) => PowerState::Running,
+            Some(Step::Nothing) if observed.is_some() => PowerState::Running,
+            Some(_) => PowerState::Stopped,
+        };
         let mut observed = observed;
         let mut restart_required = false;
         // Every spec change falls in one class: live (the launch definition is unchanged:
@@ -617,7 +753,18 @@ impl Agent {
             }
             (PowerState::Stopped, Some(_)) => {
                 R::stop(self, vmid, &run, self.shutdown_timeout(spec)).await;
-                observed = None;
+                observed = R::observe(self, vmid, &run).await;
+                if let (Some(Step::StopFor(id)), None) = (lrm_step, observed) {
+                    // Stopped for the CRM's migration: say so, and it moves the guest.
+                    if let Some(report) = self
+                        .lrm_reports
+                        .lock()
+                        .expect("lrm reports lock")
+                        .get_mut(&guest.uid().unwrap_or_default())
+                    {
+                        report.stopped_for = Some(id);
+                    }
+                }
             }
             _ => {}
         }
@@ -703,6 +850,77 @@ impl Agent {
         self.write_status::<R>(guest, figures, conditions).await
     }
 
+    /// The LRM's step for an HA-managed guest (None: not HA-managed here). Records the
+    /// report written with the status, and marks the run directory so fencing kills it.
+    async fn lrm_step<R: Runtime>(
+        &self,
+        guest: &R::Guest,
+        vmid: u32,
+        run: &Path,
+        running: bool,
+    ) -> Option<Step> {
+        let ha = guest.guest_spec().ha().filter(|h| h.state != HaState::Ignored);
+        let uid = guest.uid().unwrap_or_default();
+        let Some(ha) = ha else {
+            fence::mark_ha(run, false);
+            self.lrm_reports.lock().expect("lrm reports lock").remove(&uid);
+            return None;
+        };
+        fence::mark_ha(run, true);
+        let status = guest.guest_status();
+        let crm_state = status.and_then(|s| s.ha.as_ref()).map(|h| h.state.as_str());
+        let stored = status.and_then(|s| s.ha_lrm.as_ref()).map(|r| LrmReport {
+            node: r.node.clone(),
+            restarts: r.restarts,
+            failed: r.failed,
+            started: r.started,
+            stopped_for: r.stopped_for,
+            epoch: r.epoch,
+        });
+        let previous = self.lrm_reports.lock().expect("lrm reports lock").get(&uid).cloned().or(stored);
+        let fenced = self.fenced.lock().expect("fenced lock").contains(&vmid);
+        let view = GuestView {
+            want_running: ha.state == HaState::Started && !matches!(crm_state, Some("error" | "disabled")),
+            running,
+            max_restart: ha.max_restart,
+            migrate: status.and_then(|s| s.ha.as_ref()).and_then(|h| h.migrate.as_ref()).map(|m| m.id),
+            report: previous.as_ref(),
+            fenced,
+            epoch: self.epoch,
+        };
+        let (mut step, mut report) = kpve_ha::lrm::step(&self.config.node, &view, self.holds_lease());
+        if matches!(step, Step::Start | Step::Restart) && !self.bound_here::<R>(guest).await {
+            // The watch may lag a move the CRM made: only the server's word starts an HA guest.
+            step = Step::Nothing;
+            report = previous.unwrap_or(report);
+        }
+        if matches!(step, Step::Start | Step::Restart) {
+            self.fenced.lock().expect("fenced lock").remove(&vmid);
+        }
+        if step == Step::GiveUp {
+            tracing::warn!(
+                vmid,
+                restarts = report.restarts,
+                "HA guest keeps failing here; leaving it to the CRM to relocate"
+            );
+        }
+        self.lrm_reports.lock().expect("lrm reports lock").insert(uid, report);
+        Some(step)
+    }
+
+    /// Whether the server (not the watch cache) says the guest is bound to this node, and the
+    /// node holds its lease.
+    async fn bound_here<R: Runtime>(&self, guest: &R::Guest) -> bool {
+        let api: Api<R::Guest> = Api::namespaced(self.client.clone(), &guest.namespace().unwrap_or_default());
+        let fresh = match api.get_opt(&guest.name_any()).await {
+            Ok(Some(fresh)) => fresh,
+            _ => return false,
+        };
+        fresh.uid() == guest.uid()
+            && fresh.guest_status().and_then(|s| s.node.as_deref()) == Some(self.config.node.as_str())
+            && self.holds_lease()
+    }
+
     /// The graceful-stop wait: the guest's `startup.down` (Proxmox's), else the agent's default.
     fn shutdown_timeout(&self, spec: &(dyn GuestSpec + Sync)) -> Duration {
         spec.startup()
@@ -767,6 +985,44 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&run);
     }
 
+    /// Whether the guest checkpointed in `run` still exists (bound elsewhere); None when the
+    /// server cannot say.
+    async fn moved_elsewhere<R: Runtime>(&self, run: &Path) -> Option<bool> {
+        let Some(cp) = read_checkpoint(run) else { return Some(false) };
+        let api: Api<R::Guest> = Api::namespaced(self.client.clone(), &cp.namespace);
+        match api.get_opt(&cp.name).await {
+            Ok(Some(g)) => {
+                Some(g.uid().as_deref() == Some(cp.uid.as_str()) && g.meta().deletion_timestamp.is_none())
+            }
+            Ok(None) => Some(false),
+            Err(_) => None,
+        }
+    }
+
+    /// Stops the guest if it still runs here and forgets it, keeping its volumes (it moved to
+    /// another node). Only if what runs under `vmid` is that guest.
+    async fn let_go<R: Runtime>(&self, vmid: u32, uid: &str) {
+        let run = self.run_dir(vmid);
+        if vmid == 0 || !run.exists() || engine_of(&run) != R::ENGINE {
+            return;
+        }
+        if read_checkpoint(&run).is_some_and(|cp| cp.uid != uid) {
+            return;
+        }
+        R::stop(self, vmid, &run, self.config.shutdown_timeout).await;
+        self.lrm_reports.lock().expect("lrm reports lock").remove(uid);
+        self.fenced.lock().expect("fenced lock").remove(&vmid);
+        let images = self.pool().path.join("images").join(vmid.to_string());
+        self.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
+        self.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
+        let _ = std::fs::remove_dir_all(&run);
+        tracing::info!(
+            vmid,
+            kind = R::KIND,
+            "guest no longer bound here: stopped and forgotten (volumes kept)"
+        );
+    }
+
     /// Reports that the guest cannot converge: Stalled with the reason, not Ready, not
     /// Reconciling (nothing will change until the spec or the node does).
     async fn stalled<R: Runtime>(&self, guest: &R::Guest, phase: &str, stall: Stall) -> anyhow::Result<()> {
@@ -806,7 +1062,16 @@ impl Agent {
             merged.push(list.into_iter().find(|x| x.type_ == c.type_).expect("just set"));
         }
         let mut status = figures;
-        status["node"] = json!(self.config.node);
+        // Not `node`: that is the scheduler's and the CRM's. An agent writing it could bind a
+        // guest back to itself after the CRM moved it.
+        if let Some(report) =
+            self.lrm_reports.lock().expect("lrm reports lock").get(&guest.uid().unwrap_or_default())
+        {
+            status["haLrm"] = json!({
+                "node": report.node, "restarts": report.restarts, "failed": report.failed,
+                "started": report.started, "stoppedFor": report.stopped_for, "epoch": report.epoch,
+            });
+        }
         status["observedGeneration"] = json!(generation);
         status["conditions"] = serde_json::to_value(merged)?;
         let body = json!({"apiVersion": "kpve.io/v1alpha1", "kind": R::KIND, "status": status});
