@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod convert;
+mod join;
 mod validate;
 
 // mimalloc: many small JSON values (watch events, the firewall compiler) made glibc malloc
@@ -136,12 +137,16 @@ struct AgentArgs {
     /// The kpve API server, e.g. https://pve1:6443.
     #[arg(long)]
     server: String,
-    /// File holding this node's bearer token (`kpve token create --role node --node NAME`).
+    /// The join token `kpve token create --node NAME` printed on the server (it carries the
+    /// server's CA). Needed once: the agent keeps it in DATA_DIR/agent (0600).
+    #[arg(long, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// A file holding the join token (or a bare bearer token, with --ca-file).
     #[arg(long)]
-    token_file: PathBuf,
-    /// CA certificate of the server (DATA_DIR/ca.crt on the server).
+    token_file: Option<PathBuf>,
+    /// CA certificate of the server (DATA_DIR/ca.crt there); a join token carries it.
     #[arg(long)]
-    ca_file: PathBuf,
+    ca_file: Option<PathBuf>,
     /// This host's node name.
     #[arg(long)]
     node: String,
@@ -192,9 +197,9 @@ enum TokenAction {
     Create {
         #[arg(long, env = "KPVE_DATA_DIR", default_value = "/var/lib/kpve")]
         data_dir: PathBuf,
-        /// admin, read-only or node.
+        /// admin, read-only or node (the default with --node: a join token for an agent).
         #[arg(long)]
-        role: String,
+        role: Option<String>,
         /// The node name (role node).
         #[arg(long)]
         node: Option<String>,
@@ -227,15 +232,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Server(args) => server(args),
         Command::Token { action: TokenAction::Create { data_dir, role, node, user } } => {
-            let role = kpve_apiserver::auth::Role::parse(&role, node.as_deref())
+            let role = role.as_deref().or(node.as_ref().map(|_| "node")).unwrap_or_default();
+            let role = kpve_apiserver::auth::Role::parse(role, node.as_deref())
                 .context("--role must be admin, read-only, or node (with --node NAME)")?;
             let user = user.unwrap_or_else(|| match &role {
                 kpve_apiserver::auth::Role::Node(n) => format!("system:node:{n}"),
                 kpve_apiserver::auth::Role::ReadOnly => "kpve-viewer".into(),
                 kpve_apiserver::auth::Role::Admin => "kpve-admin".into(),
             });
+            let node_role = matches!(role, kpve_apiserver::auth::Role::Node(_));
             let token = kpve_apiserver::auth::Tokens::create(&data_dir, &user, &role)?;
-            println!("{token}");
+            if node_role {
+                // A join token: the agent learns the server's CA from it, not from the network.
+                let ca = std::fs::read(data_dir.join("ca.crt")).with_context(|| {
+                    format!("reading {} (start the server once first)", data_dir.join("ca.crt").display())
+                })?;
+                println!("{}", join::encode(&ca, &token));
+            } else {
+                println!("{token}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => agent(args),
@@ -365,17 +380,22 @@ fn kube_client(server: &str, token: &str, ca: &Path) -> Result<kube::Client> {
 
 fn agent(args: AgentArgs) -> Result<ExitCode> {
     init_tracing();
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading {}", args.token_file.display()))?;
+    let credentials = join::agent_credentials(
+        &args.data_dir.join("agent"),
+        args.token.as_deref(),
+        args.token_file.as_deref(),
+        args.ca_file.as_deref(),
+    )?;
+    let ca = credentials.ca_file.clone();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let client = kube_client(&args.server, token.trim(), &args.ca_file)?;
+        let client = kube_client(&args.server, &credentials.bearer, &ca)?;
         if let Some(dir) = &args.pve_fs {
             let client = match &args.pve_fs_token {
                 Some(file) => {
                     let token = std::fs::read_to_string(file)
                         .with_context(|| format!("reading {}", file.display()))?;
-                    kube_client(&args.server, token.trim(), &args.ca_file)?
+                    kube_client(&args.server, token.trim(), &ca)?
                 }
                 None => client.clone(),
             };

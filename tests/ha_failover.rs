@@ -63,6 +63,12 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The node's Lease renew time as the server has it.
+    fn renew_time(&self, node: &str) -> String {
+        let lease = ["get", "lease", "-n", "kube-node-lease", node, "-o", "jsonpath={.spec.renewTime}"];
+        String::from_utf8_lossy(&self.server.kubectl(&lease).stdout).into_owned()
+    }
+
     fn run_dir(&self, node: &str, vmid: &str) -> PathBuf {
         self.dirs[node].join("agent/run").join(vmid)
     }
@@ -185,7 +191,7 @@ impl Sampler {
                         continue;
                     }
                     sample.processes.push(node.clone());
-                    if round % 5 == 0 {
+                    if round.is_multiple_of(5) {
                         let status = rt.block_on(async {
                             let mut qmp =
                                 Qmp::connect(&run.join("qmp.sock"), Duration::from_millis(500)).await.ok()?;
@@ -276,6 +282,20 @@ fn a_killed_agents_ha_vm_is_fenced_by_the_watchdog_and_recovered_on_another_node
         std::fs::read_to_string(cluster.dirs[&first].join("agent/watchdog.log")).unwrap_or_default();
     assert!(watchdog.contains("killed HA guests"), "the watchdog did it: {watchdog:?}");
     assert_timeline(&cluster, &first, &second);
+
+    // The killed node comes back with no credentials on its command line (the join token
+    // it was given is kept in its state directory) and does not take the guest back.
+    let agent = cluster.server.respawn_agent_via(
+        &first,
+        &cluster.dirs[&first],
+        cluster.proxies[&first].port,
+        &["--ha-profile", "fast"],
+    );
+    cluster.agents.insert(first.clone(), agent);
+    let renew = || cluster.renew_time(&first);
+    let before = renew();
+    wait_until("the restarted agent renews its lease", || renew() != before);
+    assert_eq!(cluster.get("{.status.node}"), second);
 }
 
 #[test]
@@ -311,18 +331,7 @@ fn a_partitioned_node_stops_its_ha_vm_before_it_starts_elsewhere_and_does_not_ta
     assert_timeline(&cluster, &first, &second);
 
     // Heal: the node renews its lease again, sees the guest bound elsewhere and leaves it.
-    let renewed = |cluster: &Cluster| {
-        let out = cluster.server.kubectl(&[
-            "get",
-            "lease",
-            "-n",
-            "kube-node-lease",
-            &first,
-            "-o",
-            "jsonpath={.spec.renewTime}",
-        ]);
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let renewed = |cluster: &Cluster| cluster.renew_time(&first);
     let before = renewed(&cluster);
     let sampler = Sampler::start(runs(&cluster, &vmid));
     cluster.proxies[&first].heal();

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -230,6 +231,23 @@ impl Server {
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        // A node token comes as a join token (`kpve-join.<CA>.<bearer>`): the bearer part.
+        match token.strip_prefix("kpve-join.") {
+            Some(rest) => rest.rsplit('.').next().unwrap().to_string(),
+            None => token,
+        }
+    }
+
+    /// The join token `kpve token create --node NODE` prints (a new token each call).
+    pub fn join_token(&self, node: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_kpve"))
+            .args(["token", "create", "--node", node])
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
@@ -249,16 +267,36 @@ impl Server {
     pub fn spawn_agent_via(&self, node: &str, agent_dir: &Path, port: u16, extra: &[&str]) -> Child {
         let token_file = self.dir.path().join(format!("agent-token-{node}"));
         if !token_file.exists() {
-            std::fs::write(&token_file, self.token("node", Some(node))).unwrap();
+            std::fs::write(&token_file, self.join_token(node)).unwrap();
         }
+        self.agent_command(
+            node,
+            agent_dir,
+            port,
+            &[OsStr::new("--token-file"), token_file.as_os_str()],
+            extra,
+        )
+    }
+
+    /// `kpve agent` with no credentials on the command line: what an earlier join left in
+    /// `agent_dir`.
+    pub fn respawn_agent_via(&self, node: &str, agent_dir: &Path, port: u16, extra: &[&str]) -> Child {
+        self.agent_command(node, agent_dir, port, &[], extra)
+    }
+
+    fn agent_command(
+        &self,
+        node: &str,
+        agent_dir: &Path,
+        port: u16,
+        credentials: &[&OsStr],
+        extra: &[&str],
+    ) -> Child {
         Command::new(env!("CARGO_BIN_EXE_kpve"))
             .args(["agent", "--node", node])
             .arg("--server")
             .arg(format!("https://127.0.0.1:{port}"))
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--ca-file")
-            .arg(self.dir.path().join("ca.crt"))
+            .args(credentials)
             .arg("--data-dir")
             .arg(agent_dir)
             .args(extra)
