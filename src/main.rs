@@ -132,14 +132,15 @@ struct ServerArgs {
     keep_revisions: i64,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 struct AgentArgs {
     /// The kpve API server, e.g. https://pve1:6443.
     #[arg(long)]
     server: String,
     /// The join token `kpve token create --node NAME` printed on the server (it carries the
-    /// server's CA). Needed once: the agent keeps it in DATA_DIR/agent (0600).
-    #[arg(long, conflicts_with = "token_file")]
+    /// server's CA). Needed once: the agent keeps it in DATA_DIR/agent (0600). Prefer the
+    /// environment variable or --token-file: a command line is visible to every local user.
+    #[arg(long, env = "KPVE_JOIN_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     token: Option<String>,
     /// A file holding the join token (or a bare bearer token, with --ca-file).
     #[arg(long)]
@@ -163,6 +164,19 @@ struct AgentArgs {
     /// as this node, which may read everything and change nothing.
     #[arg(long, requires = "pve_fs")]
     pve_fs_token: Option<PathBuf>,
+}
+
+/// Debug without the join token.
+impl std::fmt::Debug for AgentArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentArgs")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("node", &self.node)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(clap::Args, Debug)]

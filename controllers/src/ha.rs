@@ -199,6 +199,10 @@ pub async fn run(client: Client) -> crate::Result<()> {
 
 async fn decide_forever(ctx: Arc<Ctx>) {
     let mut crm = Crm::new();
+    // Lease ages on a monotonic clock: a wall-clock jump must not fence every node at once.
+    // (Timeline timestamps are wall time as of the CRM's start plus monotonic time since.)
+    let (wall, started) = (unix_ms(), std::time::Instant::now());
+    let now = move || wall + started.elapsed().as_millis() as Ms;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -209,19 +213,23 @@ async fn decide_forever(ctx: Arc<Ctx>) {
             && ctx.vms.synced().await.is_ok()
             && ctx.cts.synced().await.is_ok();
         if synced {
-            decide_once(&ctx, &mut crm).await;
+            decide_once(&ctx, &mut crm, now()).await;
         }
     }
 }
 
-async fn decide_once(ctx: &Ctx, crm: &mut Crm) {
-    let now = unix_ms();
+async fn decide_once(ctx: &Ctx, crm: &mut Crm, now: Ms) {
     let leases: BTreeMap<String, Arc<Lease>> =
         ctx.leases.store.state().into_iter().map(|l| (l.name_any(), l)).collect();
     let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), LEASE_NAMESPACE);
     let mut nodes = Vec::new();
-    for hv in ctx.nodes.store.state() {
-        let name = hv.name_any();
+    let hypervisors: BTreeMap<String, bool> =
+        ctx.nodes.store.state().iter().map(|hv| (hv.name_any(), hv.spec.maintenance)).collect();
+    // A node is judged by its Lease; a Hypervisor without one yet counts from when it appeared.
+    let names: std::collections::BTreeSet<String> =
+        hypervisors.keys().chain(leases.keys()).cloned().collect();
+    for name in names {
+        let maintenance = hypervisors.get(&name).copied().unwrap_or(false);
         let lease = leases.get(&name).map(|l| (**l).clone());
         let duration = lease_ms(lease.as_ref());
         let mut renew = lease.as_ref().and_then(renew_token);
@@ -235,7 +243,7 @@ async fn decide_once(ctx: &Ctx, crm: &mut Crm) {
                 }
             }
         }
-        nodes.push(crm::Node { name, renew, lease: duration, maintenance: hv.spec.maintenance });
+        nodes.push(crm::Node { name, renew, lease: duration, maintenance });
     }
     let groups: Vec<crm::Group> = ctx
         .groups
@@ -262,13 +270,8 @@ async fn decide_once(ctx: &Ctx, crm: &mut Crm) {
     let mut refused = std::collections::BTreeSet::new();
     for action in &actions {
         let (guest, status) = match action {
-            Action::Bind { guest, node, ha } => (
-                guest,
-                json!({ "node": node, "ha": serde_json::to_value(status_from_record(ha)).unwrap_or(Value::Null) }),
-            ),
-            Action::Record { guest, ha } => {
-                (guest, json!({ "ha": serde_json::to_value(status_from_record(ha)).unwrap_or(Value::Null) }))
-            }
+            Action::Bind { guest, node, ha } => (guest, json!({ "node": node, "ha": ha_patch(ha) })),
+            Action::Record { guest, ha } => (guest, json!({ "ha": ha_patch(ha) })),
             Action::Event { .. } => continue,
         };
         let Some(target) = targets.get_mut(guest) else { continue };
@@ -304,6 +307,23 @@ async fn decide_once(ctx: &Ctx, crm: &mut Crm) {
             record_event(&ctx.client, kind, &namespace, &name, reason, &message, warning).await;
         }
     }
+}
+
+/// `status.ha` as a merge patch: every field present, `null` for what is gone (a merge patch
+/// leaves absent keys alone, so a cleared migration or home would otherwise stay).
+fn ha_patch(record: &crm::Record) -> Value {
+    let s = status_from_record(record);
+    json!({
+        "state": s.state,
+        "relocates": s.relocates,
+        "migrate": s.migrate,
+        "home": s.home,
+        "message": (!s.message.is_empty()).then_some(s.message),
+        "failover": s.failover.map(|f| json!({
+            "from": f.from, "detected": f.detected, "fenced": f.fenced,
+            "recoveredTo": f.recovered_to, "recovered": f.recovered, "running": f.running,
+        })),
+    })
 }
 
 /// Merge-patches `status` with the resourceVersion the decision was made on; the new one.

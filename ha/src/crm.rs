@@ -363,7 +363,9 @@ impl Crm {
         }
         // Unplaced guests are the scheduler's.
         let Some(node) = guest.node.as_deref() else { return };
-        let node_state = states.get(node).copied().unwrap_or(NodeState::Fence);
+        // A node with neither Hypervisor nor Lease cannot be judged: never recover without a
+        // lease having expired.
+        let Some(node_state) = states.get(node).copied() else { return };
         let requested = match guest.request {
             Request::Started => State::Started,
             Request::Stopped => State::Stopped,
@@ -372,6 +374,9 @@ impl Crm {
         match node_state {
             NodeState::Unknown => return,
             NodeState::Fence => {
+                if rec.state == State::Error {
+                    return;
+                }
                 if guest.request == Request::Disabled {
                     if rec.state != State::Disabled {
                         rec.state = State::Disabled;
@@ -473,24 +478,27 @@ impl Crm {
 
         let lrm = guest.lrm_here();
         if guest.request == Request::Started
+            && rec.migrate.is_none()
             && let Some(report) = lrm.filter(|r| r.failed)
         {
             if rec.relocates < guest.max_relocate
                 && let Some(target) = pick(node)
             {
+                // Through the same hand-over as any move: the node confirms it is stopped.
                 rec.relocates += 1;
-                rec.state = State::Started;
-                rec.migrate = None;
-                rec.message = format!("relocated from {node} to {target}");
+                rec.state = State::Migrate;
+                rec.migrate = Some(Migrate { id: now, target: target.clone() });
+                rec.message = format!("relocating from {node} to {target}");
                 actions.push(event(
-                    "Relocated",
+                    "Relocating",
                     format!(
                         "{id}: failed on {node} after {} restart(s); relocating to {target} (relocation {} of {})",
                         report.restarts, rec.relocates, guest.max_relocate
                     ),
                     true,
                 ));
-                actions.push(Action::Bind { guest: id.clone(), node: target, ha: rec });
+                actions.push(Action::Record { guest: id.clone(), ha: rec });
+                return;
             } else {
                 rec.state = State::Error;
                 rec.migrate = None;

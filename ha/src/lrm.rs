@@ -127,6 +127,10 @@ pub fn step(node: &str, g: &GuestView<'_>, may_start: bool) -> (Step, LrmReport)
         return (if g.running { Step::Stop } else { Step::Nothing }, report);
     }
     if g.running {
+        if !may_start {
+            // No lease (or a start raced the self-fence): it must not run here.
+            return (Step::Stop, report);
+        }
         report.started = true;
         return (Step::Nothing, report);
     }

@@ -1,5 +1,6 @@
 //! Self-fencing on the host: the agent records when its lease was last renewed
-//! (`DATA_DIR/agent/lease-ok`, Unix milliseconds of the accepted renewal's send time) and marks
+//! (`DATA_DIR/agent/lease-ok`: the boot id, the accepted renewal's send time in milliseconds
+//! since boot — a clock no wall-clock jump moves — and the self-fence deadline in force) and marks
 //! the run directory of every HA guest it starts (`run/<vmid>/ha`). Once the lease has not been
 //! renewed for the self-fence deadline, every marked guest is killed — by the agent's own LRM
 //! loop, and by a small watchdog process (`kpve fence-watchdog`) that outlives the agent, so a
@@ -24,23 +25,42 @@ pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Records the last accepted renewal (atomically: the watchdog may read at any moment).
-pub fn write_lease_ok(agent_dir: &Path, sent_at: u64) -> std::io::Result<()> {
+/// Milliseconds since boot (`/proc/uptime`, CLOCK_BOOTTIME: it does not jump with the wall
+/// clock and keeps counting through suspend). Every lease deadline on the node uses it.
+pub fn boot_ms() -> u64 {
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let seconds: f64 = uptime.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    (seconds * 1000.0) as u64
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string()
+}
+
+/// Records the last accepted renewal and the deadline in force (atomically: the watchdog may
+/// read at any moment).
+pub fn write_lease_ok(agent_dir: &Path, sent_at: u64, fence_ms: u64) -> std::io::Result<()> {
     let tmp = agent_dir.join(format!("{LEASE_OK}.tmp"));
-    std::fs::write(&tmp, sent_at.to_string())?;
+    std::fs::write(&tmp, format!("{} {sent_at} {fence_ms}\n", boot_id()))?;
     std::fs::rename(tmp, agent_dir.join(LEASE_OK))
 }
 
-pub fn read_lease_ok(agent_dir: &Path) -> Option<u64> {
-    std::fs::read_to_string(agent_dir.join(LEASE_OK)).ok()?.trim().parse().ok()
+/// The last accepted renewal (ms since boot) and the deadline it was made under; None when
+/// there is none from this boot.
+pub fn read_lease_ok(agent_dir: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(agent_dir.join(LEASE_OK)).ok()?;
+    let mut words = text.split_whitespace();
+    if words.next()? != boot_id() {
+        return None;
+    }
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
 }
 
 /// Marks (or unmarks) a guest's run directory as HA-managed: fencing kills marked guests.
 pub fn mark_ha(run_dir: &Path, ha: bool) {
     let marker = run_dir.join(HA_MARKER);
     if ha {
-        if !marker.exists() {
-            let _ = std::fs::create_dir_all(run_dir);
+        if run_dir.exists() && !marker.exists() {
             let _ = std::fs::write(marker, b"");
         }
     } else if marker.exists() {
@@ -95,8 +115,9 @@ pub fn watchdog(agent_dir: &Path, fence_ms: u64) -> std::io::Result<()> {
         if !agent_dir.exists() {
             return Ok(());
         }
-        let Some(ok) = read_lease_ok(agent_dir) else { continue };
-        let now = unix_ms();
+        let Some((ok, recorded)) = read_lease_ok(agent_dir) else { continue };
+        let fence_ms = fence_ms.min(recorded);
+        let now = boot_ms();
         if now >= ok + fence_ms {
             let killed = kill_ha_guests(&run_root);
             if !killed.is_empty() {
@@ -111,11 +132,16 @@ pub fn watchdog(agent_dir: &Path, fence_ms: u64) -> std::io::Result<()> {
 
 /// Starts the watchdog for `agent_dir` unless one runs.
 pub fn ensure_watchdog(agent_dir: &Path, fence_ms: u64) -> std::io::Result<()> {
-    let needle = format!("{WATCHDOG_COMMAND}\0--dir\0{}\0", agent_dir.display());
-    if let Some(pid) = host::read_pid(&agent_dir.join(WATCHDOG_PID))
-        && host::process_alive(pid, &needle)
-    {
-        return Ok(());
+    let mine = format!("{WATCHDOG_COMMAND}\0--dir\0{}\0", agent_dir.display());
+    let same = format!("{mine}--fence-ms\0{fence_ms}\0");
+    if let Some(pid) = host::read_pid(&agent_dir.join(WATCHDOG_PID)) {
+        if host::process_alive(pid, &same) {
+            return Ok(());
+        }
+        if host::process_alive(pid, &mine) {
+            // Started with another deadline: replace it.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
     }
     let exe: PathBuf = std::env::current_exe()?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(agent_dir.join("watchdog.log"))?;
@@ -149,8 +175,10 @@ mod tests {
     fn lease_ok_round_trips_and_only_marked_guests_are_killed() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read_lease_ok(dir.path()), None);
-        write_lease_ok(dir.path(), 1234).unwrap();
-        assert_eq!(read_lease_ok(dir.path()), Some(1234));
+        write_lease_ok(dir.path(), 1234, 5000).unwrap();
+        assert_eq!(read_lease_ok(dir.path()), Some((1234, 5000)));
+        std::fs::write(dir.path().join(LEASE_OK), "another-boot 1234 5000").unwrap();
+        assert_eq!(read_lease_ok(dir.path()), None, "a record from before a reboot is no lease");
 
         // A real process standing in for QEMU: killed only while its run dir is marked.
         let run_root = dir.path().join("run");

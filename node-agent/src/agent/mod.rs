@@ -157,7 +157,11 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(config.run_root())?;
     let agent_dir = config.agent_dir();
     // A restarted agent carries on from the last renewal its predecessor recorded.
-    let lrm = Lrm::new(config.ha, fence::read_lease_ok(&agent_dir));
+    // A record made under a shorter deadline keeps it: count as if renewed that much earlier.
+    let last_ok = fence::read_lease_ok(&agent_dir).map(|(ok, fence)| {
+        if fence < config.ha.fence { ok.saturating_sub(config.ha.fence - fence) } else { ok }
+    });
+    let lrm = Lrm::new(config.ha, last_ok);
     fence::ensure_watchdog(&agent_dir, config.ha.fence)?;
     let agent = Arc::new(Agent {
         lrm: std::sync::Mutex::new(lrm),
@@ -256,7 +260,7 @@ impl Agent {
         let name = &self.config.node;
         let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
             Api::namespaced(self.client.clone(), "kube-node-lease");
-        let sent_at = fence::unix_ms();
+        let sent_at = fence::boot_ms();
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name},
             "spec": {
@@ -269,14 +273,14 @@ impl Agent {
         let mut lrm = self.lrm.lock().expect("lrm lock");
         lrm.renewed(sent_at);
         if let Some(ok) = lrm.last_ok() {
-            fence::write_lease_ok(&self.config.agent_dir(), ok)?;
+            fence::write_lease_ok(&self.config.agent_dir(), ok, self.config.ha.fence)?;
         }
         Ok(())
     }
 
     /// Whether this node holds its lease now: HA guests may start.
     fn holds_lease(&self) -> bool {
-        self.lrm.lock().expect("lrm lock").holds_lease(fence::unix_ms())
+        self.lrm.lock().expect("lrm lock").holds_lease(fence::boot_ms())
     }
 
     pub(crate) fn pool(&self) -> DirPool {
@@ -411,7 +415,7 @@ async fn self_fence(agent: Arc<Agent>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
-        let now = fence::unix_ms();
+        let now = fence::boot_ms();
         let (fencing, last_ok) = {
             let mut lrm = agent.lrm.lock().expect("lrm lock");
             (lrm.tick(now), lrm.last_ok())
@@ -713,15 +717,21 @@ impl Agent {
         // HA guests: the LRM decides whether they run here (their HA state, the lease,
         // restart limits, migrations the CRM asked for).
         let lrm_step = self.lrm_step::<R>(guest, vmid, &run, observed.is_some()).await;
+        let run_as =
+            if spec.power_state() == PowerState::Paused { PowerState::Paused } else { PowerState::Running };
         let desired = match lrm_step {
             None => spec.power_state(),
-            Some(Step::Start | Step::Restart | Step::Nothing) if spec.power_state() == PowerState::Paused => {
-                PowerState::Paused
-            }
-            Some(Step::Start | Step::Restart) => PowerState::Running,
-            Some(Step::Nothing) if observed.is_some() => PowerState::Running,
+            Some(Step::Start | Step::Restart) => run_as,
+            Some(Step::Nothing) if observed.is_some() => run_as,
+            // Anything else (a stop, a give-up, no lease, not confirmed bound here): not running.
             Some(_) => PowerState::Stopped,
         };
+        if lrm_step.is_some() && matches!(lrm_step, Some(Step::Start | Step::Restart)) {
+            // Marked before QEMU exists: fencing must never miss a guest being started.
+            std::fs::create_dir_all(&run)?;
+            std::fs::write(run.join("engine"), R::ENGINE)?;
+            fence::mark_ha(&run, true);
+        }
         let mut observed = observed;
         let mut restart_required = false;
         // Every spec change falls in one class: live (the launch definition is unchanged:
@@ -866,7 +876,9 @@ impl Agent {
             self.lrm_reports.lock().expect("lrm reports lock").remove(&uid);
             return None;
         };
-        fence::mark_ha(run, true);
+        if run.exists() {
+            fence::mark_ha(run, true);
+        }
         let status = guest.guest_status();
         let crm_state = status.and_then(|s| s.ha.as_ref()).map(|h| h.state.as_str());
         let stored = status.and_then(|s| s.ha_lrm.as_ref()).map(|r| LrmReport {
@@ -916,9 +928,21 @@ impl Agent {
             Ok(Some(fresh)) => fresh,
             _ => return false,
         };
-        fresh.uid() == guest.uid()
-            && fresh.guest_status().and_then(|s| s.node.as_deref()) == Some(self.config.node.as_str())
-            && self.holds_lease()
+        if fresh.uid() != guest.uid()
+            || fresh.guest_status().and_then(|s| s.node.as_deref()) != Some(self.config.node.as_str())
+            || !self.holds_lease()
+        {
+            return false;
+        }
+        // Claim it with the version just read: if the CRM rebinds the guest in the meantime
+        // (it judged this node's lease expired an instant before a renewal), one of the two
+        // writes gets 409 and only the winner acts.
+        let claim = json!({
+            "metadata": { "resourceVersion": fresh.resource_version() },
+            "status": { "haLrm": { "node": self.config.node, "epoch": self.epoch } },
+        });
+        let params = PatchParams { field_manager: Some(self.config.manager()), ..PatchParams::default() };
+        api.patch_status(&guest.name_any(), &params, &Patch::Merge(&claim)).await.is_ok()
     }
 
     /// The graceful-stop wait: the guest's `startup.down` (Proxmox's), else the agent's default.
@@ -988,7 +1012,9 @@ impl Agent {
     /// Whether the guest checkpointed in `run` still exists (bound elsewhere); None when the
     /// server cannot say.
     async fn moved_elsewhere<R: Runtime>(&self, run: &Path) -> Option<bool> {
-        let Some(cp) = read_checkpoint(run) else { return Some(false) };
+        // No checkpoint: nothing was started here, or it is not known whose it was; never a
+        // reason to free volumes.
+        let Some(cp) = read_checkpoint(run) else { return Some(true) };
         let api: Api<R::Guest> = Api::namespaced(self.client.clone(), &cp.namespace);
         match api.get_opt(&cp.name).await {
             Ok(Some(g)) => {
