@@ -547,15 +547,19 @@ impl View {
         vm: &VirtualMachine,
         edit: impl Fn(&mut VirtualMachineSpec),
     ) -> Result<(), WriteError> {
-        let api = Api::<VirtualMachine>::namespaced(self.client.clone(), &vm.namespace().unwrap_or_default());
-        cache::replace_retrying(&api, &vm.name_any(), |o| {
+        let namespace = vm.namespace().unwrap_or_default();
+        let api = Api::<VirtualMachine>::namespaced(self.client.clone(), &namespace);
+        let written = cache::replace_retrying(&api, &vm.name_any(), |o| {
             edit(&mut o.spec);
             o.status = None;
             Ok(())
         })
         .await
-        .map(|_| ())
-        .map_err(|e| kube_error(e.message))
+        .map_err(|e| kube_error(e.message))?;
+        // Read-your-writes: the next read of the file shows this edit.
+        cache::settle(&self.vms, Some(&namespace), &vm.name_any(), written.resource_version().as_deref())
+            .await;
+        Ok(())
     }
 
     async fn edit_ct(
@@ -563,15 +567,19 @@ impl View {
         ct: &LinuxContainer,
         edit: impl Fn(&mut LinuxContainerSpec),
     ) -> Result<(), WriteError> {
-        let api = Api::<LinuxContainer>::namespaced(self.client.clone(), &ct.namespace().unwrap_or_default());
-        cache::replace_retrying(&api, &ct.name_any(), |o| {
+        let namespace = ct.namespace().unwrap_or_default();
+        let api = Api::<LinuxContainer>::namespaced(self.client.clone(), &namespace);
+        let written = cache::replace_retrying(&api, &ct.name_any(), |o| {
             edit(&mut o.spec);
             o.status = None;
             Ok(())
         })
         .await
-        .map(|_| ())
-        .map_err(|e| kube_error(e.message))
+        .map_err(|e| kube_error(e.message))?;
+        // Read-your-writes: the next read of the file shows this edit.
+        cache::settle(&self.cts, Some(&namespace), &ct.name_any(), written.resource_version().as_deref())
+            .await;
+        Ok(())
     }
 
     /// Replaces the spec of a cluster-scoped resource (through `set`), or creates `fresh`.
