@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Event, ObjectReference};
 use kpve_crds::kube::api::{Api, Patch, PatchParams, PostParams};
 use kpve_crds::kube::{Client, Resource, ResourceExt};
 use kpve_crds::{
-    GuestObject, HAGroup, HaFailover, HaLrmStatus, HaMigrate, HaState, HaStatus, Hypervisor, LinuxContainer,
+    GuestObject, HAGroup, HaFailover, HaMigrate, HaState, HaStatus, Hypervisor, LinuxContainer,
     VirtualMachine,
 };
 use kpve_ha::Ms;
@@ -99,17 +99,6 @@ pub fn status_from_record(r: &crm::Record) -> HaStatus {
     }
 }
 
-pub fn lrm_report(s: &HaLrmStatus) -> crm::LrmReport {
-    crm::LrmReport {
-        node: s.node.clone(),
-        restarts: s.restarts,
-        failed: s.failed,
-        started: s.started,
-        stopped_for: s.stopped_for,
-        epoch: s.epoch,
-    }
-}
-
 pub fn request(state: &HaState) -> crm::Request {
     match state {
         HaState::Started => crm::Request::Started,
@@ -142,7 +131,7 @@ fn guest_input<K: GuestObject>(
     }
     let id = format!("{prefix}:{vmid}");
     let node = status.and_then(|s| s.node.clone());
-    let lrm = status.and_then(|s| s.ha_lrm.as_ref()).map(lrm_report);
+    let lrm = status.and_then(|s| s.ha_lrm.as_ref()).map(crm::LrmReport::from);
     let reported_here = lrm.as_ref().is_some_and(|r| Some(&r.node) == node.as_ref());
     let running = reported_here
         && status.is_some_and(|s| {

@@ -302,6 +302,32 @@ pub struct HaFailover {
     pub running: Option<String>,
 }
 
+impl From<&HaLrmStatus> for kpve_ha::crm::LrmReport {
+    fn from(s: &HaLrmStatus) -> Self {
+        kpve_ha::crm::LrmReport {
+            node: s.node.clone(),
+            restarts: s.restarts,
+            failed: s.failed,
+            started: s.started,
+            stopped_for: s.stopped_for,
+            epoch: s.epoch,
+        }
+    }
+}
+
+impl From<&kpve_ha::crm::LrmReport> for HaLrmStatus {
+    fn from(r: &kpve_ha::crm::LrmReport) -> Self {
+        HaLrmStatus {
+            node: r.node.clone(),
+            restarts: r.restarts,
+            failed: r.failed,
+            started: r.started,
+            stopped_for: r.stopped_for,
+            epoch: r.epoch,
+        }
+    }
+}
+
 /// The node LRM's report on one HA guest.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

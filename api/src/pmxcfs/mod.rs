@@ -547,19 +547,11 @@ impl View {
         vm: &VirtualMachine,
         edit: impl Fn(&mut VirtualMachineSpec),
     ) -> Result<(), WriteError> {
-        let namespace = vm.namespace().unwrap_or_default();
-        let api = Api::<VirtualMachine>::namespaced(self.client.clone(), &namespace);
-        let written = cache::replace_retrying(&api, &vm.name_any(), |o| {
+        self.edit_guest(&self.vms, vm, |o: &mut VirtualMachine| {
             edit(&mut o.spec);
             o.status = None;
-            Ok(())
         })
         .await
-        .map_err(|e| kube_error(e.message))?;
-        // Read-your-writes: the next read of the file shows this edit.
-        cache::settle(&self.vms, Some(&namespace), &vm.name_any(), written.resource_version().as_deref())
-            .await;
-        Ok(())
     }
 
     async fn edit_ct(
@@ -567,17 +559,38 @@ impl View {
         ct: &LinuxContainer,
         edit: impl Fn(&mut LinuxContainerSpec),
     ) -> Result<(), WriteError> {
-        let namespace = ct.namespace().unwrap_or_default();
-        let api = Api::<LinuxContainer>::namespaced(self.client.clone(), &namespace);
-        let written = cache::replace_retrying(&api, &ct.name_any(), |o| {
+        self.edit_guest(&self.cts, ct, |o: &mut LinuxContainer| {
             edit(&mut o.spec);
             o.status = None;
+        })
+        .await
+    }
+
+    /// Replaces a guest through `edit` and returns once the view's cache (`store`) shows the
+    /// write: the next read of the file shows this edit.
+    async fn edit_guest<K>(
+        &self,
+        store: &Store<K>,
+        guest: &K,
+        edit: impl Fn(&mut K),
+    ) -> Result<(), WriteError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + 'static,
+    {
+        let namespace = guest.namespace().unwrap_or_default();
+        let api = Api::<K>::namespaced(self.client.clone(), &namespace);
+        let written = cache::replace_retrying(&api, &guest.name_any(), |o| {
+            edit(o);
             Ok(())
         })
         .await
         .map_err(|e| kube_error(e.message))?;
-        // Read-your-writes: the next read of the file shows this edit.
-        cache::settle(&self.cts, Some(&namespace), &ct.name_any(), written.resource_version().as_deref())
+        cache::settle(store, Some(&namespace), &guest.name_any(), written.resource_version().as_deref())
             .await;
         Ok(())
     }

@@ -726,12 +726,6 @@ impl Agent {
             // Anything else (a stop, a give-up, no lease, not confirmed bound here): not running.
             Some(_) => PowerState::Stopped,
         };
-        if lrm_step.is_some() && matches!(lrm_step, Some(Step::Start | Step::Restart)) {
-            // Marked before QEMU exists: fencing must never miss a guest being started.
-            std::fs::create_dir_all(&run)?;
-            std::fs::write(run.join("engine"), R::ENGINE)?;
-            fence::mark_ha(&run, true);
-        }
         let mut observed = observed;
         let mut restart_required = false;
         // Every spec change falls in one class: live (the launch definition is unchanged:
@@ -881,14 +875,7 @@ impl Agent {
         }
         let status = guest.guest_status();
         let crm_state = status.and_then(|s| s.ha.as_ref()).map(|h| h.state.as_str());
-        let stored = status.and_then(|s| s.ha_lrm.as_ref()).map(|r| LrmReport {
-            node: r.node.clone(),
-            restarts: r.restarts,
-            failed: r.failed,
-            started: r.started,
-            stopped_for: r.stopped_for,
-            epoch: r.epoch,
-        });
+        let stored = status.and_then(|s| s.ha_lrm.as_ref()).map(LrmReport::from);
         let previous = self.lrm_reports.lock().expect("lrm reports lock").get(&uid).cloned().or(stored);
         let fenced = self.fenced.lock().expect("fenced lock").contains(&vmid);
         let view = GuestView {
@@ -964,6 +951,8 @@ impl Agent {
     ) -> anyhow::Result<()> {
         std::fs::create_dir_all(run)?;
         std::fs::write(run.join("engine"), R::ENGINE)?;
+        // Marked before the process exists: fencing must never miss an HA guest being started.
+        fence::mark_ha(run, guest.guest_spec().ha().is_some_and(|h| h.state != HaState::Ignored));
         R::start(self, guest, vmid, run, prepared).await?;
         let checkpoint = Checkpoint {
             uid: guest.uid().unwrap_or_default(),
@@ -1093,10 +1082,7 @@ impl Agent {
         if let Some(report) =
             self.lrm_reports.lock().expect("lrm reports lock").get(&guest.uid().unwrap_or_default())
         {
-            status["haLrm"] = json!({
-                "node": report.node, "restarts": report.restarts, "failed": report.failed,
-                "started": report.started, "stoppedFor": report.stopped_for, "epoch": report.epoch,
-            });
+            status["haLrm"] = serde_json::to_value(kpve_crds::HaLrmStatus::from(report))?;
         }
         status["observedGeneration"] = json!(generation);
         status["conditions"] = serde_json::to_value(merged)?;
