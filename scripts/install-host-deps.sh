@@ -61,15 +61,24 @@ done
 
 if [ "$want_test" = 1 ]; then
   # A Debian cloud kernel boots test guests to userspace in seconds; kept out of /boot.
+  # Its virtio block driver is a module: the guests that need a disk load it from modules/
+  # (in dependency order, see modules/order).
   kdir=/var/cache/kpve/kernel
-  if [ ! -s "$kdir/vmlinuz" ]; then
-    mkdir -p "$kdir"
+  if [ ! -s "$kdir/vmlinuz" ] || [ ! -s "$kdir/modules/order" ]; then
+    mkdir -p "$kdir/modules"
     tmp=$(mktemp -d)
     [ -n "${updated+x}" ] || apt-get update -qq
     pkg=$(apt-cache search --names-only '^linux-image-[0-9.]+-[0-9]+-cloud-amd64$' | awk '{print $1}' | sort -V | tail -1)
-    (cd "$tmp" && apt-get download -qq "$pkg")
+    (cd "$tmp" && apt-get download -qq "$pkg" 2>/dev/null)
     dpkg-deb -x "$tmp"/*.deb "$tmp/x"
     cp "$tmp"/x/boot/vmlinuz-* "$kdir/vmlinuz"
+    : > "$kdir/modules/order.tmp"
+    for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_legacy_dev virtio/virtio_pci_modern_dev \
+             virtio/virtio_pci block/virtio_blk; do
+      cp "$tmp"/x/lib/modules/*/kernel/drivers/$m.ko "$kdir/modules/"
+      basename "$m.ko" >> "$kdir/modules/order.tmp"
+    done
+    mv "$kdir/modules/order.tmp" "$kdir/modules/order"
     rm -rf "$tmp"
     echo "install-host-deps: test kernel $pkg -> $kdir/vmlinuz"
   fi

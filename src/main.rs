@@ -164,6 +164,10 @@ struct AgentArgs {
     /// as this node, which may read everything and change nothing.
     #[arg(long, requires = "pve_fs")]
     pve_fs_token: Option<PathBuf>,
+    /// Where this node receives live-migrating guests (QEMU's migration and NBD ports);
+    /// by default the address this host reaches the server from.
+    #[arg(long)]
+    migration_address: Option<std::net::IpAddr>,
 }
 
 /// Debug without the join token.
@@ -346,6 +350,9 @@ fn server(args: ServerArgs) -> Result<ExitCode> {
             let mut agent_config =
                 kpve_node_agent::agent::AgentConfig::new(node.clone(), args.data_dir.clone());
             agent_config.ha = args.ha_profile.profile();
+            if !args.kube_listen.ip().is_unspecified() {
+                agent_config.migration_address = args.kube_listen.ip();
+            }
             tokio::spawn(async move {
                 if let Err(e) = kpve_node_agent::agent::run(client, agent_config).await {
                     tracing::error!(error = %e, "node agent stopped");
@@ -378,6 +385,26 @@ async fn mount_pve_fs(client: kube::Client, node: &str, dir: &Path) -> Result<()
         std::process::exit(0);
     });
     Ok(())
+}
+
+/// The local address this host uses to reach `server` (a URL): where other nodes reach it.
+fn address_towards(server: &str) -> Result<std::net::IpAddr> {
+    let authority = server.split_once("://").map_or(server, |(_, rest)| rest);
+    let authority = authority.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, port.parse().context("--server: bad port")?),
+        _ => (authority, 443),
+    };
+    let host = host.trim_matches(['[', ']']);
+    let remote = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    // Connecting a UDP socket sends nothing; it only picks the route and the source address.
+    let local = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = std::net::UdpSocket::bind(local)?;
+    socket.connect(remote).with_context(|| format!("no route to {remote}"))?;
+    Ok(socket.local_addr()?.ip())
 }
 
 /// A kube client for `server` with a bearer token, trusting `ca`.
@@ -417,6 +444,10 @@ fn agent(args: AgentArgs) -> Result<ExitCode> {
         }
         let mut config = kpve_node_agent::agent::AgentConfig::new(args.node, args.data_dir);
         config.ha = args.ha_profile.profile();
+        config.migration_address = match args.migration_address {
+            Some(address) => address,
+            None => address_towards(&args.server)?,
+        };
         kpve_node_agent::agent::run(client, config).await
     })?;
     Ok(ExitCode::SUCCESS)

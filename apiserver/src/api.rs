@@ -626,10 +626,13 @@ impl Api {
             return Err(ApiError::not_found_path().into());
         }
         if let (Decision::IfGuestBoundTo(node), Some(old)) = (&opts.decision, old) {
-            let bound = old.object.get("status").and_then(|s| s.get("node")).and_then(Value::as_str);
-            if bound != Some(node.as_str()) {
+            let status = old.object.get("status");
+            let bound = status.and_then(|s| s.get("node")).and_then(Value::as_str);
+            // The target of a live migration reports its part before the guest is bound to it.
+            let receiving = status.and_then(|s| s.pointer("/migration/target")).and_then(Value::as_str);
+            if bound != Some(node.as_str()) && receiving != Some(node.as_str()) {
                 return Err(ApiError::forbidden(format!(
-                    "{} \"{name}\" is forbidden: node {node} may only write the status of guests bound to it",
+                    "{} \"{name}\" is forbidden: node {node} may only write the status of guests bound to it or migrating to it",
                     rt.qualified_name()
                 ))
                 .into());

@@ -160,7 +160,7 @@ pub struct Target<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Allow,
-    /// Allowed if the guest's current `status.node` is this node.
+    /// Allowed if the guest's current `status.node` (or `status.migration.target`) is this node.
     IfGuestBoundTo(String),
 }
 

@@ -250,6 +250,103 @@ pub struct GuestStatus {
     /// What the local resource manager of the guest's node reports about it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha_lrm: Option<HaLrmStatus>,
+    /// The live migration in progress, or the last one (Proxmox `qm migrate --online`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+}
+
+/// A live migration of a running VM from `source` to `target`: ordered (`Pending`) by the
+/// migration controller (a placement that no longer allows the node), the Proxmox API
+/// (`POST …/migrate`) or the source's LRM (an HA move); the target's agent starts QEMU
+/// waiting for the guest and says where (`TargetReady`); the source's agent copies local
+/// disks and memory and hands over (`Migrating`, then `Completed` or `Failed`); the
+/// migration controller then binds the guest to the target. The guest runs on exactly one
+/// node throughout: the target's QEMU runs guest code only after the source's stopped for
+/// good.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Migration {
+    /// Names this migration; every writer checks it before writing.
+    pub id: String,
+    pub source: String,
+    pub target: String,
+    pub phase: MigrationPhase,
+    /// Who asked: `placement`, `ha`, or the Proxmox API user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// When it was ordered and when it ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    /// Where the target's QEMU waits for the guest's state (`tcp:HOST:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// The target's NBD server for local disks (`HOST:PORT`), one export per disk id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
+    /// Disks copied to the target (local storage); disks on shared storage are not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<String>,
+    /// How long the guest was paused for the switch-over (QEMU's measure), milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// From the start of the copy to the switch-over, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+    /// Memory and device state sent, bytes (disk copies not included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transferred_bytes: Option<u64>,
+    /// Why it failed, or what it is waiting for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum MigrationPhase {
+    /// Ordered; the target has not answered yet.
+    #[default]
+    Pending,
+    /// The target's QEMU waits for the guest (`uri`, `nbd`).
+    TargetReady,
+    /// The source is copying disks and memory.
+    Migrating,
+    /// The guest runs on the target; the source's QEMU is gone.
+    Completed,
+    /// Nothing moved: the guest runs where it ran (see `message`).
+    Failed,
+}
+
+impl MigrationPhase {
+    /// Completed or Failed: nobody acts on it any more.
+    pub fn is_final(self) -> bool {
+        matches!(self, MigrationPhase::Completed | MigrationPhase::Failed)
+    }
+}
+
+impl Migration {
+    /// Every field of the object, absent ones as explicit nulls: a merge patch with it replaces
+    /// the previous migration's record whole.
+    pub fn to_merge_value(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("serializable");
+        for key in [
+            "requestedBy",
+            "started",
+            "finished",
+            "uri",
+            "nbd",
+            "disks",
+            "downtimeMs",
+            "totalMs",
+            "transferredBytes",
+            "message",
+        ] {
+            if value.get(key).is_none() {
+                value[key] = serde_json::Value::Null;
+            }
+        }
+        value
+    }
 }
 
 /// The CRM's record of an HA guest.

@@ -23,6 +23,7 @@ use crate::firewall::{GuestFirewall, yes};
     status = "GuestStatus",
     doc = "An LXC system container (Proxmox pve-container guest)",
     selectable = ".status.node",
+    selectable = ".status.migration.target",
     printcolumn(name = "VMID", type_ = "integer", json_path = ".spec.vmid"),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
     printcolumn(name = "Power", type_ = "string", json_path = ".spec.powerState"),

@@ -29,6 +29,7 @@ pub const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?([KMGT]i?)?$";
     status = "GuestStatus",
     doc = "A QEMU/KVM virtual machine (Proxmox qemu-server guest)",
     selectable = ".status.node",
+    selectable = ".status.migration.target",
     printcolumn(name = "VMID", type_ = "integer", json_path = ".spec.vmid"),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
     printcolumn(name = "Power", type_ = "string", json_path = ".spec.powerState"),

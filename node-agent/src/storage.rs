@@ -219,6 +219,27 @@ pub async fn image_snapshot(path: &Path, op: &str, name: &str) -> Result<()> {
     run(cmd.args(["snapshot", "-q", op, name]).arg(path), "snapshot", path).await
 }
 
+/// Whether a QEMU process holds the image (its write lock): `qemu-img info` without `-U`
+/// cannot open it then.
+pub async fn image_in_use(path: &Path) -> bool {
+    match Command::new("qemu-img").args(["info", "--output", "json"]).arg(path).output().await {
+        Ok(out) => !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lock"),
+        Err(_) => false,
+    }
+}
+
+/// The guest's images in `pool` some process holds (see [`image_in_use`]).
+pub async fn guest_images_in_use(pool: &DirPool, vmid: u32) -> Vec<PathBuf> {
+    let mut held = Vec::new();
+    let dir = pool.path.join("images").join(vmid.to_string());
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if image_in_use(&entry.path()).await {
+            held.push(entry.path());
+        }
+    }
+    held
+}
+
 /// Filesystem usage from `df` (std has no statvfs, and kpve forbids `unsafe`).
 pub fn usage_of(path: &Path) -> Usage {
     let out = std::process::Command::new("df").args(["-B1", "--output=size,used,avail"]).arg(path).output();

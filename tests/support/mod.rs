@@ -373,21 +373,46 @@ pub const BOOT_MARKER: &str = "KPVE-GUEST-UP";
 
 /// A busybox initramfs whose /init prints [`BOOT_MARKER`] and the guest's memory, then idles.
 pub fn test_initramfs(dir: &Path) -> PathBuf {
-    let root = dir.join("initramfs-root");
+    let script = format!(
+        "/bin/busybox echo {BOOT_MARKER}\n\
+         /bin/busybox grep MemTotal /proc/meminfo\n\
+         while true; do /bin/busybox sleep 1; done\n"
+    );
+    initramfs(dir, "initramfs", &script, false)
+}
+
+/// The test kernel's virtio block driver and what it needs (`scripts/install-host-deps.sh
+/// --test`), loaded in the order `order` lists.
+pub const TEST_MODULES: &str = "/var/cache/kpve/kernel/modules";
+
+/// A busybox initramfs `dir/<name>.cpio` whose /init mounts /proc and /dev, loads the virtio
+/// block driver if `disk` (the guest then has /dev/vda), then runs `script`.
+pub fn initramfs(dir: &Path, name: &str, script: &str, disk: bool) -> PathBuf {
+    let root = dir.join(format!("{name}-root"));
     std::fs::create_dir_all(root.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
+    let mut load = String::new();
+    if disk {
+        let modules = Path::new(TEST_MODULES);
+        let order = std::fs::read_to_string(modules.join("order"))
+            .expect("the test kernel's modules (scripts/install-host-deps.sh --test)");
+        std::fs::create_dir_all(root.join("lib/modules")).unwrap();
+        for module in order.lines().filter(|l| !l.is_empty()) {
+            std::fs::copy(modules.join(module), root.join("lib/modules").join(module)).unwrap();
+            load.push_str(&format!("/bin/busybox insmod /lib/modules/{module}\n"));
+        }
+    }
     let init = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox mkdir -p /proc /dev\n\
          /bin/busybox mount -t proc proc /proc\n\
-         /bin/busybox echo {BOOT_MARKER}\n\
-         /bin/busybox grep MemTotal /proc/meminfo\n\
-         while true; do /bin/busybox sleep 1; done\n"
+         /bin/busybox mount -t devtmpfs dev /dev\n\
+         {load}{script}"
     );
     std::fs::write(root.join("init"), init).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let image = dir.join("initramfs.cpio");
+    let image = dir.join(format!("{name}.cpio"));
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!("cd {} && find . | cpio -o -H newc --quiet > {}", root.display(), image.display()))

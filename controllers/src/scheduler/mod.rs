@@ -8,6 +8,7 @@
 //! free memory.
 
 mod assume;
+mod migration;
 mod placement;
 
 use std::fmt::Debug;
@@ -28,7 +29,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use self::assume::{AssumeCache, CachedGuest};
-pub use self::placement::{GuestDemand, NodeView, Readiness, Resources, Unschedulable, place};
+pub use self::placement::{GuestDemand, NodeView, Readiness, Resources, Unschedulable, disallowed, place};
 use crate::guest_kind::GuestKind;
 use crate::{ControllersConfig, drain, now_rfc3339};
 
@@ -278,6 +279,7 @@ pub async fn run(client: Client, config: &ControllersConfig) -> crate::Result<()
         () = fill_nodes => Err(crate::Error::Stopped("scheduler Hypervisor cache")),
         () = drain("scheduler", vms, |_| false) => Err(crate::Error::Stopped("VirtualMachine scheduler")),
         () = drain("scheduler", cts, |_| false) => Err(crate::Error::Stopped("LinuxContainer scheduler")),
+        () = migration::run(ctx) => Err(crate::Error::Stopped("migration controller")),
     }
 }
 

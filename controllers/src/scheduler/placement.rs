@@ -157,9 +157,8 @@ fn limit(capacity: u64, ratio: f64) -> u64 {
     (capacity as f64 * ratio).floor() as u64
 }
 
-/// Why `node` cannot take `guest`, or `None` when it can.
-fn reject(guest: &GuestDemand, node: &NodeView) -> Option<String> {
-    let placement = &guest.placement;
+/// Why `placement` rules `node` out (named nodes, node selector), or `None` when it allows it.
+pub fn disallowed(placement: &Placement, node: &NodeView) -> Option<String> {
     if !placement.nodes.is_empty() && !placement.nodes.contains(&node.name) {
         return Some("not in placement.nodes".into());
     }
@@ -171,6 +170,14 @@ fn reject(guest: &GuestDemand, node: &NodeView) -> Option<String> {
             }
             None => return Some(format!("no label {key} (nodeSelector {key}={want})")),
         }
+    }
+    None
+}
+
+/// Why `node` cannot take `guest`, or `None` when it can.
+fn reject(guest: &GuestDemand, node: &NodeView) -> Option<String> {
+    if let Some(why) = disallowed(&guest.placement, node) {
+        return Some(why);
     }
     if node.maintenance {
         return Some("maintenance".into());

@@ -263,6 +263,7 @@ impl Runtime for Lxc {
         vmid: u32,
         run: &Path,
         prepared: &Prepared<CtWork>,
+        _extra: &[String],
     ) -> anyhow::Result<()> {
         let work = &prepared.plan;
         if work.idmap.is_some() {

@@ -14,6 +14,7 @@
 
 mod ct;
 mod firewall;
+mod migrate;
 mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -66,6 +67,8 @@ pub struct AgentConfig {
     pub shutdown_timeout: Duration,
     /// HA timing: lease duration and renewal, self-fence deadline.
     pub ha: kpve_ha::Profile,
+    /// Where this node receives migrating guests (QEMU's migration and NBD ports).
+    pub migration_address: std::net::IpAddr,
 }
 
 impl AgentConfig {
@@ -77,6 +80,7 @@ impl AgentConfig {
             resync: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(10),
             ha: kpve_ha::Profile::DEFAULT,
+            migration_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         }
     }
 
@@ -150,6 +154,19 @@ pub(crate) struct Agent {
     fenced: std::sync::Mutex<HashSet<u32>>,
     /// Per guest uid: the LRM's latest report, written with every status.
     lrm_reports: std::sync::Mutex<HashMap<String, LrmReport>>,
+    /// Whether the `local` pool is shared storage (its StoragePool's spec.shared): migrations
+    /// then copy no disks.
+    pool_shared: std::sync::atomic::AtomicBool,
+    /// Per guest uid: migrations this node prepared to receive.
+    incoming: std::sync::Mutex<HashMap<String, migrate::IncomingRun>>,
+    /// Per guest uid: how the last migration this node sent ended.
+    sent: std::sync::Mutex<migrate::Sent>,
+}
+
+/// A start that receives a migrating guest instead of booting it.
+pub(crate) struct Incoming {
+    /// When the guest started on its first node (Unix seconds): its uptime continues.
+    pub started_at: u64,
 }
 
 pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
@@ -168,6 +185,9 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         epoch: fence::unix_ms(),
         fenced: std::sync::Mutex::default(),
         lrm_reports: std::sync::Mutex::default(),
+        pool_shared: std::sync::atomic::AtomicBool::new(false),
+        incoming: std::sync::Mutex::default(),
+        sent: std::sync::Mutex::default(),
         client,
         facts: host::facts(),
         pool_path: std::sync::Mutex::new(config.default_pool_path()),
@@ -191,6 +211,7 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
     tokio::try_join!(
         guests::<vm::Qemu>(agent.clone()),
         guests::<ct::Lxc>(agent.clone()),
+        migrate::incoming(agent.clone()),
         firewall::run(agent)
     )?;
     Ok(())
@@ -283,6 +304,11 @@ impl Agent {
         self.lrm.lock().expect("lrm lock").holds_lease(fence::boot_ms())
     }
 
+    /// Whether the pool's volumes are the same files on every node.
+    pub(crate) fn pool_shared(&self) -> bool {
+        self.pool_shared.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(crate) fn pool(&self) -> DirPool {
         DirPool::new("local", self.pool_path.lock().expect("pool path lock").clone())
     }
@@ -292,6 +318,9 @@ impl Agent {
         let declared = pools.get("local").await.ok();
         if let Some(path) = declared.as_ref().and_then(|sp| sp.spec.path.clone()) {
             *self.pool_path.lock().expect("pool path lock") = PathBuf::from(path);
+        }
+        if let Some(sp) = &declared {
+            self.pool_shared.store(sp.spec.shared, std::sync::atomic::Ordering::Relaxed);
         }
         let pool = self.pool();
         if pool.activate().is_err() {
@@ -460,6 +489,8 @@ pub(crate) trait Runtime: Send + Sync + 'static {
     const ENGINE: &'static str;
     /// How messages name the running guest ("QEMU", "the container").
     const PROCESS: &'static str;
+    /// Whether a running guest of this kind moves live ([`Runtime::migrate_send`]).
+    const LIVE_MIGRATION: bool = false;
 
     /// Static figures written with every status (`maxmem`, …).
     fn static_figures(guest: &Self::Guest) -> Value;
@@ -473,18 +504,33 @@ pub(crate) trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Prepared<Self::Plan>, Stall>> + Send;
     /// The guest's process as the host shows it now, if it runs.
     fn observe(agent: &Agent, vmid: u32, run: &Path) -> impl Future<Output = Option<Observed>> + Send;
-    /// Starts the guest; returns once it runs (or failed, with the host's words).
+    /// Starts the guest; returns once it runs (or failed, with the host's words). `extra`
+    /// goes on the command line beside the launch definition (a migration target's
+    /// `-incoming`).
     fn start(
         agent: &Agent,
         guest: &Self::Guest,
         vmid: u32,
         run: &Path,
         prepared: &Prepared<Self::Plan>,
+        extra: &[String],
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// Graceful shutdown for up to `timeout`, then a hard stop; returns once it is gone.
     fn stop(agent: &Agent, vmid: u32, run: &Path, timeout: Duration) -> impl Future<Output = ()> + Send;
     /// Freezes or thaws the running guest; whether it worked.
     fn set_paused(agent: &Agent, vmid: u32, run: &Path, paused: bool) -> impl Future<Output = bool> + Send;
+    /// Sends the running guest to a target waiting at `uri` (and at `nbd` for the local
+    /// `disks`): a live migration. Kinds without one refuse.
+    fn migrate_send(
+        _agent: &Agent,
+        _vmid: u32,
+        _run: &Path,
+        _uri: &str,
+        _nbd: Option<&str>,
+        _disks: &[String],
+    ) -> impl Future<Output = Result<crate::qemu::migration::Outcome, String>> + Send {
+        async { Err(format!("a {} does not migrate live", Self::KIND)) }
+    }
     /// Runtime figures (mem, cpu, disk and net counters) of the running guest into `figures`.
     fn figures(
         agent: &Agent,
@@ -596,7 +642,7 @@ async fn cleanup_orphans<R: Runtime>(agent: &Arc<Agent>, bound: &HashMap<String,
     let Ok(entries) = std::fs::read_dir(agent.config.run_root()) else { return };
     for entry in entries.flatten() {
         let Some(vmid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        if !known.contains(&vmid) && engine_of(&entry.path()) == R::ENGINE {
+        if !known.contains(&vmid) && engine_of(&entry.path()) == R::ENGINE && !agent.receiving(vmid) {
             match agent.moved_elsewhere::<R>(&entry.path()).await {
                 Some(true) => {
                     tracing::info!(
@@ -696,6 +742,10 @@ impl Agent {
                 )
                 .await;
         }
+        // A live migration under way: the source's part, and nothing else.
+        if let Some(done) = self.migration_hold::<R>(guest, vmid, &run).await {
+            return done;
+        }
         let checkpoint = read_checkpoint(&run);
         let observed = R::observe(self, vmid, &run).await;
         let prepared = match R::prepare(self, guest, vmid, &run).await {
@@ -717,6 +767,26 @@ impl Agent {
         // HA guests: the LRM decides whether they run here (their HA state, the lease,
         // restart limits, migrations the CRM asked for).
         let lrm_step = self.lrm_step::<R>(guest, vmid, &run, observed.is_some()).await;
+        // An HA move of a running guest goes live; only a failed live migration stops it for
+        // an offline move.
+        if let (Some(Step::StopFor(id)), Some(_), true) = (lrm_step, observed, R::LIVE_MIGRATION)
+            && let Some(target) = guest
+                .guest_status()
+                .and_then(|s| s.ha.as_ref())
+                .and_then(|h| h.migrate.as_ref())
+                .filter(|m| m.id == id)
+                .map(|m| m.target.clone())
+        {
+            let live = format!("ha-{id}");
+            match guest.guest_status().and_then(|s| s.migration.as_ref()).filter(|m| m.id == live) {
+                None => {
+                    self.order_migration::<R>(guest, &live, &target, "ha").await;
+                    return Ok(());
+                }
+                Some(m) if m.phase != kpve_crds::MigrationPhase::Failed => return Ok(()),
+                Some(_) => {}
+            }
+        }
         let run_as =
             if spec.power_state() == PowerState::Paused { PowerState::Paused } else { PowerState::Running };
         let desired = match lrm_step {
@@ -749,7 +819,9 @@ impl Agent {
         }
         match (desired, observed) {
             (PowerState::Running | PowerState::Paused, None) => {
-                if let Err(e) = self.start::<R>(guest, vmid, &run, &prepared, restart_token.clone()).await {
+                if let Err(e) =
+                    self.start::<R>(guest, vmid, &run, &prepared, restart_token.clone(), None).await
+                {
                     let message = format!("{} did not start: {e:#}", R::PROCESS);
                     return self.stalled::<R>(guest, "Failed", Stall::new("StartFailed", message)).await;
                 }
@@ -948,12 +1020,14 @@ impl Agent {
         run: &Path,
         prepared: &Prepared<R::Plan>,
         restart_token: Option<String>,
+        incoming: Option<Incoming>,
     ) -> anyhow::Result<()> {
         std::fs::create_dir_all(run)?;
         std::fs::write(run.join("engine"), R::ENGINE)?;
         // Marked before the process exists: fencing must never miss an HA guest being started.
         fence::mark_ha(run, guest.guest_spec().ha().is_some_and(|h| h.state != HaState::Ignored));
-        R::start(self, guest, vmid, run, prepared).await?;
+        let extra = incoming.as_ref().map(|_| vec!["-incoming".to_string(), "defer".to_string()]);
+        R::start(self, guest, vmid, run, prepared, extra.as_deref().unwrap_or_default()).await?;
         let checkpoint = Checkpoint {
             uid: guest.uid().unwrap_or_default(),
             namespace: guest.namespace().unwrap_or_default(),
@@ -961,7 +1035,8 @@ impl Agent {
             vmid,
             engine: R::ENGINE.into(),
             launch: prepared.launch.clone(),
-            started_at: host::unix_now(),
+            // A migrated guest keeps its uptime.
+            started_at: incoming.map_or_else(host::unix_now, |i| i.started_at),
             restart_token,
             accelerator: prepared.accelerator.map(str::to_string),
             volumes: prepared.volumes.clone(),
@@ -1030,6 +1105,16 @@ impl Agent {
         let images = self.pool().path.join("images").join(vmid.to_string());
         self.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
         self.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
+        // Migrated live: the target has the disks now, and the copies here are stale.
+        if Agent::migrated_away(&run) && !self.pool_shared() {
+            // Unless a QEMU holds them: then this directory is the target's too.
+            let held = crate::storage::guest_images_in_use(&self.pool(), vmid).await;
+            if !held.is_empty() {
+                tracing::warn!(vmid, ?held, "not freeing the migrated guest's disks: in use on this host");
+            } else if let Err(e) = self.pool().free_guest(vmid) {
+                tracing::warn!(vmid, error = %e, "freeing the migrated guest's old disks failed");
+            }
+        }
         let _ = std::fs::remove_dir_all(&run);
         tracing::info!(
             vmid,

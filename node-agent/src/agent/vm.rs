@@ -14,6 +14,7 @@ use super::{
 };
 use crate::host;
 use crate::qemu::argv::{self, Accel, KernelBoot, LaunchPaths, LaunchPlan, ResolvedDisk, ResolvedNic};
+use crate::qemu::migration;
 use crate::qemu::qmp::Qmp;
 use crate::storage::{self, DirPool};
 
@@ -25,6 +26,7 @@ impl Runtime for Qemu {
     const KIND: &'static str = "VirtualMachine";
     const ENGINE: &'static str = "qemu";
     const PROCESS: &'static str = "QEMU";
+    const LIVE_MIGRATION: bool = true;
 
     fn static_figures(vm: &VirtualMachine) -> Value {
         json!({"maxmem": u64::from(vm.spec.memory.size) * 1024 * 1024})
@@ -72,6 +74,7 @@ impl Runtime for Qemu {
         vmid: u32,
         run: &Path,
         prepared: &Prepared<LaunchPlan>,
+        extra: &[String],
     ) -> anyhow::Result<()> {
         let run = LaunchPaths::new(run);
         for stale in [run.qmp_socket(), run.serial_socket(), run.pid_file(), run.serial_log()] {
@@ -80,6 +83,7 @@ impl Runtime for Qemu {
         let log = std::fs::File::create(run.run_dir.join("qemu.log"))?;
         let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
         cmd.args(&prepared.launch)
+            .args(extra)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -150,6 +154,20 @@ impl Runtime for Qemu {
         }
         let _ = tokio::process::Command::new("kill").args(["-9", &pid.to_string()]).status().await;
         gone(Duration::from_secs(5)).await;
+    }
+
+    async fn migrate_send(
+        _agent: &Agent,
+        _vmid: u32,
+        run: &Path,
+        uri: &str,
+        nbd: Option<&str>,
+        disks: &[String],
+    ) -> Result<migration::Outcome, String> {
+        let run = LaunchPaths::new(run);
+        let mut q =
+            Qmp::connect(&run.qmp_socket(), Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+        migration::send(&mut q, uri, nbd, disks).await.map_err(|e| e.message)
     }
 
     async fn set_paused(_agent: &Agent, _vmid: u32, run: &Path, paused: bool) -> bool {
@@ -523,12 +541,12 @@ fn volume_id(vm: &VirtualMachine, disk: &ResolvedDisk, vmid: u32) -> String {
     }
 }
 
-fn running_pid(run: &LaunchPaths, vmid: u32) -> Option<u32> {
+pub(crate) fn running_pid(run: &LaunchPaths, vmid: u32) -> Option<u32> {
     let pid = host::read_pid(&run.pid_file())?;
     (vmid > 0 && host::process_alive(pid, &format!("{}/", run.run_dir.display()))).then_some(pid)
 }
 
-async fn qmp(run: &LaunchPaths) -> Option<Qmp> {
+pub(crate) async fn qmp(run: &LaunchPaths) -> Option<Qmp> {
     Qmp::connect(&run.qmp_socket(), Duration::from_secs(2)).await.ok()
 }
 

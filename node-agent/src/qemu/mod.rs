@@ -2,4 +2,5 @@
 //! talks to the running process.
 
 pub mod argv;
+pub mod migration;
 pub mod qmp;

@@ -1,0 +1,470 @@
+//! Live migration, the agents' part (the protocol is described on
+//! [`kpve_crds::Migration`]; the QMP side is [`crate::qemu::migration`]).
+//!
+//! - **Target** ([`incoming`]): a watch on the VMs whose `status.migration.target` is this
+//!   node. A `Pending` order gets volumes (local disks freshly allocated), a QEMU started
+//!   with `-incoming defer` in the guest's run directory (checkpointed like any start, HA
+//!   marked, so fencing covers it), NBD exports and a migration port: `TargetReady`. A
+//!   `Failed` order takes all of it away again; a `Completed` one only stops the exports.
+//! - **Source** ([`Agent::migration_hold`], first thing in the guest's reconcile): while a
+//!   migration of the guest is under way, its reconcile does nothing else. On `TargetReady`
+//!   it sends the guest (holding the guest's reconcile slot throughout) and writes
+//!   `Completed` (with QEMU's downtime) or `Failed`. A `Completed` guest is left alone until
+//!   the migration controller binds it to the target; the source then lets it go, freeing the
+//!   copied local disks.
+//!
+//! Every write is a merge patch carrying the resourceVersion of a fresh read that showed the
+//! same migration id, so a writer never acts on an order that changed under it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kpve_crds::common::GuestObject;
+use kpve_crds::{Migration, MigrationPhase, VirtualMachine};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+
+use super::vm::{self, Qemu};
+use super::{Agent, Incoming, Runtime, read_checkpoint};
+use crate::qemu::argv::LaunchPaths;
+use crate::qemu::migration;
+
+/// Marks a run directory whose guest went to another node (its disks there are stale copies).
+const MIGRATED_MARKER: &str = "migrated";
+
+/// An incoming migration this agent prepared.
+#[derive(Debug, Clone)]
+pub(crate) struct IncomingRun {
+    pub id: String,
+    pub vmid: u32,
+}
+
+/// How a migration this agent sent ended (the watch may still show the order as it was).
+pub(crate) type Sent = HashMap<String, (String, MigrationPhase)>;
+
+fn now() -> String {
+    jiff::Timestamp::now().round(jiff::Unit::Millisecond).expect("in range").to_string()
+}
+
+impl Agent {
+    fn migration_params(&self) -> PatchParams {
+        PatchParams {
+            field_manager: Some(format!("kpve-migration-{}", self.node())),
+            ..PatchParams::default()
+        }
+    }
+
+    /// Writes `patch` into `status.migration` (and `extra` into `status`) of the guest, if a
+    /// fresh read still shows migration `id` (in phase `from`, when given). Whether it was
+    /// written.
+    pub(crate) async fn migration_write<K: GuestObject>(
+        &self,
+        namespace: &str,
+        name: &str,
+        id: &str,
+        from: Option<MigrationPhase>,
+        patch: Value,
+        extra: Value,
+    ) -> bool {
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        for _ in 0..10 {
+            let Ok(Some(fresh)) = api.get_opt(name).await else { return false };
+            let current = fresh.guest_status().and_then(|s| s.migration.clone());
+            let Some(current) = current.filter(|m| m.id == id) else { return false };
+            if from.is_some_and(|f| current.phase != f) {
+                return false;
+            }
+            let mut status = extra.clone();
+            status["migration"] = patch.clone();
+            let body = json!({"metadata": {"resourceVersion": fresh.resource_version()}, "status": status});
+            match api.patch_status(name, &self.migration_params(), &Patch::Merge(&body)).await {
+                Ok(_) => return true,
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => {
+                    tracing::warn!(guest = name, migration = id, error = %e, "migration status not written");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+        false
+    }
+
+    /// The source's part of a migration of this guest, if one is under way (Some: the
+    /// reconcile ends here).
+    pub(crate) async fn migration_hold<R: Runtime>(
+        &self,
+        guest: &R::Guest,
+        vmid: u32,
+        run: &Path,
+    ) -> Option<anyhow::Result<()>> {
+        let status = guest.guest_status()?;
+        let m = status.migration.as_ref()?;
+        if m.source != self.node() || status.node.as_deref() != Some(self.node()) {
+            return None;
+        }
+        let uid = guest.uid().unwrap_or_default();
+        // What this agent already did with it (the watch may lag its own writes).
+        let known =
+            self.sent.lock().expect("sent lock").get(&uid).filter(|(id, _)| *id == m.id).map(|(_, p)| *p);
+        let marked = std::fs::read_to_string(run.join(MIGRATED_MARKER)).ok().is_some_and(|id| id == m.id);
+        let phase = if marked { MigrationPhase::Completed } else { known.unwrap_or(m.phase) };
+        match phase {
+            MigrationPhase::Failed => None,
+            MigrationPhase::Completed => {
+                // The guest runs on the target; the migration controller binds it there. The
+                // paused QEMU left here must never run again.
+                if R::observe(self, vmid, run).await.is_some() {
+                    R::stop(self, vmid, run, std::time::Duration::ZERO).await;
+                }
+                Some(Ok(()))
+            }
+            MigrationPhase::Pending => {
+                if R::observe(self, vmid, run).await.is_none() {
+                    let message = format!(
+                        "the guest is not running on {}: only a running guest migrates live",
+                        self.node()
+                    );
+                    self.fail_migration::<R>(guest, m, &message).await;
+                }
+                // Running: wait for the target.
+                Some(Ok(()))
+            }
+            MigrationPhase::TargetReady => Some(self.send_guest::<R>(guest, vmid, run, m).await),
+            MigrationPhase::Migrating => {
+                // This agent was sending it when it stopped (a send holds the reconcile slot
+                // until it has written the outcome). QEMU knows how that ended.
+                Some(self.send_guest::<R>(guest, vmid, run, m).await)
+            }
+        }
+    }
+
+    /// Orders a live migration of a guest bound here (an HA move).
+    pub(crate) async fn order_migration<R: Runtime>(
+        &self,
+        guest: &R::Guest,
+        id: &str,
+        target: &str,
+        by: &str,
+    ) {
+        let order = Migration {
+            id: id.to_string(),
+            source: self.node().to_string(),
+            target: target.to_string(),
+            phase: MigrationPhase::Pending,
+            requested_by: Some(by.to_string()),
+            started: Some(now()),
+            ..Migration::default()
+        };
+        let body = json!({
+            "metadata": {"resourceVersion": guest.resource_version()},
+            "status": {"migration": order.to_merge_value()},
+        });
+        let api: Api<R::Guest> = Api::namespaced(self.client.clone(), &guest.namespace().unwrap_or_default());
+        match api.patch_status(&guest.name_any(), &self.migration_params(), &Patch::Merge(&body)).await {
+            Ok(_) => {
+                tracing::info!(vmid = ?guest.guest_spec().vmid(), migration = id, target, "live migration ordered")
+            }
+            Err(e) => tracing::debug!(error = %e, "migration order not written (retried next pass)"),
+        }
+    }
+
+    async fn fail_migration<R: Runtime>(&self, guest: &R::Guest, m: &Migration, message: &str) {
+        tracing::warn!(vmid = ?guest.guest_spec().vmid(), migration = %m.id, message, "migration failed");
+        let patch = json!({"phase": "Failed", "finished": now(), "message": message});
+        let ns = guest.namespace().unwrap_or_default();
+        if self.migration_write::<R::Guest>(&ns, &guest.name_any(), &m.id, None, patch, json!({})).await {
+            self.sent
+                .lock()
+                .expect("sent lock")
+                .insert(guest.uid().unwrap_or_default(), (m.id.clone(), MigrationPhase::Failed));
+        }
+    }
+
+    /// Sends the guest to the target that said it is ready, and records the outcome.
+    async fn send_guest<R: Runtime>(
+        &self,
+        guest: &R::Guest,
+        vmid: u32,
+        run: &Path,
+        m: &Migration,
+    ) -> anyhow::Result<()> {
+        let ns = guest.namespace().unwrap_or_default();
+        let name = guest.name_any();
+        let uid = guest.uid().unwrap_or_default();
+        if m.phase == MigrationPhase::TargetReady {
+            let claim = json!({"phase": "Migrating"});
+            if !self
+                .migration_write::<R::Guest>(
+                    &ns,
+                    &name,
+                    &m.id,
+                    Some(MigrationPhase::TargetReady),
+                    claim,
+                    json!({}),
+                )
+                .await
+            {
+                return Ok(());
+            }
+        }
+        let Some(uri) = m.uri.as_deref() else {
+            self.fail_migration::<R>(guest, m, "the target gave no migration address").await;
+            return Ok(());
+        };
+        if R::observe(self, vmid, run).await.is_none() {
+            self.fail_migration::<R>(guest, m, "the guest stopped before it could be sent").await;
+            return Ok(());
+        }
+        tracing::info!(vmid, migration = %m.id, target = %m.target, disks = ?m.disks, "sending the guest");
+        match R::migrate_send(self, vmid, run, uri, m.nbd.as_deref(), &m.disks).await {
+            Ok(outcome) => {
+                // From here on the target runs the guest: remember it on disk first.
+                std::fs::write(run.join(MIGRATED_MARKER), &m.id)?;
+                self.sent
+                    .lock()
+                    .expect("sent lock")
+                    .insert(uid.clone(), (m.id.clone(), MigrationPhase::Completed));
+                let patch = json!({
+                    "phase": "Completed", "finished": now(),
+                    "downtimeMs": outcome.downtime_ms, "totalMs": outcome.total_ms,
+                    "transferredBytes": outcome.transferred,
+                    "message": format!("running on {} after {} ms of downtime", m.target, outcome.downtime_ms),
+                });
+                // An HA move: the LRM's acknowledgement lets the CRM rebind the guest.
+                let mut extra = json!({});
+                if let Some(ha_id) = m.id.strip_prefix("ha-").and_then(|i| i.parse::<u64>().ok()) {
+                    let mut reports = self.lrm_reports.lock().expect("lrm reports lock");
+                    if let Some(report) = reports.get_mut(&uid) {
+                        report.stopped_for = Some(ha_id);
+                        extra["haLrm"] = serde_json::to_value(kpve_crds::HaLrmStatus::from(&*report))?;
+                    }
+                }
+                let mut written = false;
+                for attempt in 0..30u64 {
+                    if self
+                        .migration_write::<R::Guest>(&ns, &name, &m.id, None, patch.clone(), extra.clone())
+                        .await
+                    {
+                        written = true;
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1).min(10))).await;
+                }
+                tracing::info!(
+                    vmid, migration = %m.id, target = %m.target, downtime_ms = outcome.downtime_ms,
+                    total_ms = outcome.total_ms, recorded = written, "guest migrated"
+                );
+                R::stop(self, vmid, run, std::time::Duration::ZERO).await;
+            }
+            Err(message) => self.fail_migration::<R>(guest, m, &message).await,
+        }
+        Ok(())
+    }
+
+    /// Whether a run directory belongs to a guest that migrated away (its local disks here
+    /// are stale copies).
+    pub(crate) fn migrated_away(run: &Path) -> bool {
+        run.join(MIGRATED_MARKER).exists()
+    }
+
+    /// Whether `vmid` is a migration this agent is receiving (its run directory is not an
+    /// orphan).
+    pub(crate) fn receiving(&self, vmid: u32) -> bool {
+        self.incoming.lock().expect("incoming lock").values().any(|i| i.vmid == vmid)
+    }
+}
+
+/// The target's side: watches the VMs coming to this node.
+pub(crate) async fn incoming(agent: Arc<Agent>) -> anyhow::Result<()> {
+    let api: Api<VirtualMachine> = Api::all(agent.client.clone());
+    let selector = format!("status.migration.target={}", agent.node());
+    let mut stream = watcher(api, watcher::Config::default().fields(&selector)).boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(vm) | watcher::Event::InitApply(vm)) => agent.receive(&vm).await,
+            Ok(watcher::Event::Delete(vm)) => {
+                // Ordered elsewhere, or deleted.
+                let uid = vm.uid().unwrap_or_default();
+                let run = agent.incoming.lock().expect("incoming lock").remove(&uid);
+                if let Some(run) = run {
+                    agent.drop_incoming(&vm, run.vmid).await;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "incoming migration watch error"),
+        }
+    }
+    anyhow::bail!("incoming migration watch ended")
+}
+
+impl Agent {
+    async fn receive(&self, vm: &VirtualMachine) {
+        let Some(status) = vm.status.as_ref() else { return };
+        let Some(m) = status.migration.as_ref().filter(|m| m.target == self.node()) else { return };
+        let Some(vmid) = vm.spec.vmid else { return };
+        let uid = vm.uid().unwrap_or_default();
+        let mine = self.incoming.lock().expect("incoming lock").get(&uid).cloned();
+        match m.phase {
+            MigrationPhase::Pending if mine.as_ref().is_none_or(|i| i.id != m.id) => {
+                if let Some(old) = mine {
+                    self.drop_incoming(vm, old.vmid).await;
+                }
+                let ns = vm.namespace().unwrap_or_default();
+                let name = vm.name_any();
+                match self.prepare_incoming(vm, vmid).await {
+                    Ok((ready, disks)) => {
+                        self.incoming
+                            .lock()
+                            .expect("incoming lock")
+                            .insert(uid.clone(), IncomingRun { id: m.id.clone(), vmid });
+                        let patch = json!({"phase": "TargetReady", "uri": ready.uri, "nbd": ready.nbd, "disks": disks});
+                        let written = self
+                            .migration_write::<VirtualMachine>(
+                                &ns,
+                                &name,
+                                &m.id,
+                                Some(MigrationPhase::Pending),
+                                patch,
+                                json!({}),
+                            )
+                            .await;
+                        tracing::info!(vmid, migration = %m.id, uri = %ready.uri, written, "waiting for the incoming guest");
+                        if !written {
+                            self.incoming.lock().expect("incoming lock").remove(&uid);
+                            self.drop_incoming(vm, vmid).await;
+                        }
+                    }
+                    Err(message) => {
+                        tracing::warn!(vmid, migration = %m.id, %message, "cannot receive the guest");
+                        self.drop_incoming(vm, vmid).await;
+                        let patch = json!({"phase": "Failed", "finished": now(),
+                                           "message": format!("target {}: {message}", self.node())});
+                        self.migration_write::<VirtualMachine>(&ns, &name, &m.id, None, patch, json!({}))
+                            .await;
+                    }
+                }
+            }
+            MigrationPhase::Completed if mine.as_ref().is_some_and(|i| i.id == m.id) => {
+                self.incoming.lock().expect("incoming lock").remove(&uid);
+                if let Some(mut q) = vm::qmp(&LaunchPaths::new(self.run_dir(vmid))).await {
+                    migration::stop_exports(&mut q).await;
+                }
+            }
+            MigrationPhase::Failed if mine.is_some() => {
+                self.incoming.lock().expect("incoming lock").remove(&uid);
+                self.drop_incoming(vm, vmid).await;
+            }
+            _ => {}
+        }
+    }
+
+    /// Volumes, a waiting QEMU and its exports for an incoming guest: where it can be sent,
+    /// and which disks are to be copied.
+    async fn prepare_incoming(
+        &self,
+        vm: &VirtualMachine,
+        vmid: u32,
+    ) -> Result<(migration::Incoming, Vec<String>), String> {
+        if !self.holds_lease() {
+            return Err("the node does not hold its lease".into());
+        }
+        let run = self.run_dir(vmid);
+        if vm::running_pid(&LaunchPaths::new(&run), vmid).is_some() {
+            return Err(format!("VMID {vmid} already runs here"));
+        }
+        let shared = self.pool_shared();
+        let status = vm.status.clone().unwrap_or_default();
+        if !shared && (!vm.spec.snapshots.is_empty() || !status.snapshots.is_empty()) {
+            return Err("the guest has snapshots: internal snapshots of local disks do not migrate".into());
+        }
+        // A fresh start: nothing of an earlier stay of this guest here counts.
+        let _ = std::fs::remove_dir_all(&run);
+        if !shared {
+            // Disks held by a QEMU on this host are not stale copies: the pool is shared with
+            // the source after all (the same directory), and copying would clobber them.
+            let held = crate::storage::guest_images_in_use(&self.pool(), vmid).await;
+            if let Some(path) = held.first() {
+                return Err(format!(
+                    "{} is in use on this host: is pool {:?} shared with the source? Declare it spec.shared: true",
+                    path.display(),
+                    self.pool().name
+                ));
+            }
+            if let Err(e) = self.pool().free_guest(vmid) {
+                return Err(format!("removing stale copies of the disks: {e}"));
+            }
+            let images = self.pool().path.join("images").join(vmid.to_string());
+            self.snapshot_cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|p, _| !p.starts_with(&images));
+            self.volume_sizes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|p, _| !p.starts_with(&images));
+        }
+        // A rollback the source applied stays applied.
+        if let (Some(r), Some(applied)) = (&vm.spec.rollback, &status.rollback)
+            && r.id == *applied
+        {
+            std::fs::create_dir_all(&run)
+                .and_then(|()| std::fs::write(run.join("rollback"), applied))
+                .map_err(|e| e.to_string())?;
+        }
+        let prepared = Qemu::prepare(self, vm, vmid, &run).await.map_err(|s| s.message)?;
+        let disks: Vec<String> = if shared {
+            Vec::new()
+        } else {
+            vm.spec
+                .disks
+                .iter()
+                .filter(|d| !d.is_media() && prepared.plan.disks.iter().any(|r| r.id == d.id))
+                .map(|d| d.id.clone())
+                .collect()
+        };
+        let started_at = crate::host::unix_now().saturating_sub(status.uptime.unwrap_or(0));
+        self.start::<Qemu>(vm, vmid, &run, &prepared, None, Some(Incoming { started_at }))
+            .await
+            .map_err(|e| format!("QEMU did not start: {e:#}"))?;
+        let mut q =
+            vm::qmp(&LaunchPaths::new(&run)).await.ok_or("QMP of the waiting QEMU is not answering")?;
+        let ready = migration::listen(&mut q, self.config.migration_address, &disks).await?;
+        Ok((ready, disks))
+    }
+
+    /// Takes away what an incoming migration prepared — unless the guest is bound here now.
+    async fn drop_incoming(&self, vm: &VirtualMachine, vmid: u32) {
+        let api: Api<VirtualMachine> =
+            Api::namespaced(self.client.clone(), &vm.namespace().unwrap_or_default());
+        let bound_here = match api.get_opt(&vm.name_any()).await {
+            Ok(Some(fresh)) => {
+                fresh.uid() == vm.uid()
+                    && fresh.status.as_ref().and_then(|s| s.node.as_deref()) == Some(self.node())
+            }
+            Ok(None) => false,
+            // Cannot tell: leave it (a restarted agent sorts run directories out).
+            Err(_) => return,
+        };
+        let run = self.run_dir(vmid);
+        // Only what this agent started for the guest (its checkpoint names it).
+        if bound_here || read_checkpoint(&run).is_none_or(|cp| Some(cp.uid) != vm.uid()) {
+            return;
+        }
+        Qemu::stop(self, vmid, &run, std::time::Duration::ZERO).await;
+        // Copies nothing else holds (a disk still in use is the source's, in a directory the
+        // two nodes share).
+        let held = crate::storage::guest_images_in_use(&self.pool(), vmid).await;
+        if !self.pool_shared()
+            && held.is_empty()
+            && let Err(e) = self.pool().free_guest(vmid)
+        {
+            tracing::warn!(vmid, error = %e, "freeing the copies of an incoming guest failed");
+        }
+        let _ = std::fs::remove_dir_all(&run);
+        tracing::info!(vmid, copies_freed = held.is_empty(), "incoming migration abandoned: QEMU stopped");
+    }
+}
