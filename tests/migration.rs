@@ -77,8 +77,9 @@ impl Drop for Cluster {
 impl Cluster {
     /// Two agents and the counting VM with a 64 MiB qcow2 disk in pool `local`, running on n1.
     /// `own_pools`: each agent keeps the pool in its own data directory (two hosts);
-    /// otherwise both use the server's (one directory, not declared shared).
-    fn start(own_pools: bool) -> Cluster {
+    /// otherwise both use the server's (one directory, not declared shared). `placement`:
+    /// the VM's placement (a YAML flow mapping) that puts it on n1.
+    fn start(own_pools: bool, placement: &str) -> Cluster {
         let server = Server::start_with_controllers();
         if own_pools {
             let drop_path = r#"[{"op":"remove","path":"/spec/path"}]"#;
@@ -114,7 +115,7 @@ spec:
   startup:
     down: 1
   placement:
-    nodes: [n1]
+    {placement}
   disks:
     - id: virtio0
       pool: local
@@ -198,7 +199,7 @@ impl Keeper {
 
 #[test]
 fn a_placement_change_moves_a_running_vm_live_with_its_local_disk() {
-    let cluster = Cluster::start(true);
+    let cluster = Cluster::start(true, "{nodes: [n1]}");
     let (run1, run2) = (cluster.run_dir(0), cluster.run_dir(1));
     let keeper = Keeper::start(run1.join("serial.log"));
     assert_eq!(cluster.move_to_n2(), "Completed", "{}", cluster.get("{.status.migration.message}"));
@@ -252,7 +253,7 @@ fn a_placement_change_moves_a_running_vm_live_with_its_local_disk() {
 /// target finds the disk in use and refuses, and the guest keeps running where it ran.
 #[test]
 fn a_failed_migration_leaves_the_guest_running_where_it_was() {
-    let cluster = Cluster::start(false);
+    let cluster = Cluster::start(false, "{nodes: [n1]}");
     assert_eq!(cluster.move_to_n2(), "Failed");
     let message = cluster.get("{.status.migration.message}");
     assert!(message.contains("in use on this host"), "{message}");
@@ -286,4 +287,68 @@ fn disk_head(pool: &Path, vmid: &str, scratch: &Path) -> String {
     assert!(status.success());
     let bytes = std::fs::read(&raw).unwrap();
     String::from_utf8_lossy(&bytes[..8192]).into_owned()
+}
+
+const MIGRATE_CLIENT: &str = r#"
+import json, sys, time
+from proxmoxer import ProxmoxAPI
+port, password, vmid = sys.argv[1], sys.argv[2], sys.argv[3]
+p = ProxmoxAPI("127.0.0.1", port=int(port), user="root@pam", password=password, verify_ssl=False)
+vm = p.nodes("n1").qemu(vmid)
+out = {"pre": vm.migrate.get()}
+out["offline_refused"] = err(lambda: vm.migrate.post(target="n2"))
+out["local_disks_refused"] = err(lambda: vm.migrate.post(target="n2", online=1))
+out["same_node_refused"] = err(lambda: vm.migrate.post(target="n1", online=1))
+upid = vm.migrate.post(target="n2", online=1, **{"with-local-disks": 1})
+out["upid"] = upid
+deadline = time.time() + 60
+while time.time() < deadline:
+    status = p.nodes("n1").tasks(upid).status.get()
+    if status["status"] == "stopped":
+        break
+    time.sleep(0.2)
+out["task"] = status
+out["log"] = [line["t"] for line in p.nodes("n1").tasks(upid).log.get()]
+print(json.dumps(out))
+"#;
+
+/// `qm migrate --online --with-local-disks` through the Proxmox API (proxmoxer): the task
+/// follows the migration and ends OK with the downtime in its log.
+#[test]
+fn the_proxmox_api_migrates_a_running_vm() {
+    if !support::proxmoxer_available() {
+        return;
+    }
+    let cluster = Cluster::start(true, "{preferredNodes: [n1]}");
+    let server = &cluster.server;
+    let password = std::fs::read_to_string(server.data_dir().join("pve-root-password")).unwrap();
+    let port = server.pve_port.to_string();
+    let r = support::run_client(
+        Command::new("python3"),
+        MIGRATE_CLIENT,
+        &[&port, password.trim(), &cluster.vmid],
+        server,
+    );
+    assert_eq!(r["pre"]["running"], true, "{}", r["pre"]);
+    assert_eq!(r["pre"]["allowed_nodes"], serde_json::json!(["n2"]));
+    assert_eq!(r["pre"]["local_disks"].as_array().unwrap().len(), 1, "{}", r["pre"]);
+    let refused = |key: &str, text: &str| {
+        let message = r[key].as_str().unwrap_or_default();
+        assert!(message.contains(text), "{key}: {message}");
+    };
+    refused("offline_refused", "can't migrate running VM without --online");
+    refused("local_disks_refused", "without with-local-disks option");
+    refused("same_node_refused", "target is local node");
+    assert!(r["upid"].as_str().unwrap().contains(":qmigrate:"), "{}", r["upid"]);
+    assert_eq!(r["task"]["exitstatus"], "OK", "{}", r["task"]);
+    let log: Vec<String> = serde_json::from_value(r["log"].clone()).unwrap();
+    assert!(log.iter().any(|l| l.contains("downtime")), "{log:?}");
+    assert_eq!(log.last().map(String::as_str), Some("TASK OK"));
+    wait_until("the VM bound to n2", || cluster.get("{.status.node}") == "n2");
+    assert_eq!(cluster.get("{.status.migration.requestedBy}"), "root@pam");
+    let serial = cluster.run_dir(1).join("serial.log");
+    wait_until("the guest counting on n2", || ticks(&serial).len() >= 3);
+    // Nothing moves it back: n1 was only preferred.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cluster.get("{.status.node}"), "n2");
 }

@@ -19,6 +19,7 @@ pub mod cluster_api;
 pub mod envelope;
 pub mod firewall_api;
 pub mod guests;
+pub mod migrate;
 pub mod pmxcfs;
 pub mod schema;
 pub mod server;

@@ -26,6 +26,7 @@ use crate::cluster_api;
 use crate::envelope::{PveError, ok, ok_raw, unauthorized};
 use crate::firewall_api;
 use crate::guests::{self, Guests, Kind};
+use crate::migrate;
 use crate::schema::{Route, SCHEMA};
 use crate::snapshots;
 use crate::storage;
@@ -539,6 +540,14 @@ async fn dispatch(
             let target = p.get("storage").map_or("local", String::as_str);
             require(c, &format!("/storage/{target}"), "Datastore.AllocateSpace")?;
             guests::clone(&call, &g, p).await
+        }
+        ("GET", "/nodes/{node}/{type}/{vmid}/migrate") if kind == Some(Kind::Qemu) => {
+            let g = find(kind).await?;
+            migrate::precondition(&state.guests, &g).await
+        }
+        ("POST", "/nodes/{node}/{type}/{vmid}/migrate") => {
+            let g = find(kind).await?;
+            migrate::migrate(&state.guests, &state.tasks, &p["node"], &g, p, &user).await
         }
         ("DELETE", "/nodes/{node}/{type}/{vmid}") => {
             let g = find(kind).await?;

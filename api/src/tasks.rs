@@ -18,7 +18,7 @@ use crate::upid::Upid;
 /// How long a task may wait for its guest.
 const TASK_TIMEOUT: i64 = 600;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Running,
     Stopped,
@@ -29,6 +29,8 @@ pub enum Target {
     Observed(i64),
     /// The volume `Task::volume` is no longer in its node's storage content.
     VolumeGone,
+    /// Live migration `status.migration.id` ended (Completed or Failed).
+    Migrated(String),
 }
 
 /// A task to record.
@@ -129,6 +131,7 @@ impl Tasks {
             Target::Gone => "destroy",
             Target::Observed(_) => "config",
             Target::VolumeGone => "imgdel",
+            Target::Migrated(_) => "migrate",
         };
         let vmid = task.vmid;
         let first = task.log.unwrap_or_else(|| {
@@ -143,6 +146,7 @@ impl Tasks {
                     Target::Gone => "deletion",
                     Target::Observed(_) => "configuration update",
                     Target::VolumeGone => "volume removal",
+                    Target::Migrated(_) => "migration",
                 }
             )
         });
@@ -153,6 +157,9 @@ impl Tasks {
         });
         if let Target::Observed(generation) = target {
             record["generation"] = json!(generation);
+        }
+        if let Target::Migrated(id) = &target {
+            record["migration"] = json!(id);
         }
         if let Some(volume) = task.volume {
             record["volume"] = json!(volume);
@@ -224,6 +231,22 @@ impl Tasks {
             Err(_) => None,
             Ok(list) => match list.into_iter().find(|g| g.vmid == vmid) {
                 None if record["target"] == "destroy" => Some(Ok(())),
+                Some(g) if record["target"] == "migrate" => {
+                    let id = record["migration"].as_str().unwrap_or("");
+                    match crate::migrate::outcome(&g.status, id) {
+                        Some(Ok(line)) => {
+                            if let Some(log) = record["log"].as_array_mut() {
+                                log.push(json!(line));
+                            }
+                            Some(Ok(()))
+                        }
+                        Some(Err(e)) => Some(Err(e)),
+                        None if now() - record["started"].as_i64().unwrap_or(0) > TASK_TIMEOUT => {
+                            Some(Err(format!("timeout waiting for the migration of guest {vmid}")))
+                        }
+                        None => None,
+                    }
+                }
                 None => Some(Err(format!("guest {vmid} no longer exists"))),
                 Some(_) if record["target"] == "destroy" => (now() - record["started"].as_i64().unwrap_or(0)
                     > TASK_TIMEOUT)

@@ -1,0 +1,207 @@
+//! `POST /nodes/{node}/qemu/{vmid}/migrate` and its precondition `GET`: Proxmox's `qm
+//! migrate`. A running VM gets a live-migration order (`status.migration`, carried out by the
+//! agents and bound by the migration controller) and a `qmigrate` task that follows it; a
+//! stopped VM whose disks need no copy is bound to the target at once (an offline move).
+
+use std::collections::BTreeMap;
+
+use kpve_crds::common::GuestStatus;
+use kpve_crds::{Hypervisor, Migration, MigrationPhase, StoragePool, VirtualMachine};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use crate::envelope::PveError;
+use crate::guests::{Guest, Guests, Kind};
+use crate::tasks::{Target, Task, Tasks};
+
+/// Field manager of the API's migration orders.
+const FIELD_MANAGER: &str = "kpve-pve-api";
+
+fn failure(message: impl Into<String>) -> PveError {
+    PveError::new(500, message)
+}
+
+/// The guest's disks on storage that is not shared (they must be copied to move the guest).
+async fn local_disks(guests: &Guests, vm: &VirtualMachine) -> Vec<(String, String)> {
+    let pools: Api<StoragePool> = Api::all(guests.client.clone());
+    let shared: BTreeMap<String, bool> = pools
+        .list(&Default::default())
+        .await
+        .map(|l| l.items.into_iter().map(|p| (p.name_any(), p.spec.shared)).collect())
+        .unwrap_or_default();
+    let status = vm.status.clone().unwrap_or_default();
+    vm.spec
+        .disks
+        .iter()
+        .filter(|d| !d.is_media())
+        .filter_map(|d| {
+            let volume =
+                d.volume.clone().or_else(|| status.volumes.get(&d.id).cloned()).or_else(|| {
+                    d.pool.as_ref().map(|p| format!("{p}:{}", d.size.clone().unwrap_or_default()))
+                })?;
+            let pool = volume.split(':').next().unwrap_or("").to_string();
+            (!shared.get(&pool).copied().unwrap_or(false)).then(|| (d.id.clone(), volume))
+        })
+        .collect()
+}
+
+async fn nodes(guests: &Guests) -> Result<Vec<Hypervisor>, PveError> {
+    let hvs: Api<Hypervisor> = Api::all(guests.client.clone());
+    hvs.list(&Default::default()).await.map(|l| l.items).map_err(|e| failure(e.to_string()))
+}
+
+fn the_vm(g: &Guest) -> Result<&VirtualMachine, PveError> {
+    g.vm().map(|vm| &**vm).ok_or_else(|| failure("not a VM"))
+}
+
+/// `GET …/migrate`: what a migration of the VM would involve.
+pub async fn precondition(guests: &Guests, g: &Guest) -> Result<Value, PveError> {
+    let vm = the_vm(g)?;
+    let here = g.status.node.clone().unwrap_or_default();
+    let allowed: Vec<String> =
+        nodes(guests).await?.iter().map(|h| h.name_any()).filter(|n| *n != here).collect();
+    let local: Vec<Value> = local_disks(guests, vm)
+        .await
+        .into_iter()
+        .map(|(_, volid)| json!({"volid": volid, "cdrom": false, "is_unused": false}))
+        .collect();
+    Ok(json!({
+        "running": g.running(),
+        "allowed_nodes": allowed,
+        "not_allowed_nodes": {},
+        "local_disks": local,
+        "local_resources": [],
+        "mapped-resources": [],
+        "mapped-resource-info": {},
+        "has-dbus-vmstate": false,
+    }))
+}
+
+/// `POST …/migrate`.
+pub async fn migrate(
+    guests: &Guests,
+    tasks: &Tasks,
+    node: &str,
+    g: &Guest,
+    params: &BTreeMap<String, String>,
+    user: &str,
+) -> Result<Value, PveError> {
+    if g.kind != Kind::Qemu {
+        return Err(PveError::new(
+            501,
+            "container migration (a restart on the target) is not implemented in kpve",
+        ));
+    }
+    let vm = the_vm(g)?;
+    let target = params.get("target").cloned().unwrap_or_default();
+    let here = g.status.node.clone().unwrap_or_default();
+    if target == here {
+        return Err(failure("target is local node."));
+    }
+    if !nodes(guests).await?.iter().any(|h| h.name_any() == target) {
+        return Err(failure(format!("no such cluster node '{target}'")));
+    }
+    let allowed = &vm.spec.placement.nodes;
+    if !allowed.is_empty() && !allowed.contains(&target) {
+        return Err(failure(format!(
+            "VM {}'s placement does not allow node '{target}' (spec.placement.nodes: {})",
+            g.vmid,
+            allowed.join(", ")
+        )));
+    }
+    let flag = |k: &str| params.get(k).is_some_and(|v| v == "1");
+    if let Some(m) = g.status.migration.as_ref().filter(|m| !m.phase.is_final()) {
+        return Err(failure(format!("VM {} is already migrating to {} ({})", g.vmid, m.target, m.id)));
+    }
+    let local = local_disks(guests, vm).await;
+    let api: Api<VirtualMachine> = Api::namespaced(guests.client.clone(), &g.namespace);
+    let fresh = api.get(&g.name).await.map_err(|e| failure(e.to_string()))?;
+    let version = fresh.resource_version();
+    let params_write = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
+    if !g.running() {
+        // Offline: the config moves; disks on local storage would have to be copied.
+        if !local.is_empty() {
+            let list: Vec<&str> = local.iter().map(|(_, v)| v.as_str()).collect();
+            return Err(failure(format!(
+                "offline migration of local disks ({}) is not implemented in kpve: start the VM and migrate it online",
+                list.join(", ")
+            )));
+        }
+        let body = json!({"metadata": {"resourceVersion": version}, "status": {"node": target}});
+        api.patch_status(&g.name, &params_write, &Patch::Merge(&body))
+            .await
+            .map_err(|e| failure(e.to_string()))?;
+        return record(
+            tasks,
+            node,
+            g,
+            user,
+            format!("migrate stopped VM {} to node '{target}'", g.vmid),
+            None,
+        );
+    }
+    if !flag("online") {
+        return Err(failure("can't migrate running VM without --online"));
+    }
+    if !local.is_empty() && !flag("with-local-disks") {
+        return Err(failure("can't live migrate attached local disks without with-local-disks option"));
+    }
+    let order = Migration {
+        id: format!("pve-{}", jiff::Timestamp::now().as_millisecond()),
+        source: here.clone(),
+        target: target.clone(),
+        phase: MigrationPhase::Pending,
+        requested_by: Some(user.to_string()),
+        started: Some(jiff::Timestamp::now().round(jiff::Unit::Millisecond).expect("in range").to_string()),
+        ..Migration::default()
+    };
+    let body =
+        json!({"metadata": {"resourceVersion": version}, "status": {"migration": order.to_merge_value()}});
+    api.patch_status(&g.name, &params_write, &Patch::Merge(&body))
+        .await
+        .map_err(|e| failure(e.to_string()))?;
+    let log = format!("starting migration of VM {} from node '{here}' to node '{target}' (online)", g.vmid);
+    record(tasks, node, g, user, log, Some(order.id))
+}
+
+fn record(
+    tasks: &Tasks,
+    node: &str,
+    g: &Guest,
+    user: &str,
+    log: String,
+    migration: Option<String>,
+) -> Result<Value, PveError> {
+    let task = Task {
+        node,
+        kind: "qmigrate",
+        guest_kind: g.kind,
+        vmid: g.vmid,
+        id: None,
+        target: match migration {
+            Some(id) => Target::Migrated(id),
+            None => Target::Observed(0),
+        },
+        user,
+        log: Some(log),
+        error: None,
+        volume: None,
+    };
+    tasks.record(task).map(Value::from).map_err(|e| failure(e.to_string()))
+}
+
+/// How the migration `id` of a guest stands, for its task: None while it runs.
+pub fn outcome(status: &GuestStatus, id: &str) -> Option<Result<String, String>> {
+    let m = status.migration.as_ref().filter(|m| m.id == id)?;
+    match m.phase {
+        MigrationPhase::Completed => Some(Ok(format!(
+            "migration finished: running on '{}', downtime {} ms, {} bytes of memory and state sent",
+            m.target,
+            m.downtime_ms.unwrap_or(0),
+            m.transferred_bytes.unwrap_or(0)
+        ))),
+        MigrationPhase::Failed => Some(Err(m.message.clone().unwrap_or_else(|| "migration failed".into()))),
+        _ => None,
+    }
+}
