@@ -72,3 +72,98 @@ pub async fn in_process_server(dir: &Path) -> kube::Client {
     }
     client
 }
+
+/// `kpve server` (API server and controllers, no agent) in `dir` as its own process, and
+/// `kpve agent` processes joined to it: what the multi-node benchmarks run.
+pub struct Processes {
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+    pub server: std::process::Child,
+    /// `kpve agent --ha-profile` of the agents.
+    pub profile: String,
+}
+
+/// The `kpve` binary next to the running benchmark binary.
+pub fn kpve() -> std::path::PathBuf {
+    std::env::current_exe().unwrap().parent().unwrap().join("kpve")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Processes {
+    /// Starts the server in `dir` and waits for its kubeconfig.
+    pub async fn start(dir: &Path, profile: &str) -> Processes {
+        use std::process::{Command, Stdio};
+        let port = free_port();
+        let server = Command::new(kpve())
+            .args(["server", "--no-agent", "--node", "bench"])
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--kube-listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--pve-listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !dir.join("kubeconfig").exists() {
+            assert!(std::time::Instant::now() < deadline, "the server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Processes { dir: dir.into(), port, server, profile: profile.into() }
+    }
+
+    /// The agent data directory of `node`.
+    pub fn agent_dir(&self, node: &str) -> std::path::PathBuf {
+        self.dir.join(format!("agent-{node}"))
+    }
+
+    /// Starts `kpve agent` for `node` (joined with a node token the first time).
+    pub fn spawn_agent(&self, node: &str) -> std::process::Child {
+        use std::process::{Command, Stdio};
+        let token_file = self.dir.join(format!("token-{node}"));
+        if !token_file.exists() {
+            let out = Command::new(kpve())
+                .args(["token", "create", "--role", "node", "--node", node, "--data-dir"])
+                .arg(&self.dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            std::fs::write(&token_file, out.stdout).unwrap();
+        }
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agents.log")).unwrap();
+        Command::new(kpve())
+            .args(["agent", "--node", node, "--ha-profile", &self.profile])
+            .arg("--server")
+            .arg(format!("https://127.0.0.1:{}", self.port))
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--data-dir")
+            .arg(self.agent_dir(node))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// An admin client (the server's kubeconfig).
+    pub async fn client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(self.dir.join("kubeconfig")).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// Stops the server and every process started under its directory.
+    pub fn stop(mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new("pkill").arg("-9").arg("-f").arg(&self.dir).status();
+    }
+}

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kpve_bench::{ms, percentile, summary};
+use kpve_bench::{Processes, ms, percentile, summary};
 use kpve_crds::VirtualMachine;
 use kpve_node_agent::qemu::qmp::Qmp;
 use kube::api::{Api, PostParams};
@@ -28,65 +28,6 @@ async fn qmp_running(socket: &Path) -> bool {
     }
 }
 
-fn kpve() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().join("kpve")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Agents {
-    server_dir: PathBuf,
-    port: u16,
-    profile: String,
-}
-
-impl Agents {
-    fn dir(&self, node: &str) -> PathBuf {
-        self.server_dir.join(format!("agent-{node}"))
-    }
-
-    fn spawn(&self, node: &str) -> Child {
-        let token_file = self.server_dir.join(format!("token-{node}"));
-        if !token_file.exists() {
-            let out = Command::new(kpve())
-                .args(["token", "create", "--role", "node", "--node", node, "--data-dir"])
-                .arg(&self.server_dir)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            std::fs::write(&token_file, out.stdout).unwrap();
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.server_dir.join("agents.log"))
-            .unwrap();
-        Command::new(kpve())
-            .args(["agent", "--node", node, "--ha-profile", &self.profile])
-            .arg("--server")
-            .arg(format!("https://127.0.0.1:{}", self.port))
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--ca-file")
-            .arg(self.server_dir.join("ca.crt"))
-            .arg("--data-dir")
-            .arg(self.dir(node))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-}
-
-async fn client(dir: &Path) -> kube::Client {
-    let kc = kube::config::Kubeconfig::read_from(dir.join("kubeconfig")).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-    kube::Client::try_from(config).unwrap()
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let profile = std::env::args().nth(1).unwrap_or_else(|| "fast".into());
@@ -97,29 +38,10 @@ async fn main() {
         other => panic!("unknown profile {other}"),
     };
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = Command::new(kpve())
-        .args(["server", "--no-agent", "--node", "bench"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .arg("--kube-listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--pve-listen")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !dir.path().join("kubeconfig").exists() {
-        assert!(Instant::now() < deadline, "the server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let agents = Agents { server_dir: dir.path().into(), port, profile: profile.clone() };
+    let agents = Processes::start(dir.path(), &profile).await;
     let mut children: std::collections::BTreeMap<String, Child> =
-        NODES.iter().map(|n| (n.to_string(), agents.spawn(n))).collect();
-    let client = client(dir.path()).await;
+        NODES.iter().map(|n| (n.to_string(), agents.spawn_agent(n))).collect();
+    let client = agents.client().await;
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
     let hvs: Api<kpve_crds::Hypervisor> = Api::all(client.clone());
     while hvs.list(&Default::default()).await.map(|l| l.items.len()).unwrap_or(0) < NODES.len() {
@@ -133,7 +55,7 @@ async fn main() {
     }))
     .unwrap();
     let vmid = vms.create(&PostParams::default(), &vm).await.unwrap().spec.vmid.unwrap();
-    let running_on = |node: &str| agents.dir(node).join(format!("agent/run/{vmid}/qmp.sock"));
+    let running_on = |node: &str| agents.agent_dir(node).join(format!("agent/run/{vmid}/qmp.sock"));
 
     // Where it runs now, once QMP says so.
     async fn placed(
@@ -159,7 +81,7 @@ async fn main() {
     for round in 0..rounds {
         if argv.is_empty() {
             // The agent checkpoints the command line right after QEMU answers.
-            let checkpoint = agents.dir(&node).join(format!("agent/run/{vmid}/guest.json"));
+            let checkpoint = agents.agent_dir(&node).join(format!("agent/run/{vmid}/guest.json"));
             let text = loop {
                 match std::fs::read(&checkpoint) {
                     Ok(text) => break text,
@@ -183,7 +105,7 @@ async fn main() {
         let renew =
             |l: k8s_openapi::api::coordination::v1::Lease| l.spec.and_then(|s| s.renew_time).map(|t| t.0);
         let before = renew(leases.get(&node).await.unwrap());
-        children.insert(node.clone(), agents.spawn(&node));
+        children.insert(node.clone(), agents.spawn_agent(&node));
         while renew(leases.get(&node).await.unwrap()) == before {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -220,9 +142,7 @@ async fn main() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = Command::new("pkill").arg("-9").arg("-f").arg(dir.path()).status();
+    agents.stop();
 
     raw.sort();
     recoveries.sort();
