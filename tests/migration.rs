@@ -80,6 +80,11 @@ impl Cluster {
     /// otherwise both use the server's (one directory, not declared shared). `placement`:
     /// the VM's placement (a YAML flow mapping) that puts it on n1.
     fn start(own_pools: bool, placement: &str) -> Cluster {
+        Cluster::start_with(own_pools, placement, "")
+    }
+
+    /// [`Cluster::start`] with more of the VM's spec (YAML lines at two spaces).
+    fn start_with(own_pools: bool, placement: &str, extra_spec: &str) -> Cluster {
         let server = Server::start_with_controllers();
         if own_pools {
             let drop_path = r#"[{"op":"remove","path":"/spec/path"}]"#;
@@ -121,7 +126,7 @@ spec:
       pool: local
       size: 64M
       format: qcow2
-",
+{extra_spec}",
             initrd = initrd.display()
         );
         server.kubectl_stdin(&["apply", "-f", "-"], Some(&manifest));
@@ -351,4 +356,49 @@ fn the_proxmox_api_migrates_a_running_vm() {
     // Nothing moves it back: n1 was only preferred.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(cluster.get("{.status.node}"), "n2");
+}
+
+/// A maintenance drain of an HA VM's node moves it live: the CRM asks for the move, the
+/// node's LRM sends the guest (migration `ha-<id>`) instead of stopping it, acknowledges, and
+/// the CRM binds it to the target. The guest never stops counting.
+#[test]
+fn a_maintenance_drain_moves_an_ha_vm_live() {
+    let cluster = Cluster::start_with(true, "{preferredNodes: [n1]}", "  ha:\n    state: started\n");
+    let serial = cluster.run_dir(0).join("serial.log");
+    let keeper = Keeper::start(serial);
+    cluster.server.kubectl_ok(&[
+        "patch",
+        "hv",
+        "n1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"maintenance":true}}"#,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(cluster.get("{.status.node}") == "n2" && cluster.get("{.status.migration.phase}") == "Completed")
+    {
+        let phase = cluster.get("{.status.migration.phase}");
+        assert_ne!(phase, "Failed", "{}", cluster.get("{.status.migration.message}"));
+        assert!(Instant::now() < deadline, "not drained within 60 s: {}", cluster.get("{.status}"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        cluster.get("{.status.migration.id}").starts_with("ha-"),
+        "{}",
+        cluster.get("{.status.migration}")
+    );
+    assert_eq!(cluster.get("{.status.migration.requestedBy}"), "ha");
+    let run2 = cluster.run_dir(1);
+    wait_until("the guest counting on n2", || ticks(&run2.join("serial.log")).len() >= 3);
+    let saved = cluster.server.data_dir().join("n1-serial.log");
+    keeper.finish(&saved);
+    let (before, after) = (ticks(&saved), ticks(&run2.join("serial.log")));
+    let last_n = before.last().expect("ticks on n1").1;
+    assert!(after[0].1 > last_n && after[0].1 <= last_n + 3, "count went from {last_n} to {}", after[0].1);
+    assert!(!std::fs::read_to_string(run2.join("serial.log")).unwrap_or_default().contains(BOOT_MARKER));
+    wait_until("the CRM's record settled", || {
+        cluster.get("{.status.ha.state}") == "started" && cluster.get("{.status.ha.migrate}").is_empty()
+    });
+    cluster.server.kubectl_ok(&["wait", "--for=jsonpath={.status.phase}=Running", "vm/mig", "--timeout=30s"]);
 }

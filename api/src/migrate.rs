@@ -117,6 +117,14 @@ pub async fn migrate(
     let local = local_disks(guests, vm).await;
     let api: Api<VirtualMachine> = Api::namespaced(guests.client.clone(), &g.namespace);
     let fresh = api.get(&g.name).await.map_err(|e| failure(e.to_string()))?;
+    // The write below carries this version: decide on it, not on the cache.
+    if let Some(m) = fresh.status.as_ref().and_then(|s| s.migration.as_ref()).filter(|m| !m.phase.is_final())
+    {
+        return Err(failure(format!("VM {} is already migrating to {} ({})", g.vmid, m.target, m.id)));
+    }
+    if fresh.status.as_ref().and_then(|s| s.node.as_deref()) != Some(here.as_str()) {
+        return Err(failure(format!("VM {} moved while the request was checked; try again", g.vmid)));
+    }
     let version = fresh.resource_version();
     let params_write = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
     if !g.running() {

@@ -630,7 +630,20 @@ impl Api {
             let bound = status.and_then(|s| s.get("node")).and_then(Value::as_str);
             // The target of a live migration reports its part before the guest is bound to it.
             let receiving = status.and_then(|s| s.pointer("/migration/target")).and_then(Value::as_str);
-            if bound != Some(node.as_str()) && receiving != Some(node.as_str()) {
+            // Only its part: the migration record while it is under way, nothing else.
+            let only_migration = || {
+                let phase = status.and_then(|s| s.pointer("/migration/phase")).and_then(Value::as_str);
+                let without = |s: Option<&Value>| {
+                    let mut s = s.cloned().unwrap_or(Value::Null);
+                    if let Some(o) = s.as_object_mut() {
+                        o.remove("migration");
+                    }
+                    s
+                };
+                !matches!(phase, Some("Completed" | "Failed"))
+                    && without(status) == without(new.get("status"))
+            };
+            if bound != Some(node.as_str()) && (receiving != Some(node.as_str()) || !only_migration()) {
                 return Err(ApiError::forbidden(format!(
                     "{} \"{name}\" is forbidden: node {node} may only write the status of guests bound to it or migrating to it",
                     rt.qualified_name()

@@ -219,12 +219,12 @@ pub async fn image_snapshot(path: &Path, op: &str, name: &str) -> Result<()> {
     run(cmd.args(["snapshot", "-q", op, name]).arg(path), "snapshot", path).await
 }
 
-/// Whether a QEMU process holds the image (its write lock): `qemu-img info` without `-U`
-/// cannot open it then.
+/// Whether a QEMU process may hold the image (its write lock): `qemu-img info` without `-U`
+/// cannot open it then. Anything that keeps qemu-img from opening it counts as in use.
 pub async fn image_in_use(path: &Path) -> bool {
     match Command::new("qemu-img").args(["info", "--output", "json"]).arg(path).output().await {
-        Ok(out) => !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lock"),
-        Err(_) => false,
+        Ok(out) => !out.status.success(),
+        Err(_) => true,
     }
 }
 

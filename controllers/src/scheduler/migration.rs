@@ -74,7 +74,8 @@ async fn step(ctx: &Context, vm: &VirtualMachine) -> Result<(), kpve_crds::kube:
     let status = vm.status.clone().unwrap_or_default();
     if let Some(m) = &status.migration {
         match m.phase {
-            MigrationPhase::Completed if node == m.source => {
+            // An HA move ("ha-<id>") is bound by the CRM once the LRM acknowledged it.
+            MigrationPhase::Completed if node == m.source && !m.id.starts_with("ha-") => {
                 write(ctx, vm, json!({"node": m.target})).await?;
                 tracing::info!(vm = %vm.name_any(), from = %m.source, to = %m.target, downtime_ms = ?m.downtime_ms, "migrated");
                 return Ok(());

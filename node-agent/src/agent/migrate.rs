@@ -33,8 +33,31 @@ use super::{Agent, Incoming, Runtime, read_checkpoint};
 use crate::qemu::argv::LaunchPaths;
 use crate::qemu::migration;
 
-/// Marks a run directory whose guest went to another node (its disks there are stale copies).
+/// Marks a run directory whose guest went to another node (its disks there are stale copies):
+/// the migration's id and outcome, so the `Completed` record can be written again.
 const MIGRATED_MARKER: &str = "migrated";
+/// Marks a run directory prepared to receive a guest: the migration's id.
+const INCOMING_MARKER: &str = "incoming";
+
+/// What a source keeps of a migration it completed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Handed {
+    id: String,
+    target: String,
+    downtime_ms: u64,
+    total_ms: u64,
+    transferred: u64,
+    /// The CRM's move this was (acknowledged as `haLrm.stoppedFor`).
+    ha: Option<u64>,
+}
+
+fn read_handed(run: &Path) -> Option<Handed> {
+    serde_json::from_slice(&std::fs::read(run.join(MIGRATED_MARKER)).ok()?).ok()
+}
+
+fn incoming_id(run: &Path) -> Option<String> {
+    std::fs::read_to_string(run.join(INCOMING_MARKER)).ok()
+}
 
 /// An incoming migration this agent prepared.
 #[derive(Debug, Clone)]
@@ -101,6 +124,18 @@ impl Agent {
         vmid: u32,
         run: &Path,
     ) -> Option<anyhow::Result<()>> {
+        // The guest left this node (whatever the record says now): nothing here runs it again;
+        // the record of the hand-over is written until it stands.
+        if let Some(handed) = read_handed(run) {
+            if R::observe(self, vmid, run).await.is_some() {
+                R::stop(self, vmid, run, std::time::Duration::ZERO).await;
+            }
+            let current = guest.guest_status().and_then(|s| s.migration.as_ref());
+            if current.is_some_and(|m| m.id == handed.id && m.phase != MigrationPhase::Completed) {
+                self.record_completed::<R>(guest, &handed).await;
+            }
+            return Some(Ok(()));
+        }
         let status = guest.guest_status()?;
         let m = status.migration.as_ref()?;
         if m.source != self.node() || status.node.as_deref() != Some(self.node()) {
@@ -110,18 +145,10 @@ impl Agent {
         // What this agent already did with it (the watch may lag its own writes).
         let known =
             self.sent.lock().expect("sent lock").get(&uid).filter(|(id, _)| *id == m.id).map(|(_, p)| *p);
-        let marked = std::fs::read_to_string(run.join(MIGRATED_MARKER)).ok().is_some_and(|id| id == m.id);
-        let phase = if marked { MigrationPhase::Completed } else { known.unwrap_or(m.phase) };
-        match phase {
+        match known.unwrap_or(m.phase) {
             MigrationPhase::Failed => None,
-            MigrationPhase::Completed => {
-                // The guest runs on the target; the migration controller binds it there. The
-                // paused QEMU left here must never run again.
-                if R::observe(self, vmid, run).await.is_some() {
-                    R::stop(self, vmid, run, std::time::Duration::ZERO).await;
-                }
-                Some(Ok(()))
-            }
+            // Completed by another run of this agent that left no marker: nothing to run here.
+            MigrationPhase::Completed => Some(Ok(())),
             MigrationPhase::Pending => {
                 if R::observe(self, vmid, run).await.is_none() {
                     let message = format!(
@@ -223,37 +250,20 @@ impl Agent {
         match R::migrate_send(self, vmid, run, uri, m.nbd.as_deref(), &m.disks).await {
             Ok(outcome) => {
                 // From here on the target runs the guest: remember it on disk first.
-                std::fs::write(run.join(MIGRATED_MARKER), &m.id)?;
+                let handed = Handed {
+                    id: m.id.clone(),
+                    target: m.target.clone(),
+                    downtime_ms: outcome.downtime_ms,
+                    total_ms: outcome.total_ms,
+                    transferred: outcome.transferred,
+                    ha: m.id.strip_prefix("ha-").and_then(|i| i.parse::<u64>().ok()),
+                };
+                std::fs::write(run.join(MIGRATED_MARKER), serde_json::to_vec(&handed)?)?;
                 self.sent
                     .lock()
                     .expect("sent lock")
                     .insert(uid.clone(), (m.id.clone(), MigrationPhase::Completed));
-                let patch = json!({
-                    "phase": "Completed", "finished": now(),
-                    "downtimeMs": outcome.downtime_ms, "totalMs": outcome.total_ms,
-                    "transferredBytes": outcome.transferred,
-                    "message": format!("running on {} after {} ms of downtime", m.target, outcome.downtime_ms),
-                });
-                // An HA move: the LRM's acknowledgement lets the CRM rebind the guest.
-                let mut extra = json!({});
-                if let Some(ha_id) = m.id.strip_prefix("ha-").and_then(|i| i.parse::<u64>().ok()) {
-                    let mut reports = self.lrm_reports.lock().expect("lrm reports lock");
-                    if let Some(report) = reports.get_mut(&uid) {
-                        report.stopped_for = Some(ha_id);
-                        extra["haLrm"] = serde_json::to_value(kpve_crds::HaLrmStatus::from(&*report))?;
-                    }
-                }
-                let mut written = false;
-                for attempt in 0..30u64 {
-                    if self
-                        .migration_write::<R::Guest>(&ns, &name, &m.id, None, patch.clone(), extra.clone())
-                        .await
-                    {
-                        written = true;
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1).min(10))).await;
-                }
+                let written = self.record_completed::<R>(guest, &handed).await;
                 tracing::info!(
                     vmid, migration = %m.id, target = %m.target, downtime_ms = outcome.downtime_ms,
                     total_ms = outcome.total_ms, recorded = written, "guest migrated"
@@ -265,16 +275,55 @@ impl Agent {
         Ok(())
     }
 
+    /// Writes the `Completed` record of a hand-over (retrying a while; the reconcile writes
+    /// it again while it does not stand). Whether it was written.
+    async fn record_completed<R: Runtime>(&self, guest: &R::Guest, handed: &Handed) -> bool {
+        let (ns, name) = (guest.namespace().unwrap_or_default(), guest.name_any());
+        let patch = json!({
+            "phase": "Completed", "finished": now(),
+            "downtimeMs": handed.downtime_ms, "totalMs": handed.total_ms,
+            "transferredBytes": handed.transferred,
+            "message": format!("running on {} after {} ms of downtime", handed.target, handed.downtime_ms),
+        });
+        // An HA move: the LRM's acknowledgement lets the CRM rebind the guest.
+        let mut extra = json!({});
+        if let Some(ha_id) = handed.ha {
+            let uid = guest.uid().unwrap_or_default();
+            let mut reports = self.lrm_reports.lock().expect("lrm reports lock");
+            let stored =
+                guest.guest_status().and_then(|s| s.ha_lrm.as_ref()).map(kpve_ha::crm::LrmReport::from);
+            let report = reports.entry(uid).or_insert_with(|| {
+                stored.unwrap_or_else(|| kpve_ha::crm::LrmReport {
+                    node: self.node().to_string(),
+                    ..Default::default()
+                })
+            });
+            report.stopped_for = Some(ha_id);
+            extra["haLrm"] = serde_json::to_value(kpve_crds::HaLrmStatus::from(&*report)).unwrap_or_default();
+        }
+        for attempt in 0..10u64 {
+            if self
+                .migration_write::<R::Guest>(&ns, &name, &handed.id, None, patch.clone(), extra.clone())
+                .await
+            {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1))).await;
+        }
+        false
+    }
+
     /// Whether a run directory belongs to a guest that migrated away (its local disks here
     /// are stale copies).
     pub(crate) fn migrated_away(run: &Path) -> bool {
         run.join(MIGRATED_MARKER).exists()
     }
 
-    /// Whether `vmid` is a migration this agent is receiving (its run directory is not an
-    /// orphan).
+    /// Whether `vmid` is a migration this agent is receiving or preparing to (its run
+    /// directory is not an orphan).
     pub(crate) fn receiving(&self, vmid: u32) -> bool {
         self.incoming.lock().expect("incoming lock").values().any(|i| i.vmid == vmid)
+            || incoming_id(&self.run_dir(vmid)).is_some()
     }
 }
 
@@ -287,11 +336,11 @@ pub(crate) async fn incoming(agent: Arc<Agent>) -> anyhow::Result<()> {
         match event {
             Ok(watcher::Event::Apply(vm) | watcher::Event::InitApply(vm)) => agent.receive(&vm).await,
             Ok(watcher::Event::Delete(vm)) => {
-                // Ordered elsewhere, or deleted.
-                let uid = vm.uid().unwrap_or_default();
-                let run = agent.incoming.lock().expect("incoming lock").remove(&uid);
-                if let Some(run) = run {
-                    agent.drop_incoming(&vm, run.vmid).await;
+                // Ordered elsewhere, or deleted: what was prepared for it goes (unless it came).
+                if let (Some(vmid), Some(m)) =
+                    (vm.spec.vmid, vm.status.as_ref().and_then(|s| s.migration.as_ref()))
+                {
+                    agent.drop_incoming(&vm, vmid, &m.id).await;
                 }
             }
             Ok(_) => {}
@@ -307,20 +356,24 @@ impl Agent {
         let Some(m) = status.migration.as_ref().filter(|m| m.target == self.node()) else { return };
         let Some(vmid) = vm.spec.vmid else { return };
         let uid = vm.uid().unwrap_or_default();
-        let mine = self.incoming.lock().expect("incoming lock").get(&uid).cloned();
+        let run = self.run_dir(vmid);
+        let prepared = incoming_id(&run);
+        let preparing = self.incoming.lock().expect("incoming lock").get(&uid).is_some_and(|i| i.id == m.id);
         match m.phase {
-            MigrationPhase::Pending if mine.as_ref().is_none_or(|i| i.id != m.id) => {
-                if let Some(old) = mine {
-                    self.drop_incoming(vm, old.vmid).await;
+            MigrationPhase::Pending if !preparing && prepared.as_deref() != Some(m.id.as_str()) => {
+                if let Some(old) = prepared {
+                    self.drop_incoming(vm, vmid, &old).await;
                 }
                 let ns = vm.namespace().unwrap_or_default();
                 let name = vm.name_any();
-                match self.prepare_incoming(vm, vmid).await {
+                self.incoming
+                    .lock()
+                    .expect("incoming lock")
+                    .insert(uid.clone(), IncomingRun { id: m.id.clone(), vmid });
+                let result = self.prepare_incoming(vm, vmid, &m.id).await;
+                self.incoming.lock().expect("incoming lock").remove(&uid);
+                match result {
                     Ok((ready, disks)) => {
-                        self.incoming
-                            .lock()
-                            .expect("incoming lock")
-                            .insert(uid.clone(), IncomingRun { id: m.id.clone(), vmid });
                         let patch = json!({"phase": "TargetReady", "uri": ready.uri, "nbd": ready.nbd, "disks": disks});
                         let written = self
                             .migration_write::<VirtualMachine>(
@@ -334,13 +387,12 @@ impl Agent {
                             .await;
                         tracing::info!(vmid, migration = %m.id, uri = %ready.uri, written, "waiting for the incoming guest");
                         if !written {
-                            self.incoming.lock().expect("incoming lock").remove(&uid);
-                            self.drop_incoming(vm, vmid).await;
+                            self.drop_incoming(vm, vmid, &m.id).await;
                         }
                     }
                     Err(message) => {
                         tracing::warn!(vmid, migration = %m.id, %message, "cannot receive the guest");
-                        self.drop_incoming(vm, vmid).await;
+                        self.drop_incoming(vm, vmid, &m.id).await;
                         let patch = json!({"phase": "Failed", "finished": now(),
                                            "message": format!("target {}: {message}", self.node())});
                         self.migration_write::<VirtualMachine>(&ns, &name, &m.id, None, patch, json!({}))
@@ -348,15 +400,16 @@ impl Agent {
                     }
                 }
             }
-            MigrationPhase::Completed if mine.as_ref().is_some_and(|i| i.id == m.id) => {
-                self.incoming.lock().expect("incoming lock").remove(&uid);
-                if let Some(mut q) = vm::qmp(&LaunchPaths::new(self.run_dir(vmid))).await {
+            MigrationPhase::Completed if prepared.as_deref() == Some(m.id.as_str()) => {
+                // The guest runs here: the disks need no export, and the run directory is the
+                // guest's own now.
+                if let Some(mut q) = vm::qmp(&LaunchPaths::new(&run)).await {
                     migration::stop_exports(&mut q).await;
                 }
+                let _ = std::fs::remove_file(run.join(INCOMING_MARKER));
             }
-            MigrationPhase::Failed if mine.is_some() => {
-                self.incoming.lock().expect("incoming lock").remove(&uid);
-                self.drop_incoming(vm, vmid).await;
+            MigrationPhase::Failed if prepared.as_deref() == Some(m.id.as_str()) => {
+                self.drop_incoming(vm, vmid, &m.id).await;
             }
             _ => {}
         }
@@ -368,6 +421,7 @@ impl Agent {
         &self,
         vm: &VirtualMachine,
         vmid: u32,
+        id: &str,
     ) -> Result<(migration::Incoming, Vec<String>), String> {
         if !self.holds_lease() {
             return Err("the node does not hold its lease".into());
@@ -376,13 +430,17 @@ impl Agent {
         if vm::running_pid(&LaunchPaths::new(&run), vmid).is_some() {
             return Err(format!("VMID {vmid} already runs here"));
         }
-        let shared = self.pool_shared();
+        let shared =
+            self.pool_shared().ok_or("the pool's StoragePool has not been read yet (shared or not)")?;
         let status = vm.status.clone().unwrap_or_default();
         if !shared && (!vm.spec.snapshots.is_empty() || !status.snapshots.is_empty()) {
             return Err("the guest has snapshots: internal snapshots of local disks do not migrate".into());
         }
         // A fresh start: nothing of an earlier stay of this guest here counts.
         let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run)
+            .and_then(|()| std::fs::write(run.join(INCOMING_MARKER), id))
+            .map_err(|e| format!("{}: {e}", run.display()))?;
         if !shared {
             // Disks held by a QEMU on this host are not stale copies: the pool is shared with
             // the source after all (the same directory), and copying would clobber them.
@@ -427,7 +485,9 @@ impl Agent {
                 .collect()
         };
         let started_at = crate::host::unix_now().saturating_sub(status.uptime.unwrap_or(0));
-        self.start::<Qemu>(vm, vmid, &run, &prepared, None, Some(Incoming { started_at }))
+        // The restart annotation in force goes along: it is no new restart on this node.
+        let restart_token = vm.annotations().get(super::RESTART_ANNOTATION).cloned();
+        self.start::<Qemu>(vm, vmid, &run, &prepared, restart_token, Some(Incoming { started_at }))
             .await
             .map_err(|e| format!("QEMU did not start: {e:#}"))?;
         let mut q =
@@ -436,29 +496,36 @@ impl Agent {
         Ok((ready, disks))
     }
 
-    /// Takes away what an incoming migration prepared — unless the guest is bound here now.
-    async fn drop_incoming(&self, vm: &VirtualMachine, vmid: u32) {
+    /// Takes away what this agent prepared to receive migration `id` — unless the guest is
+    /// bound here now, or the server still shows that migration coming here.
+    async fn drop_incoming(&self, vm: &VirtualMachine, vmid: u32, id: &str) {
+        let run = self.run_dir(vmid);
+        if incoming_id(&run).as_deref() != Some(id) {
+            return;
+        }
         let api: Api<VirtualMachine> =
             Api::namespaced(self.client.clone(), &vm.namespace().unwrap_or_default());
-        let bound_here = match api.get_opt(&vm.name_any()).await {
-            Ok(Some(fresh)) => {
-                fresh.uid() == vm.uid()
-                    && fresh.status.as_ref().and_then(|s| s.node.as_deref()) == Some(self.node())
+        let keep = match api.get_opt(&vm.name_any()).await {
+            Ok(Some(fresh)) if fresh.uid() == vm.uid() => {
+                let status = fresh.status.unwrap_or_default();
+                status.node.as_deref() == Some(self.node())
+                    || status.migration.is_some_and(|m| {
+                        m.id == id && m.target == self.node() && m.phase != MigrationPhase::Failed
+                    })
             }
-            Ok(None) => false,
+            Ok(_) => false,
             // Cannot tell: leave it (a restarted agent sorts run directories out).
             Err(_) => return,
         };
-        let run = self.run_dir(vmid);
         // Only what this agent started for the guest (its checkpoint names it).
-        if bound_here || read_checkpoint(&run).is_none_or(|cp| Some(cp.uid) != vm.uid()) {
+        if keep || read_checkpoint(&run).is_some_and(|cp| Some(cp.uid) != vm.uid()) {
             return;
         }
         Qemu::stop(self, vmid, &run, std::time::Duration::ZERO).await;
         // Copies nothing else holds (a disk still in use is the source's, in a directory the
         // two nodes share).
         let held = crate::storage::guest_images_in_use(&self.pool(), vmid).await;
-        if !self.pool_shared()
+        if self.pool_shared() == Some(false)
             && held.is_empty()
             && let Err(e) = self.pool().free_guest(vmid)
         {

@@ -156,7 +156,7 @@ pub(crate) struct Agent {
     lrm_reports: std::sync::Mutex<HashMap<String, LrmReport>>,
     /// Whether the `local` pool is shared storage (its StoragePool's spec.shared): migrations
     /// then copy no disks.
-    pool_shared: std::sync::atomic::AtomicBool,
+    pool_shared: std::sync::Mutex<Option<bool>>,
     /// Per guest uid: migrations this node prepared to receive.
     incoming: std::sync::Mutex<HashMap<String, migrate::IncomingRun>>,
     /// Per guest uid: how the last migration this node sent ended.
@@ -185,7 +185,7 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         epoch: fence::unix_ms(),
         fenced: std::sync::Mutex::default(),
         lrm_reports: std::sync::Mutex::default(),
-        pool_shared: std::sync::atomic::AtomicBool::new(false),
+        pool_shared: std::sync::Mutex::new(None),
         incoming: std::sync::Mutex::default(),
         sent: std::sync::Mutex::default(),
         client,
@@ -304,9 +304,10 @@ impl Agent {
         self.lrm.lock().expect("lrm lock").holds_lease(fence::boot_ms())
     }
 
-    /// Whether the pool's volumes are the same files on every node.
-    pub(crate) fn pool_shared(&self) -> bool {
-        self.pool_shared.load(std::sync::atomic::Ordering::Relaxed)
+    /// Whether the pool's volumes are the same files on every node (None: its StoragePool has
+    /// not been read yet).
+    pub(crate) fn pool_shared(&self) -> Option<bool> {
+        *self.pool_shared.lock().expect("pool shared lock")
     }
 
     pub(crate) fn pool(&self) -> DirPool {
@@ -320,7 +321,7 @@ impl Agent {
             *self.pool_path.lock().expect("pool path lock") = PathBuf::from(path);
         }
         if let Some(sp) = &declared {
-            self.pool_shared.store(sp.spec.shared, std::sync::atomic::Ordering::Relaxed);
+            *self.pool_shared.lock().expect("pool shared lock") = Some(sp.spec.shared);
         }
         let pool = self.pool();
         if pool.activate().is_err() {
@@ -1106,7 +1107,7 @@ impl Agent {
         self.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
         self.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
         // Migrated live: the target has the disks now, and the copies here are stale.
-        if Agent::migrated_away(&run) && !self.pool_shared() {
+        if Agent::migrated_away(&run) && self.pool_shared() == Some(false) {
             // Unless a QEMU holds them: then this directory is the target's too.
             let held = crate::storage::guest_images_in_use(&self.pool(), vmid).await;
             if !held.is_empty() {

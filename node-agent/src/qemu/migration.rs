@@ -51,6 +51,9 @@ impl std::fmt::Display for SendError {
 
 /// How long a mirror or the migration may go without progress before it is abandoned.
 const STALL_LIMIT: Duration = Duration::from_secs(60);
+/// How long a whole send may take (a guest dirtying memory faster than it can be sent never
+/// converges; QEMU's auto-converge throttles it meanwhile).
+const SEND_LIMIT: Duration = Duration::from_secs(600);
 /// The pause QEMU aims for in the final round, ms (its default is 300).
 const DOWNTIME_LIMIT_MS: u64 = 30;
 
@@ -110,8 +113,20 @@ pub async fn send(
     nbd: Option<&str>,
     disks: &[String],
 ) -> Result<Outcome, SendError> {
+    // Sent already (an agent that stopped right after the switch-over): this QEMU is done.
+    if let Ok(state) = qmp.execute("query-migrate", None).await
+        && state["status"] == "completed"
+    {
+        return Ok(outcome_of(&state));
+    }
+    if qmp.query_status().await.is_ok_and(|s| s == "postmigrate") {
+        return Err(SendError {
+            message: "the source QEMU already handed the guest over (postmigrate)".into(),
+        });
+    }
     let was_running = qmp.query_status().await.is_ok_and(|s| s == "running");
-    match send_inner(qmp, uri, nbd, disks).await {
+    let mut switching = false;
+    match send_inner(qmp, uri, nbd, disks, &mut switching).await {
         Ok(outcome) => Ok(outcome),
         Err(message) => {
             // The migration may have completed after all (an error reading its status): then
@@ -121,10 +136,34 @@ pub async fn send(
             {
                 return Ok(outcome_of(&done));
             }
+            if switching {
+                // Past the switch-over QEMU decides alone: cancelling or resuming here could
+                // run the guest on both nodes. Wait for its verdict.
+                return match settle(qmp).await {
+                    Some(done) => Ok(done),
+                    None => Err(SendError { message }),
+                };
+            }
             abort(qmp, disks, was_running).await;
             Err(SendError { message })
         }
     }
+}
+
+/// After the switch-over began: waits for QEMU's own end of the migration (completed: the
+/// outcome; failed: None, and QEMU resumed the guest here itself if it could).
+async fn settle(qmp: &mut Qmp) -> Option<Outcome> {
+    let deadline = Instant::now() + STALL_LIMIT;
+    while Instant::now() < deadline {
+        match qmp.execute("query-migrate", None).await {
+            Ok(state) if state["status"] == "completed" => return Some(outcome_of(&state)),
+            Ok(state) if state["status"] == "failed" || state["status"] == "cancelled" => return None,
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
 }
 
 async fn send_inner(
@@ -132,7 +171,9 @@ async fn send_inner(
     uri: &str,
     nbd: Option<&str>,
     disks: &[String],
+    switching: &mut bool,
 ) -> Result<Outcome, String> {
+    let started = Instant::now();
     let qmp_err = |e: super::qmp::QmpError| e.to_string();
     if !disks.is_empty() {
         let nbd = nbd.ok_or("local disks to copy, but the target exports none")?;
@@ -154,6 +195,9 @@ async fn send_inner(
         "migrate-set-capabilities",
         Some(json!({"capabilities": [
             {"capability": "pause-before-switchover", "state": !disks.is_empty()},
+            // The source calls it done only once the target loaded the state.
+            {"capability": "return-path", "state": true},
+            {"capability": "auto-converge", "state": true},
         ]})),
     )
     .await
@@ -177,7 +221,7 @@ async fn send_inner(
                     state["error-desc"].as_str().unwrap_or("QEMU gave no reason")
                 ));
             }
-            "pre-switchover" => {
+            "pre-switchover" if !*switching => {
                 // The guest is paused: finish the disk copies, then switch over.
                 for id in disks {
                     qmp.execute("block-job-cancel", Some(json!({"device": job_id(id)})))
@@ -185,12 +229,19 @@ async fn send_inner(
                         .map_err(|e| format!("finishing the copy of disk {id}: {e}"))?;
                 }
                 wait_mirrors_gone(qmp, disks).await?;
+                *switching = true;
                 qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
                     .await
                     .map_err(qmp_err)?;
             }
+            // The target may be loading the state from here on.
+            "device" => *switching = true,
+            _ if *switching => {}
             _ => {
                 let sent = state.pointer("/ram/transferred").and_then(Value::as_u64).unwrap_or(0);
+                if started.elapsed() > SEND_LIMIT {
+                    return Err(format!("migration did not finish within {}s", SEND_LIMIT.as_secs()));
+                }
                 if sent > last_progress.1 {
                     last_progress = (Instant::now(), sent);
                 } else if last_progress.0.elapsed() > STALL_LIMIT {
@@ -254,6 +305,8 @@ async fn wait_mirrors_ready(qmp: &mut Qmp, disks: &[String]) -> Result<(), Strin
     }
 }
 
+/// Waits until the finished mirrors are gone, and checks they ended without an error (a copy
+/// that failed at the end must not be switched over to).
 async fn wait_mirrors_gone(qmp: &mut Qmp, disks: &[String]) -> Result<(), String> {
     let deadline = Instant::now() + STALL_LIMIT;
     while !mirror_jobs(qmp, disks).await?.is_empty() {
@@ -261,6 +314,29 @@ async fn wait_mirrors_gone(qmp: &mut Qmp, disks: &[String]) -> Result<(), String
             return Err("the disk copies did not finish".into());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let ours: Vec<String> = disks.iter().map(|d| job_id(d)).collect();
+    for event in qmp.take_events() {
+        let name = event["event"].as_str().unwrap_or("");
+        let device = event.pointer("/data/device").and_then(Value::as_str).unwrap_or("");
+        if !ours.iter().any(|o| o == device) {
+            continue;
+        }
+        if name == "BLOCK_JOB_ERROR" {
+            return Err(format!("copying disks: i/o error on {device}"));
+        }
+        if name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED" {
+            let data = &event["data"];
+            if let Some(error) = data["error"].as_str() {
+                return Err(format!("copying disks: {device}: {error}"));
+            }
+            if data["offset"].as_u64() != data["len"].as_u64() {
+                return Err(format!(
+                    "copying disks: {device} ended at {} of {} bytes",
+                    data["offset"], data["len"]
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -275,9 +351,14 @@ async fn abort(qmp: &mut Qmp, disks: &[String], was_running: bool) {
     while mirror_jobs(qmp, disks).await.is_ok_and(|j| !j.is_empty()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Cancelling in pre-switchover can leave the guest paused.
+    // Cancelling in pre-switchover can leave the guest paused. Only resume a guest whose
+    // migration QEMU says is over without success.
     let status = qmp.query_status().await.unwrap_or_default();
-    if was_running && status != "running" && status != "postmigrate" {
+    let over = qmp
+        .execute("query-migrate", None)
+        .await
+        .is_ok_and(|m| matches!(m["status"].as_str(), Some("failed" | "cancelled") | None));
+    if was_running && status == "paused" && over {
         let _ = qmp.cont().await;
     }
 }
