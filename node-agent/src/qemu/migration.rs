@@ -113,11 +113,25 @@ pub async fn send(
     nbd: Option<&str>,
     disks: &[String],
 ) -> Result<Outcome, SendError> {
-    // Sent already (an agent that stopped right after the switch-over): this QEMU is done.
-    if let Ok(state) = qmp.execute("query-migrate", None).await
-        && state["status"] == "completed"
-    {
-        return Ok(outcome_of(&state));
+    // A migration an earlier run of the agent started (it stopped while sending).
+    let prior = qmp.execute("query-migrate", None).await.ok();
+    match prior.as_ref().and_then(|p| p["status"].as_str()) {
+        // Sent already, right before the agent stopped: this QEMU is done.
+        Some("completed") => return Ok(outcome_of(prior.as_ref().expect("some"))),
+        // Past the switch-over: QEMU decides.
+        Some("device") => {
+            return settle(qmp)
+                .await
+                .ok_or_else(|| SendError { message: "the interrupted migration failed".into() });
+        }
+        // Before it: undo it (a guest paused before the switch-over was running) and report.
+        Some("setup" | "active" | "pre-switchover" | "cancelling") => {
+            abort(qmp, disks, true).await;
+            return Err(SendError {
+                message: "the agent stopped while sending; the migration was cancelled".into(),
+            });
+        }
+        _ => {}
     }
     if qmp.query_status().await.is_ok_and(|s| s == "postmigrate") {
         return Err(SendError {
