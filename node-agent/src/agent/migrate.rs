@@ -16,7 +16,6 @@
 //! Every write is a merge patch carrying the resourceVersion of a fresh read that showed the
 //! same migration id, so a writer never acts on an order that changed under it.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -65,9 +64,6 @@ pub(crate) struct IncomingRun {
     pub id: String,
     pub vmid: u32,
 }
-
-/// How a migration this agent sent ended (the watch may still show the order as it was).
-pub(crate) type Sent = HashMap<String, (String, MigrationPhase)>;
 
 fn now() -> String {
     jiff::Timestamp::now().round(jiff::Unit::Millisecond).expect("in range").to_string()
@@ -142,10 +138,10 @@ impl Agent {
             return None;
         }
         let uid = guest.uid().unwrap_or_default();
-        // What this agent already did with it (the watch may lag its own writes).
-        let known =
-            self.sent.lock().expect("sent lock").get(&uid).filter(|(id, _)| *id == m.id).map(|(_, p)| *p);
-        match known.unwrap_or(m.phase) {
+        // A send this agent recorded as failed (the watch may lag its own writes); a completed
+        // one left its marker, looked at above.
+        let failed = self.failed_sends.lock().expect("failed sends lock").get(&uid) == Some(&m.id);
+        match if failed { MigrationPhase::Failed } else { m.phase } {
             MigrationPhase::Failed => None,
             // Completed by another run of this agent that left no marker: nothing to run here.
             MigrationPhase::Completed => Some(Ok(())),
@@ -204,10 +200,10 @@ impl Agent {
         let patch = json!({"phase": "Failed", "finished": now(), "message": message});
         let ns = guest.namespace().unwrap_or_default();
         if self.migration_write::<R::Guest>(&ns, &guest.name_any(), &m.id, None, patch, json!({})).await {
-            self.sent
+            self.failed_sends
                 .lock()
-                .expect("sent lock")
-                .insert(guest.uid().unwrap_or_default(), (m.id.clone(), MigrationPhase::Failed));
+                .expect("failed sends lock")
+                .insert(guest.uid().unwrap_or_default(), m.id.clone());
         }
     }
 
@@ -221,7 +217,6 @@ impl Agent {
     ) -> anyhow::Result<()> {
         let ns = guest.namespace().unwrap_or_default();
         let name = guest.name_any();
-        let uid = guest.uid().unwrap_or_default();
         if m.phase == MigrationPhase::TargetReady {
             let claim = json!({"phase": "Migrating"});
             if !self
@@ -259,10 +254,6 @@ impl Agent {
                     ha: m.id.strip_prefix("ha-").and_then(|i| i.parse::<u64>().ok()),
                 };
                 std::fs::write(run.join(MIGRATED_MARKER), serde_json::to_vec(&handed)?)?;
-                self.sent
-                    .lock()
-                    .expect("sent lock")
-                    .insert(uid.clone(), (m.id.clone(), MigrationPhase::Completed));
                 let written = self.record_completed::<R>(guest, &handed).await;
                 tracing::info!(
                     vmid, migration = %m.id, target = %m.target, downtime_ms = outcome.downtime_ms,
@@ -455,15 +446,7 @@ impl Agent {
             if let Err(e) = self.pool().free_guest(vmid) {
                 return Err(format!("removing stale copies of the disks: {e}"));
             }
-            let images = self.pool().path.join("images").join(vmid.to_string());
-            self.snapshot_cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|p, _| !p.starts_with(&images));
-            self.volume_sizes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|p, _| !p.starts_with(&images));
+            self.forget_guest_images(vmid);
         }
         // A rollback the source applied stays applied.
         if let (Some(r), Some(applied)) = (&vm.spec.rollback, &status.rollback)

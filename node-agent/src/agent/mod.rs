@@ -159,8 +159,8 @@ pub(crate) struct Agent {
     pool_shared: std::sync::Mutex<Option<bool>>,
     /// Per guest uid: migrations this node prepared to receive.
     incoming: std::sync::Mutex<HashMap<String, migrate::IncomingRun>>,
-    /// Per guest uid: how the last migration this node sent ended.
-    sent: std::sync::Mutex<migrate::Sent>,
+    /// Per guest uid: the id of the last migration this node failed to send.
+    failed_sends: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// A start that receives a migrating guest instead of booting it.
@@ -187,7 +187,7 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         lrm_reports: std::sync::Mutex::default(),
         pool_shared: std::sync::Mutex::new(None),
         incoming: std::sync::Mutex::default(),
-        sent: std::sync::Mutex::default(),
+        failed_sends: std::sync::Mutex::default(),
         client,
         facts: host::facts(),
         pool_path: std::sync::Mutex::new(config.default_pool_path()),
@@ -387,6 +387,13 @@ impl Agent {
     pub(crate) fn forget_image(&self, path: &Path) {
         self.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
         self.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
+    }
+
+    /// Forgets what this agent knows about every image of guest `vmid` in the pool.
+    pub(crate) fn forget_guest_images(&self, vmid: u32) {
+        let images = self.pool().path.join("images").join(vmid.to_string());
+        self.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
+        self.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
     }
 
     pub(crate) fn remember_snapshots(&self, path: &Path, list: &[String]) {
@@ -1065,9 +1072,7 @@ impl Agent {
             return;
         }
         R::stop(self, vmid, &run, self.config.shutdown_timeout).await;
-        let images = self.pool().path.join("images").join(vmid.to_string());
-        self.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
-        self.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
+        self.forget_guest_images(vmid);
         if let Err(e) = self.pool().free_guest(vmid) {
             tracing::warn!(vmid, error = %e, "freeing volumes failed");
         }
@@ -1103,9 +1108,7 @@ impl Agent {
         R::stop(self, vmid, &run, self.config.shutdown_timeout).await;
         self.lrm_reports.lock().expect("lrm reports lock").remove(uid);
         self.fenced.lock().expect("fenced lock").remove(&vmid);
-        let images = self.pool().path.join("images").join(vmid.to_string());
-        self.snapshot_cache.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
-        self.volume_sizes.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !p.starts_with(&images));
+        self.forget_guest_images(vmid);
         // Migrated live: the target has the disks now, and the copies here are stale.
         if Agent::migrated_away(&run) && self.pool_shared() == Some(false) {
             // Unless a QEMU holds them: then this directory is the target's too.
