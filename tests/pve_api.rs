@@ -41,7 +41,9 @@ except Exception as e:
     out["start_again"] = str(e)
 out["suspend_task"] = Tasks.blocking_status(p, node.lxc(101).status.suspend.post(), timeout=60)
 out["resume_task"] = Tasks.blocking_status(p, node.lxc(101).status.resume.post(), timeout=60)
+out["pid_before_reboot"] = node.lxc(101).status.current.get()["pid"]
 out["reboot_task"] = Tasks.blocking_status(p, node.lxc(101).status.reboot.post(), timeout=60)
+out["pid_after_reboot"] = node.lxc(101).status.current.get()["pid"]
 out["storage"] = p.storage.get()
 out["node_storage"] = node.storage.get()
 out["storage_status"] = node.storage("local").status.get()
@@ -75,6 +77,8 @@ out["kubectl_memory"] = kubectl("get", "vm", "vm-200", "-o", "jsonpath={.spec.me
 node.qemu(200).config.put(memory=384, digest=cfg["digest"])
 out["updated_cfg"] = node.qemu(200).config.get()
 out["kubectl_memory_after"] = kubectl("get", "vm", "vm-200", "-o", "jsonpath={.spec.memory.size}")
+node.qemu(200).config.put(delete="name")
+out["deleted_name"] = node.qemu(200).config.get()
 try:
     node.qemu(200).config.put(memory=512, digest="0" * 40)
 except Exception as e:
@@ -117,7 +121,7 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
     if !support::proxmoxer_available() {
         return;
     }
-    let server = Server::start_with_agent();
+    let mut server = Server::start_with_agent();
     let password_file = server.data_dir().join("pve-root-password");
     let meta = std::fs::metadata(&password_file).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -189,6 +193,10 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
         assert_eq!(r[task]["exitstatus"], "OK", "{task}: {}", r[task]);
     }
     assert_eq!(r["stop_task"]["exitstatus"], "OK");
+    assert_ne!(
+        r["pid_before_reboot"], r["pid_after_reboot"],
+        "the reboot task ends once the container restarted"
+    );
 
     // Storage, node and access reads.
     assert!(
@@ -231,6 +239,10 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
     assert_eq!(r["lxc_after"]["status"], "stopped");
     let log: Vec<&str> = r["task_log"].as_array().unwrap().iter().map(|l| l["t"].as_str().unwrap()).collect();
     assert_eq!(log.last(), Some(&"TASK OK"), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.starts_with("running on node node1, pid ")),
+        "the log follows the guest: {log:?}"
+    );
     let listed = r["task_list"].as_array().unwrap();
     assert!(
         listed.iter().any(|t| t["upid"] == upid && t["status"] == "OK" && t["type"] == "vzstart"),
@@ -250,6 +262,11 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
     assert_eq!(r["kubectl_memory"], "256", "created through the API, visible with kubectl");
     assert_eq!(r["updated_cfg"]["memory"], "384");
     assert_eq!(r["kubectl_memory_after"], "384");
+    let after = &r["deleted_name"];
+    assert!(
+        after.get("name").is_none() && after["memory"] == "384",
+        "delete= removes only that key: {after}"
+    );
     assert!(
         r["stale_digest"].as_str().unwrap().contains("detected modified configuration"),
         "{}",
@@ -290,7 +307,43 @@ fn proxmoxer_logs_in_and_reads_the_inventory() {
         (unknown["status"].as_u64(), unknown["reason"].as_str()),
         (Some(501), Some("Method 'GET /nope' not implemented"))
     );
+
+    // A task outlives the API process: started, the server killed at once, polled after.
+    let started = support::run_client(Command::new("python3"), START_ONLY, &[&port, &password], &server);
+    let upid = started["upid"].as_str().unwrap().to_string();
+    server.restart();
+    let r = support::run_client(Command::new("python3"), AWAIT_TASK, &[&port, &password, &upid], &server);
+    assert_eq!(
+        (r["task"]["status"].as_str(), r["task"]["exitstatus"].as_str()),
+        (Some("stopped"), Some("OK")),
+        "{r}"
+    );
+    assert_eq!(r["current"]["status"], "running", "{r}");
+    let log: Vec<&str> = r["log"].as_array().unwrap().iter().map(|l| l["t"].as_str().unwrap()).collect();
+    assert_eq!(log.last(), Some(&"TASK OK"), "{log:?}");
 }
+
+const START_ONLY: &str = r#"
+import json, sys, warnings
+from proxmoxer import ProxmoxAPI
+warnings.filterwarnings("ignore")
+port, password = sys.argv[1], sys.argv[2]
+p = ProxmoxAPI("127.0.0.1", port=int(port), user="root@pam", password=password, verify_ssl=False)
+print(json.dumps({"upid": p.nodes("node1").lxc(101).status.start.post()}))
+"#;
+
+const AWAIT_TASK: &str = r#"
+import json, sys, warnings
+from proxmoxer import ProxmoxAPI
+from proxmoxer.tools import Tasks
+warnings.filterwarnings("ignore")
+port, password, upid = sys.argv[1], sys.argv[2], sys.argv[3]
+p = ProxmoxAPI("127.0.0.1", port=int(port), user="root@pam", password=password, verify_ssl=False)
+out = {"task": Tasks.blocking_status(p, upid, timeout=90)}
+out["log"] = p.nodes("node1").tasks(upid).log.get()
+out["current"] = p.nodes("node1").lxc(101).status.current.get()
+print(json.dumps(out))
+"#;
 
 /// `kpve pve-api` on its own, against a kpve API server with an admin token: it generates a
 /// self-signed certificate (key 0600) and root@pam's password in its own data directory, and
@@ -351,6 +404,33 @@ fn standalone_pve_api_serves_with_a_generated_certificate() {
         serde_json::from_str(&curl(&["-b", &cookie, &format!("{base}/cluster/resources?type=vm")])).unwrap();
     let vm = resources["data"].as_array().unwrap().iter().find(|g| g["name"] == "solo").cloned().unwrap();
     assert_eq!(vm["vmid"], 150);
+    // HTTP/1.1 only, even to a client asking for HTTP/2 (reason phrases carry the errors).
+    let version = curl(&[
+        "--http2",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version}",
+        "-b",
+        &cookie,
+        &format!("{base}/version"),
+    ]);
+    assert_eq!(version, "1.1");
+    // A body on GET is refused as Proxmox refuses it.
+    let with_body = curl(&[
+        "-X",
+        "GET",
+        "-d",
+        "x=1",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-b",
+        &cookie,
+        &format!("{base}/version"),
+    ]);
+    assert_eq!(with_body, "501");
     // The served certificate is the generated one.
     let served = Command::new("sh")
         .arg("-c")

@@ -3,7 +3,7 @@
 //! that user (one with privilege separation); then a VM (`scsi0=local:4`,
 //! `net0=virtio,bridge=vmbr0`) goes through create → start → status → memory change with
 //! `pending` → stop → delete, once with the ticket and once with the token, and a container
-//! does the same with the token. The separated token may start a VM but gets 403 for a memory
+//! does the same with both (its new memory limit pending until it restarts). The separated token may start a VM but gets 403 for a memory
 //! change; a wrong token secret gets 401 after 3 s; a user declared in YAML (with an
 //! `openssl passwd -5` hash and a PVEACL) logs in and sees what its role allows; a deleted
 //! token stops working. Runs in its own network namespace with the bridge `vmbr0`.
@@ -82,6 +82,7 @@ out["vm_ticket"] = flow(p, "qemu", 300, dict(name="ticketvm", **vm), 384)
 out["vm_token"] = flow(tok, "qemu", 301, dict(name="tokenvm", **vm), 320)
 ct = dict(hostname="tokenct", memory=128, ostemplate=template, rootfs="local:1", net0="name=eth0,bridge=vmbr0")
 out["ct_token"] = flow(tok, "lxc", 302, ct, 192)
+out["ct_ticket"] = flow(p, "lxc", 306, dict(ct, hostname="ticketct"), 160)
 
 # The separated token: PVEVMUser on /vms (and nothing from alice it does not also have).
 Tasks.blocking_status(p, p.nodes("node1").qemu.post(vmid=303, name="civm", memory=256, scsi0="local:1"), timeout=60)
@@ -208,9 +209,12 @@ fn tickets_and_tokens_drive_guests_within_their_privileges() {
     );
 
     // The full flow with a ticket and with a token, for VMs and containers.
-    for (flow, task_user) in
-        [("vm_ticket", "root@pam"), ("vm_token", "alice@pve!full"), ("ct_token", "alice@pve!full")]
-    {
+    for (flow, task_user) in [
+        ("vm_ticket", "root@pam"),
+        ("vm_token", "alice@pve!full"),
+        ("ct_token", "alice@pve!full"),
+        ("ct_ticket", "root@pam"),
+    ] {
         let f = &r[flow];
         assert!(f["upid"].as_str().unwrap().ends_with(&format!(":{task_user}:")), "{flow}: {}", f["upid"]);
         for task in ["create", "start", "stop", "delete"] {
@@ -219,7 +223,11 @@ fn tickets_and_tokens_drive_guests_within_their_privileges() {
         assert_eq!(f["current"]["status"], "running", "{flow}: {}", f["current"]);
         assert!(f["config"]["net0"].as_str().unwrap().contains("bridge=vmbr0"), "{flow}: {}", f["config"]);
         assert!(
-            !f["after"].as_array().unwrap().iter().any(|v| v == 300 || v == 301 || v == 302),
+            !f["after"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| [300, 301, 302, 306].contains(&v.as_u64().unwrap())),
             "{flow}: {}",
             f["after"]
         );
@@ -247,7 +255,17 @@ fn tickets_and_tokens_drive_guests_within_their_privileges() {
     let memory =
         r["vm_token"]["pending"].as_array().unwrap().iter().find(|e| e["key"] == "memory").cloned().unwrap();
     assert_eq!(memory["pending"], "320");
-    assert_eq!(r["ct_token"]["config"]["memory"], "192");
+    // A running container keeps the memory limit it started with until it restarts.
+    for (flow, before, after) in [("ct_token", "128", "192"), ("ct_ticket", "128", "160")] {
+        assert_eq!(r[flow]["config"]["memory"], after, "{flow}");
+        let memory =
+            r[flow]["pending"].as_array().unwrap().iter().find(|e| e["key"] == "memory").cloned().unwrap();
+        assert_eq!(
+            (memory["value"].as_str(), memory["pending"].as_str()),
+            (Some(before), Some(after)),
+            "{flow}"
+        );
+    }
 
     // Privilege separation: the ci token sees and powers VMs but may not change memory.
     assert!(r["ci_sees"].as_array().unwrap().contains(&Value::from(303)), "{}", r["ci_sees"]);

@@ -12,6 +12,7 @@
 //!   userid-group|and|or, …]`, none = root@pam only) decide every request before its handler.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kpve_crds::access::{BUILTIN_ROLES, PRIVILEGES};
@@ -76,6 +77,9 @@ pub fn token_hash(secret: &str) -> String {
     format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
+/// A snapshot and the watches' change count it was built at.
+type Built = (u64, Arc<Access>);
+
 /// Watch-driven caches of the access-control resources.
 #[derive(Clone)]
 pub struct AccessStore {
@@ -84,6 +88,8 @@ pub struct AccessStore {
     pub roles: Store<PVERole>,
     pub acls: Store<PVEACL>,
     health: Vec<cache::Health>,
+    /// The last snapshot and the watches' change count it was built at.
+    built: Arc<Mutex<Option<Built>>>,
 }
 
 impl AccessStore {
@@ -93,7 +99,14 @@ impl AccessStore {
         let (groups, h2) = cache::watch(client);
         let (roles, h3) = cache::watch(client);
         let (acls, h4) = cache::watch(client);
-        let store = AccessStore { users, groups, roles, acls, health: vec![h1, h2, h3, h4] };
+        let store = AccessStore {
+            users,
+            groups,
+            roles,
+            acls,
+            health: vec![h1, h2, h3, h4],
+            built: Default::default(),
+        };
         let ready = async {
             store.users.wait_until_ready().await?;
             store.groups.wait_until_ready().await?;
@@ -116,8 +129,21 @@ impl AccessStore {
         self.users.state().into_iter().find(|u| u.spec.userid == userid)
     }
 
-    /// A consistent view for one request.
-    pub fn snapshot(&self) -> Access {
+    /// A consistent view for one request: built again only after the resources changed.
+    pub fn snapshot(&self) -> Arc<Access> {
+        let changes: u64 = self.health.iter().map(cache::Health::changes).sum();
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, access)) = built.as_ref()
+            && *at == changes
+        {
+            return access.clone();
+        }
+        let access = Arc::new(self.build());
+        *built = Some((changes, access.clone()));
+        access
+    }
+
+    fn build(&self) -> Access {
         let mut access = Access::default();
         for (name, privs) in BUILTIN_ROLES {
             access.roles.insert(name.to_string(), privs_of(privs));

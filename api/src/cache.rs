@@ -10,13 +10,18 @@ use kube::api::{Api, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// Whether a watch is current: it is not once it has been failing (errors, no delivery since)
 /// for longer than [`STALE_AFTER`], so decisions are not made on a cache that stopped
 /// following. A watch that errs and re-lists at once (an expired watch) stays current.
+/// It also counts the events the cache applied, so that what is derived from a cache can be
+/// kept until it changes.
 #[derive(Clone, Default)]
-pub struct Health(Arc<AtomicI64>);
+pub struct Health {
+    failing_since: Arc<AtomicI64>,
+    changes: Arc<AtomicU64>,
+}
 
 /// How long a watch may fail before its cache counts as stale.
 pub const STALE_AFTER: Duration = Duration::from_secs(10);
@@ -30,8 +35,14 @@ fn unix_now() -> i64 {
 
 impl Health {
     pub fn current(&self) -> bool {
-        let since = self.0.load(Ordering::Relaxed);
+        let since = self.failing_since.load(Ordering::Relaxed);
         since == 0 || unix_now() - since < STALE_AFTER.as_secs() as i64
+    }
+
+    /// How many events the cache has applied: read before deriving something from the
+    /// cache, a later different count means the derived thing may be out of date.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 }
 
@@ -51,7 +62,8 @@ where
         reflector::reflector(writer, watcher(Api::<K>::all(client.clone()), watcher::Config::default()))
             .default_backoff();
     let health = Health::default();
-    let flag = health.0.clone();
+    let flag = health.failing_since.clone();
+    let changes = health.changes.clone();
     let probe = Api::<K>::all(client.clone());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -60,7 +72,10 @@ where
             tokio::select! {
                 event = stream.next() => match event {
                     None => break,
-                    Some(Ok(_)) => flag.store(0, Ordering::Relaxed),
+                    Some(Ok(_)) => {
+                        flag.store(0, Ordering::Relaxed);
+                        changes.fetch_add(1, Ordering::Release);
+                    }
                     Some(Err(e)) => {
                         // Failing since the first error after the last delivery.
                         let _ = flag.compare_exchange(0, unix_now(), Ordering::Relaxed, Ordering::Relaxed);
@@ -141,9 +156,9 @@ mod tests {
     fn a_watch_is_stale_only_after_failing_for_a_while() {
         let h = Health::default();
         assert!(h.current(), "delivering");
-        h.0.store(unix_now() - 3, Ordering::Relaxed);
+        h.failing_since.store(unix_now() - 3, Ordering::Relaxed);
         assert!(h.current(), "a brief failure (an expired watch re-listing) is tolerated");
-        h.0.store(unix_now() - STALE_AFTER.as_secs() as i64 - 1, Ordering::Relaxed);
+        h.failing_since.store(unix_now() - STALE_AFTER.as_secs() as i64 - 1, Ordering::Relaxed);
         assert!(!h.current(), "failing for longer than STALE_AFTER");
     }
 }

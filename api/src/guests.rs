@@ -329,22 +329,26 @@ fn guest_of<K: GuestObject>(
     })
 }
 
+fn vm_guest(vm: Arc<VirtualMachine>) -> Option<Guest> {
+    let cpus = vm.spec.cpu.cores * vm.spec.cpu.sockets;
+    let (name, mem) = (vm.spec.name.clone(), u64::from(vm.spec.memory.size));
+    guest_of(vm.as_ref(), Kind::Qemu, name, cpus, mem, Spec::Qemu(vm.clone()))
+}
+
+fn ct_guest(ct: Arc<LinuxContainer>) -> Option<Guest> {
+    let cpus = ct.spec.cores.unwrap_or(1);
+    let (name, mem) = (ct.spec.hostname.clone(), u64::from(ct.spec.memory));
+    guest_of(ct.as_ref(), Kind::Lxc, name, cpus, mem, Spec::Lxc(ct.clone()))
+}
+
 /// Every guest of `kind` (both kinds when `None`), sorted by VMID, from the caches.
 pub async fn list(guests: &Guests, kind: Option<Kind>) -> Result<Vec<Guest>, PveError> {
     let mut out = Vec::new();
     if kind != Some(Kind::Lxc) {
-        for vm in guests.vms.state() {
-            let cpus = vm.spec.cpu.cores * vm.spec.cpu.sockets;
-            let (name, mem) = (vm.spec.name.clone(), u64::from(vm.spec.memory.size));
-            out.extend(guest_of(vm.as_ref(), Kind::Qemu, name, cpus, mem, Spec::Qemu(vm.clone())));
-        }
+        out.extend(guests.vms.state().into_iter().filter_map(vm_guest));
     }
     if kind != Some(Kind::Qemu) {
-        for ct in guests.cts.state() {
-            let cpus = ct.spec.cores.unwrap_or(1);
-            let (name, mem) = (ct.spec.hostname.clone(), u64::from(ct.spec.memory));
-            out.extend(guest_of(ct.as_ref(), Kind::Lxc, name, cpus, mem, Spec::Lxc(ct.clone())));
-        }
+        out.extend(guests.cts.state().into_iter().filter_map(ct_guest));
     }
     out.sort_by_key(|g| g.vmid);
     Ok(out)
@@ -470,7 +474,8 @@ pub async fn power(
         "stop" | "shutdown" => ("Stopped", Target::Stopped),
         "suspend" => ("Paused", Target::Paused),
         "reboot" | "reset" => {
-            // kpve's reboot: a new value of the restart annotation.
+            // kpve's reboot: a new value of the restart annotation; the task ends when the
+            // guest runs as a new process.
             if !g.running() {
                 let what = if g.kind == Kind::Qemu { "VM" } else { "CT" };
                 return Err(PveError::new(500, format!("{what} {} not running", g.vmid)));
@@ -483,7 +488,7 @@ pub async fn power(
             merge_patch(guests, g, &patch).await.map_err(write_error)?;
             let task = format!("{}{action}", g.kind.task_prefix());
             return tasks
-                .create(node, &task, g.kind, g.vmid, Target::Running, user)
+                .create(node, &task, g.kind, g.vmid, Target::Restarted(g.status.pid), user)
                 .map(Value::from)
                 .map_err(|e| PveError::new(500, e.to_string()));
         }
@@ -669,28 +674,34 @@ async fn create_vm(
 }
 
 /// `PUT …/config`: changes keys (and removes those in `delete`) after checking `digest`;
-/// returns the resource's new generation.
+/// returns the resource's new generation. The digest is checked against, and the edit made
+/// to, the resource as read for the write (which carries its resourceVersion): a change made
+/// meanwhile fails the digest or the write, and is never overwritten.
 pub async fn update(guests: &Guests, g: &Guest, params: &BTreeMap<String, String>) -> Result<i64, PveError> {
-    if let Some(digest) = params.get("digest")
-        && config(g)["digest"] != *digest
-    {
-        return Err(PveError::new(
-            500,
-            "detected modified configuration - file changed by other user? Try again.",
-        ));
-    }
     let delete: Vec<String> = params
         .get("delete")
         .map(|d| d.split(',').map(|s| s.trim().to_string()).collect())
         .unwrap_or_default();
-    let text = edited_text(&g.config_text(), params, &delete);
+    // The edited config text of the resource as just read.
+    let edited = |fresh: Option<Guest>| -> Result<String, PveError> {
+        let fresh = fresh.ok_or_else(|| PveError::new(500, format!("guest {} lost its VMID", g.vmid)))?;
+        if let Some(digest) = params.get("digest")
+            && config(&fresh)["digest"] != *digest
+        {
+            return Err(PveError::new(
+                500,
+                "detected modified configuration - file changed by other user? Try again.",
+            ));
+        }
+        Ok(edited_text(&fresh.config_text(), params, &delete))
+    };
     let saved = match g.kind {
         Kind::Qemu => {
-            let spec = kpve_crds::VirtualMachineSpec::from_qemu_config(&text).map_err(codec_error)?;
             let api = Api::<VirtualMachine>::namespaced(guests.client.clone(), &g.namespace);
             cache::replace_retrying(&api, &g.name, |vm| {
+                let text = edited(vm_guest(Arc::new(vm.clone())))?;
+                let mut spec = kpve_crds::VirtualMachineSpec::from_qemu_config(&text).map_err(codec_error)?;
                 // Fields the Proxmox config does not carry stay as declared.
-                let mut spec = spec.clone();
                 spec.keep_undeclared(&mut vm.spec);
                 vm.spec = spec;
                 vm.status = None;
@@ -700,10 +711,10 @@ pub async fn update(guests: &Guests, g: &Guest, params: &BTreeMap<String, String
             .metadata
         }
         Kind::Lxc => {
-            let spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
             let api = Api::<LinuxContainer>::namespaced(guests.client.clone(), &g.namespace);
             cache::replace_retrying(&api, &g.name, |ct| {
-                let mut spec = spec.clone();
+                let text = edited(ct_guest(Arc::new(ct.clone())))?;
+                let mut spec = kpve_crds::LinuxContainerSpec::from_lxc_config(&text).map_err(codec_error)?;
                 spec.keep_undeclared(&mut ct.spec);
                 ct.spec = spec;
                 ct.status = None;

@@ -183,12 +183,18 @@ pub async fn start(
     });
     let app = axum::Router::new().fallback(handle).with_state(state);
     let handle_ = axum_server::Handle::new();
-    let server = axum_server::bind_rustls(
+    // HTTP/1.1 only, as Proxmox serves it: clients read the error in the reason phrase, which
+    // HTTP/2 does not have (Go clients would negotiate it if offered).
+    let mut tls = (*config.tls).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut server = axum_server::bind_rustls(
         config.listen,
-        axum_server::tls_rustls::RustlsConfig::from_config(config.tls),
+        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)),
     )
-    .handle(handle_.clone())
-    .serve(app.into_make_service());
+    .handle(handle_.clone());
+    let builder = server.http_builder();
+    *builder = builder.clone().http1_only();
+    let server = server.serve(app.into_make_service());
     let task = tokio::spawn(async move { server.await.map_err(anyhow::Error::from) });
     let address =
         handle_.listening().await.ok_or_else(|| anyhow::anyhow!("the Proxmox API listener did not start"))?;
@@ -330,7 +336,7 @@ async fn handle(
         params.insert(k, v);
     }
     // root@pam passes every check: no need to assemble the access configuration for it.
-    let access = if principal.is_root() { access::Access::default() } else { state.store.snapshot() };
+    let access = if principal.is_root() { Arc::default() } else { state.store.snapshot() };
     // Pools are namespaces: VMID → namespace, read from the guest cache only when a check
     // names a guest's path.
     let guest_pools = std::sync::OnceLock::new();

@@ -31,6 +31,8 @@ pub enum Target {
     VolumeGone,
     /// Live migration `status.migration.id` ended (Completed or Failed).
     Migrated(String),
+    /// A reboot or reset: the guest runs again as a new process (its pid is not this one).
+    Restarted(Option<u32>),
 }
 
 /// A task to record.
@@ -63,6 +65,32 @@ fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// The first line of the guest's Stalled condition, when it is stalled.
+fn stalled(status: &kpve_crds::common::GuestStatus) -> Option<String> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stalled" && c.status == ConditionStatus::True)
+        .map(|c| c.message.lines().next().unwrap_or("").to_string())
+}
+
+/// What a task's log says of its guest as last seen: phase, node, process, a stall.
+fn progress(g: &guests::Guest) -> String {
+    let s = &g.status;
+    let mut line = format!("{:?}", s.phase).to_lowercase();
+    match &s.node {
+        Some(node) => line.push_str(&format!(" on node {node}")),
+        None => line.push_str(", not scheduled yet"),
+    }
+    if let Some(pid) = s.pid.filter(|_| s.phase != GuestPhase::Stopped) {
+        line.push_str(&format!(", pid {pid}"));
+    }
+    if let Some(reason) = stalled(s) {
+        line.push_str(&format!(": {reason}"));
+    }
+    line
 }
 
 fn bad_upid(message: &str) -> PveError {
@@ -132,6 +160,7 @@ impl Tasks {
             Target::Observed(_) => "config",
             Target::VolumeGone => "imgdel",
             Target::Migrated(_) => "migrate",
+            Target::Restarted(_) => "restart",
         };
         let vmid = task.vmid;
         let first = task.log.unwrap_or_else(|| {
@@ -147,6 +176,7 @@ impl Tasks {
                     Target::Observed(_) => "configuration update",
                     Target::VolumeGone => "volume removal",
                     Target::Migrated(_) => "migration",
+                    Target::Restarted(_) => "restart annotation",
                 }
             )
         });
@@ -160,6 +190,9 @@ impl Tasks {
         }
         if let Target::Migrated(id) = &target {
             record["migration"] = json!(id);
+        }
+        if let Target::Restarted(pid) = target {
+            record["pid"] = json!(pid);
         }
         if let Some(volume) = task.volume {
             record["volume"] = json!(volume);
@@ -227,71 +260,84 @@ impl Tasks {
             Some("suspend") => GuestPhase::Paused,
             _ => GuestPhase::Stopped,
         };
-        let outcome: Option<Result<(), String>> = match guests::list(guests, Some(kind)).await {
-            Err(_) => None,
-            Ok(list) => match list.into_iter().find(|g| g.vmid == vmid) {
-                None if record["target"] == "destroy" => Some(Ok(())),
-                Some(g) if record["target"] == "migrate" => {
-                    let id = record["migration"].as_str().unwrap_or("");
-                    match crate::migrate::outcome(&g.status, id) {
-                        Some(Ok(line)) => {
-                            if let Some(log) = record["log"].as_array_mut() {
-                                log.push(json!(line));
-                            }
-                            Some(Ok(()))
-                        }
-                        Some(Err(e)) => Some(Err(e)),
-                        None if now() - record["started"].as_i64().unwrap_or(0) > TASK_TIMEOUT => {
-                            Some(Err(format!("timeout waiting for the migration of guest {vmid}")))
-                        }
-                        None => None,
-                    }
+        let Ok(list) = guests::list(guests, Some(kind)).await else { return };
+        let found = list.into_iter().find(|g| g.vmid == vmid);
+        let elapsed = now() - record["started"].as_i64().unwrap_or(0);
+        // The log follows the guest: a line each time what is seen of it changes.
+        let mut seen_new = false;
+        if let Some(g) = &found {
+            let line = progress(g);
+            if record["seen"].as_str() != Some(line.as_str()) {
+                if let Some(log) = record["log"].as_array_mut() {
+                    log.push(json!(line));
                 }
-                None => Some(Err(format!("guest {vmid} no longer exists"))),
-                Some(_) if record["target"] == "destroy" => (now() - record["started"].as_i64().unwrap_or(0)
-                    > TASK_TIMEOUT)
-                    .then(|| Err(format!("timeout waiting for guest {vmid} to be deleted"))),
-                Some(g) if record["target"] == "config" => {
-                    let wanted = record["generation"].as_i64().unwrap_or(0);
-                    let stalled = g
-                        .status
-                        .conditions
-                        .iter()
-                        .find(|c| c.type_ == "Stalled" && c.status == ConditionStatus::True);
-                    if g.status.observed_generation.unwrap_or(0) >= wanted {
-                        match stalled {
-                            // The agent saw the change and could not apply it (a refused shrink,
-                            // a failed resize): the task ends with its reason.
-                            Some(c) => Some(Err(c.message.lines().next().unwrap_or("").to_string())),
-                            None => Some(Ok(())),
+                record["seen"] = json!(line);
+                seen_new = true;
+            }
+        }
+        let outcome: Option<Result<(), String>> = match found {
+            None if record["target"] == "destroy" => Some(Ok(())),
+            Some(g) if record["target"] == "migrate" => {
+                let id = record["migration"].as_str().unwrap_or("");
+                match crate::migrate::outcome(&g.status, id) {
+                    Some(Ok(line)) => {
+                        if let Some(log) = record["log"].as_array_mut() {
+                            log.push(json!(line));
                         }
-                    } else if now() - record["started"].as_i64().unwrap_or(0) > TASK_TIMEOUT {
-                        Some(Err(format!("timeout waiting for guest {vmid} to apply its configuration")))
-                    } else {
-                        None
+                        Some(Ok(()))
                     }
-                }
-                Some(g) if g.status.phase == want => Some(Ok(())),
-                Some(g) => {
-                    let stalled = g
-                        .status
-                        .conditions
-                        .iter()
-                        .find(|c| c.type_ == "Stalled" && c.status == ConditionStatus::True);
-                    match stalled {
-                        Some(c) if want == GuestPhase::Running => {
-                            Some(Err(c.message.lines().next().unwrap_or("").to_string()))
-                        }
-                        _ if now() - record["started"].as_i64().unwrap_or(0) > TASK_TIMEOUT => {
-                            Some(Err(format!("timeout waiting for guest {vmid} to reach {want:?}")))
-                        }
-                        _ => None,
+                    Some(Err(e)) => Some(Err(e)),
+                    None if elapsed > TASK_TIMEOUT => {
+                        Some(Err(format!("timeout waiting for the migration of guest {vmid}")))
                     }
+                    None => None,
                 }
+            }
+            None => Some(Err(format!("guest {vmid} no longer exists"))),
+            Some(_) if record["target"] == "destroy" => (elapsed > TASK_TIMEOUT)
+                .then(|| Err(format!("timeout waiting for guest {vmid} to be deleted"))),
+            Some(g) if record["target"] == "config" => {
+                let wanted = record["generation"].as_i64().unwrap_or(0);
+                if g.status.observed_generation.unwrap_or(0) >= wanted {
+                    // The agent saw the change and could not apply it (a refused shrink, a
+                    // failed resize): the task ends with its reason.
+                    match stalled(&g.status) {
+                        Some(reason) => Some(Err(reason)),
+                        None => Some(Ok(())),
+                    }
+                } else if elapsed > TASK_TIMEOUT {
+                    Some(Err(format!("timeout waiting for guest {vmid} to apply its configuration")))
+                } else {
+                    None
+                }
+            }
+            Some(g) if record["target"] == "restart" => {
+                let before = record["pid"].as_u64().map(|p| p as u32);
+                if g.status.phase == GuestPhase::Running && g.status.pid.is_some() && g.status.pid != before {
+                    Some(Ok(()))
+                } else if let Some(reason) = stalled(&g.status) {
+                    Some(Err(reason))
+                } else if elapsed > TASK_TIMEOUT {
+                    Some(Err(format!("timeout waiting for guest {vmid} to restart")))
+                } else {
+                    None
+                }
+            }
+            Some(g) if g.status.phase == want => Some(Ok(())),
+            Some(g) => match stalled(&g.status) {
+                Some(reason) if want == GuestPhase::Running => Some(Err(reason)),
+                _ if elapsed > TASK_TIMEOUT => {
+                    Some(Err(format!("timeout waiting for guest {vmid} to reach {want:?}")))
+                }
+                _ => None,
             },
         };
-        if let Some(outcome) = outcome {
-            self.finish(upid, record, outcome);
+        match outcome {
+            Some(outcome) => self.finish(upid, record, outcome),
+            None if seen_new => {
+                let _ = std::fs::write(self.path(upid), record.to_string());
+            }
+            None => {}
         }
     }
 

@@ -2,7 +2,8 @@
 //! run:
 //! - `GET /cluster/resources` with N guests (default 10,000): p50/p95/p99, beside a raw LIST of
 //!   the same VirtualMachines from the kpve API server it reads (the data it is built from);
-//! - `GET /version` requests per second with a ticket, beside a bare axum + rustls hello-world
+//! - the same with a user's API token (PVEAuditor on /: every guest's permission checked);
+//! - `GET /version` requests per second with root's ticket and with the token, beside a bare axum + rustls hello-world
 //!   server with the same certificate, same client, same connection count.
 //!
 //! Usage: cargo run --release -p kpve-bench --bin pve_api [-- GUESTS SECONDS CONNECTIONS]
@@ -56,6 +57,31 @@ async fn get(sender: &mut SendRequest<Full<Bytes>>, path: &str, headers: &[(&str
     let resp = sender.send_request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+/// A form-encoded write (`POST`/`PUT`) with a ticket and its CSRF token; the answer's `data`.
+async fn write(
+    sender: &mut SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    auth: &[(&str, &str)],
+    form: &str,
+) -> Value {
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", "application/x-www-form-urlencoded");
+    for (k, v) in auth {
+        req = req.header(*k, *v);
+    }
+    sender.ready().await.unwrap();
+    let resp =
+        sender.send_request(req.body(Full::new(Bytes::from(form.to_string()))).unwrap()).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(status.is_success(), "{method} {path}: {status} {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<Value>(&body).unwrap()["data"].clone()
 }
 
 /// Requests per second of `path` over `seconds` with `connections` workers.
@@ -169,6 +195,17 @@ async fn main() {
     let resp = sender.send_request(req).await.unwrap();
     let login: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     let cookie = format!("PVEAuthCookie={}", login["data"]["ticket"].as_str().unwrap());
+    let csrf = login["data"]["CSRFPreventionToken"].as_str().unwrap().to_string();
+
+    // A user's API token (PVEAuditor on /): its requests go through the ACL checks root skips.
+    let root = [("cookie", cookie.as_str()), ("csrfpreventiontoken", csrf.as_str())];
+    write(&mut sender, "POST", "/api2/json/access/users", &root, "userid=bench%40pve").await;
+    let token =
+        write(&mut sender, "POST", "/api2/json/access/users/bench%40pve/token/load", &root, "privsep=0")
+            .await;
+    write(&mut sender, "PUT", "/api2/json/access/acl", &root, "path=%2F&roles=PVEAuditor&users=bench%40pve")
+        .await;
+    let token = format!("PVEAPIToken=bench@pve!load={}", token["value"].as_str().unwrap());
 
     // The guest cache fills from the watch: wait until the API lists every guest.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -187,6 +224,7 @@ async fn main() {
     let bearer = format!("Bearer {}", running.admin_token);
     let mut kube_sender = connect(running.address, client_tls.clone()).await;
     let (mut api_lat, mut raw_lat) = (Vec::new(), Vec::new());
+    let mut token_lat = Vec::new();
     let mut bytes = (0, 0);
     for _ in 0..60 {
         let t = Instant::now();
@@ -194,6 +232,12 @@ async fn main() {
         api_lat.push(t.elapsed());
         assert_eq!(status, 200);
         bytes.0 = body.len();
+        let t = Instant::now();
+        let (status, body) =
+            get(&mut sender, "/api2/json/cluster/resources", &[("authorization", &token)]).await;
+        token_lat.push(t.elapsed());
+        assert_eq!(status, 200);
+        assert_eq!(body.len(), bytes.0, "the auditor token sees every guest");
         let t = Instant::now();
         let (status, body) =
             get(&mut kube_sender, "/apis/kpve.io/v1alpha1/virtualmachines", &[("authorization", &bearer)])
@@ -208,6 +252,10 @@ async fn main() {
             &format!("pve  GET /cluster/resources ({guests} guests, {} KiB)", bytes.0 / 1024),
             &mut api_lat
         )
+    );
+    println!(
+        "{}",
+        summary("pve  GET /cluster/resources, user token (ACL checked per guest)", &mut token_lat)
     );
     println!(
         "{}",
@@ -228,7 +276,7 @@ async fn main() {
     .serve(bare.into_make_service());
     tokio::spawn(server);
     let bare_addr = handle.listening().await.unwrap();
-    let mut ratios = Vec::new();
+    let (mut ratios, mut token_ratios) = (Vec::new(), Vec::new());
     for round in 0..3 {
         let pve = rps(
             pve_addr,
@@ -239,13 +287,28 @@ async fn main() {
             connections,
         )
         .await;
+        let with_token = rps(
+            pve_addr,
+            client_tls.clone(),
+            "/api2/json/version",
+            vec![("authorization", token.clone())],
+            seconds,
+            connections,
+        )
+        .await;
         let raw = rps(bare_addr, client_tls.clone(), "/", vec![], seconds, connections).await;
         println!(
-            "round {round}: pve GET /version {pve:.0} req/s, bare axum+rustls {raw:.0} req/s, ratio {:.2}",
-            pve / raw
+            "round {round}: pve GET /version root ticket {pve:.0} req/s, user token {with_token:.0} req/s, bare axum+rustls {raw:.0} req/s; ratios {:.2} / {:.2}",
+            pve / raw,
+            with_token / raw
         );
         ratios.push(pve / raw);
+        token_ratios.push(with_token / raw);
     }
     ratios.sort_by(f64::total_cmp);
-    println!("median ratio /version vs bare: {:.2}", ratios[1]);
+    token_ratios.sort_by(f64::total_cmp);
+    println!(
+        "median ratio /version vs bare: root ticket {:.2}, user token {:.2}",
+        ratios[1], token_ratios[1]
+    );
 }

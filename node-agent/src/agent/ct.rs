@@ -352,6 +352,11 @@ impl Runtime for Lxc {
             if let Some(mem) = cgroup.memory_bytes() {
                 figures["mem"] = json!(mem);
             }
+            // The limit in force (a memory change applies at the next restart): `pending`
+            // compares it with the spec.
+            if let Some(limit) = cgroup.memory_limit() {
+                figures["maxmem"] = json!(limit);
+            }
             if let Some(cpu) = cgroup.cpu_seconds().and_then(|s| agent.cpu_usage((vmid, pid), s)) {
                 figures["cpu"] = json!(cpu);
             }
@@ -505,6 +510,14 @@ impl Cgroup {
             self.read("", "memory.current")
         };
         text?.trim().parse().ok()
+    }
+
+    /// The memory limit of the running container (None when unlimited).
+    fn memory_limit(&self) -> Option<u64> {
+        let text =
+            if self.v1 { self.read("memory", "memory.limit_in_bytes") } else { self.read("", "memory.max") };
+        // cgroup v1 writes "unlimited" as a page-rounded i64::MAX.
+        text?.trim().parse().ok().filter(|l| *l < 1 << 50)
     }
 
     fn cpu_seconds(&self) -> Option<f64> {
