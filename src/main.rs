@@ -109,6 +109,13 @@ struct ServerArgs {
     /// into DATA_DIR/pve-root-password on first start.
     #[arg(long, default_value = "0.0.0.0:8006")]
     pve_listen: std::net::SocketAddr,
+    /// PEM certificate chain the Proxmox VE API serves (with --pve-tls-key); otherwise the
+    /// server certificate kpve's CA issued.
+    #[arg(long, requires = "pve_tls_key")]
+    pve_tls_cert: Option<PathBuf>,
+    /// PEM private key of --pve-tls-cert.
+    #[arg(long, requires = "pve_tls_cert")]
+    pve_tls_key: Option<PathBuf>,
     /// Do not run a node agent for this host.
     #[arg(long)]
     no_agent: bool,
@@ -322,7 +329,10 @@ fn server(args: ServerArgs) -> Result<ExitCode> {
         let pve = kpve_api::server::PveApiConfig {
             data_dir: args.data_dir.clone(),
             listen: args.pve_listen,
-            tls: kpve_apiserver::pki::server_tls_config(&args.data_dir)?,
+            tls: match (&args.pve_tls_cert, &args.pve_tls_key) {
+                (Some(cert), Some(key)) => kpve_apiserver::pki::tls_config_from(cert, key)?,
+                _ => kpve_apiserver::pki::server_tls_config(&args.data_dir)?,
+            },
             client: kube_client(&server_url, &running.admin_token, &ca)?,
         };
         let (pve_address, pve_task) =

@@ -85,13 +85,28 @@ impl Cluster {
 
     /// [`Cluster::start`] with more of the VM's spec (YAML lines at two spaces).
     fn start_with(own_pools: bool, placement: &str, extra_spec: &str) -> Cluster {
+        Cluster::start_mounted(own_pools, placement, extra_spec, None)
+    }
+
+    /// [`Cluster::start_with`]; n1's agent mounts the /etc/pve view at `mount` (writing as an
+    /// admin) if given.
+    fn start_mounted(own_pools: bool, placement: &str, extra_spec: &str, mount: Option<&Path>) -> Cluster {
         let server = Server::start_with_controllers();
         if own_pools {
             let drop_path = r#"[{"op":"remove","path":"/spec/path"}]"#;
             server.kubectl_ok(&["patch", "storagepool", "local", "--type", "json", "-p", drop_path]);
         }
         let dirs = ["n1", "n2"].map(|node| server.data_dir().join(format!("agent-{node}")));
-        let agents = vec![server.spawn_agent("n1", &dirs[0]), server.spawn_agent("n2", &dirs[1])];
+        let mut n1_args: Vec<String> = Vec::new();
+        if let Some(mount) = mount {
+            let token = server.data_dir().join("pve-fs-token");
+            std::fs::write(&token, server.token("admin", None)).unwrap();
+            n1_args = vec!["--pve-fs".into(), mount.display().to_string(), "--pve-fs-token".into()];
+            n1_args.push(token.display().to_string());
+        }
+        let n1_args: Vec<&str> = n1_args.iter().map(String::as_str).collect();
+        let agents =
+            vec![server.spawn_agent_with("n1", &dirs[0], &n1_args), server.spawn_agent("n2", &dirs[1])];
         let mut cluster = Cluster { server, agents, dirs, vmid: String::new() };
         let server = &cluster.server;
         for node in ["n1", "n2"] {
@@ -356,6 +371,40 @@ fn the_proxmox_api_migrates_a_running_vm() {
     // Nothing moves it back: n1 was only preferred.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(cluster.get("{.status.node}"), "n2");
+}
+
+/// `mv` of the VM's config from n1's directory to n2's in the /etc/pve view migrates the
+/// running VM live, as `qm migrate` moves the config on Proxmox: `mv` returns once the VM is
+/// bound to n2, the config is in n2's directory, and the guest goes on counting there.
+#[test]
+fn moving_the_config_between_node_directories_migrates_live() {
+    if !Path::new("/dev/fuse").exists() {
+        assert!(std::env::var("KPVE_REQUIRE_HOST").is_err(), "/dev/fuse is required");
+        return;
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let etc = mnt.path().join("pve");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let cluster = Cluster::start_mounted(true, "{preferredNodes: [n1]}", "", Some(&etc));
+    let _unmount = Unmount(etc.clone());
+    let from = etc.join(format!("nodes/n1/qemu-server/{}.conf", cluster.vmid));
+    let to = etc.join(format!("nodes/n2/qemu-server/{}.conf", cluster.vmid));
+    wait_until("the config in n1's directory", || from.exists());
+    let config = std::fs::read_to_string(&from).unwrap();
+    let out = Command::new("mv").arg(&from).arg(&to).output().unwrap();
+    assert!(out.status.success(), "mv: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(cluster.get("{.status.node}"), "n2", "bound to n2 when mv returns");
+    assert_eq!(cluster.get("{.status.migration.phase}"), "Completed");
+    assert_eq!(cluster.get("{.status.migration.requestedBy}"), "pmxcfs@n1");
+    assert!(to.exists() && !from.exists(), "the config moved");
+    assert_eq!(std::fs::read_to_string(&to).unwrap(), config, "the same config");
+    let serial = cluster.run_dir(1).join("serial.log");
+    wait_until("the guest counting on n2", || ticks(&serial).len() >= 3);
 }
 
 /// A maintenance drain of an HA VM's node moves it live: the CRM asks for the move, the

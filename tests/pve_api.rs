@@ -601,3 +601,37 @@ fn firewall_ha_and_pool_endpoints_edit_resources() {
     );
     assert!(r["pool_not_empty"].as_str().unwrap().contains("not empty"), "{}", r["pool_not_empty"]);
 }
+
+/// `kpve server --pve-tls-cert/--pve-tls-key` serves the given certificate on the Proxmox port
+/// (an admin's own, as `pveproxy-ssl.pem` is in Proxmox).
+#[test]
+fn the_server_serves_a_given_proxmox_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("own.pem"), dir.path().join("own.key"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=pve.example"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let server = Server::start_with(&[
+        "--pve-tls-cert",
+        cert.to_str().unwrap(),
+        "--pve-tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let fingerprint = |script: String| {
+        let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let served = fingerprint(format!(
+        "openssl s_client -connect 127.0.0.1:{} </dev/null 2>/dev/null | openssl x509 -noout -fingerprint",
+        server.pve_port
+    ));
+    let given = fingerprint(format!("openssl x509 -noout -fingerprint -in {}", cert.display()));
+    assert!(given.contains("Fingerprint="), "{given}");
+    assert_eq!(served, given);
+}

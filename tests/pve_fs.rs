@@ -141,6 +141,45 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     let gone = server.kubectl(&["get", "vm", "vm-105"]);
     assert!(!gone.status.success(), "vm-105 is deleted");
 
+    // Moving a config to another node's directory migrates the guest: a stopped VM without
+    // disks moves at once; a move the guest's placement forbids is refused with an Event.
+    server.kubectl_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: kpve.io/v1alpha1\nkind: Hypervisor\nmetadata: {name: node2}\nspec: {}\n"),
+    );
+    let mover = "apiVersion: kpve.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: mover, namespace: default}\nspec:\n  vmid: 107\n  powerState: Stopped\n  memory: {size: 128}\n";
+    server.kubectl_stdin(&["apply", "-f", "-"], Some(mover));
+    server.kubectl_ok(&[
+        "patch",
+        "vm",
+        "mover",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"node":"node1","phase":"Stopped"}}"#,
+    ]);
+    let on1 = etc.join("nodes/node1/qemu-server/107.conf");
+    let on2 = etc.join("nodes/node2/qemu-server/107.conf");
+    wait_until("107.conf on node1", || on1.exists());
+    let out = sh(&format!("mv {} {}", on1.display(), on2.display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.kubectl_ok(&["get", "vm", "mover", "-o", "jsonpath={.status.node}"]), "node2");
+    assert!(on2.exists() && !on1.exists(), "the config is in node2's directory only");
+    let out =
+        sh(&format!("mv {} {}", conf.display(), etc.join("nodes/node2/qemu-server/100.conf").display()));
+    assert!(!out.status.success(), "web is pinned to node1");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(conf.exists());
+    let events = server.kubectl_ok(&["get", "events", "-n", "default", "-o", "json"]);
+    assert!(events.contains("placement does not allow node"), "{events}");
+    let out = sh(&format!("mv {} {}", on2.display(), etc.join("nodes/node1/lxc/107.conf").display()));
+    assert!(!out.status.success(), "a VM config does not become a container's");
+    assert!(on2.exists());
+
     // Cluster files.
     let vmlist: serde_json::Value = serde_json::from_str(&read(&etc.join(".vmlist"))).unwrap();
     assert_eq!(vmlist["ids"]["100"]["node"], "node1");

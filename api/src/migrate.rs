@@ -23,8 +23,8 @@ fn failure(message: impl Into<String>) -> PveError {
 }
 
 /// The guest's disks on storage that is not shared (they must be copied to move the guest).
-async fn local_disks(guests: &Guests, vm: &VirtualMachine) -> Vec<(String, String)> {
-    let pools: Api<StoragePool> = Api::all(guests.client.clone());
+async fn local_disks(client: &kube::Client, vm: &VirtualMachine) -> Vec<(String, String)> {
+    let pools: Api<StoragePool> = Api::all(client.clone());
     let shared: BTreeMap<String, bool> = pools
         .list(&Default::default())
         .await
@@ -46,8 +46,8 @@ async fn local_disks(guests: &Guests, vm: &VirtualMachine) -> Vec<(String, Strin
         .collect()
 }
 
-async fn nodes(guests: &Guests) -> Result<Vec<Hypervisor>, PveError> {
-    let hvs: Api<Hypervisor> = Api::all(guests.client.clone());
+async fn nodes(client: &kube::Client) -> Result<Vec<Hypervisor>, PveError> {
+    let hvs: Api<Hypervisor> = Api::all(client.clone());
     hvs.list(&Default::default()).await.map(|l| l.items).map_err(|e| failure(e.to_string()))
 }
 
@@ -60,8 +60,8 @@ pub async fn precondition(guests: &Guests, g: &Guest) -> Result<Value, PveError>
     let vm = the_vm(g)?;
     let here = g.status.node.clone().unwrap_or_default();
     let allowed: Vec<String> =
-        nodes(guests).await?.iter().map(|h| h.name_any()).filter(|n| *n != here).collect();
-    let local: Vec<Value> = local_disks(guests, vm)
+        nodes(&guests.client).await?.iter().map(|h| h.name_any()).filter(|n| *n != here).collect();
+    let local: Vec<Value> = local_disks(&guests.client, vm)
         .await
         .into_iter()
         .map(|(_, volid)| json!({"volid": volid, "cdrom": false, "is_unused": false}))
@@ -95,39 +95,70 @@ pub async fn migrate(
     }
     let vm = the_vm(g)?;
     let target = params.get("target").cloned().unwrap_or_default();
+    let flag = |k: &str| params.get(k).is_some_and(|v| v == "1");
     let here = g.status.node.clone().unwrap_or_default();
+    match order_move(&guests.client, vm, &target, user, flag("online"), flag("with-local-disks")).await? {
+        None => {
+            record(tasks, node, g, user, format!("migrate stopped VM {} to node '{target}'", g.vmid), None)
+        }
+        Some(id) => {
+            let log =
+                format!("starting migration of VM {} from node '{here}' to node '{target}' (online)", g.vmid);
+            record(tasks, node, g, user, log, Some(id))
+        }
+    }
+}
+
+/// Moves VM `vm` to node `target` as `requested_by` asks: a stopped VM whose disks need no
+/// copy is bound there at once (returns None); a running one gets a live-migration order
+/// (returns its id) if `online` (and `with_local_disks` when it has local disks). Refusals are
+/// Proxmox's messages. The order is written with the resourceVersion of a fresh read.
+pub async fn order_move(
+    client: &kube::Client,
+    vm: &VirtualMachine,
+    target: &str,
+    requested_by: &str,
+    online: bool,
+    with_local_disks: bool,
+) -> Result<Option<String>, PveError> {
+    let vmid = vm.spec.vmid.unwrap_or(0);
+    let status = vm.status.clone().unwrap_or_default();
+    let here = status.node.clone().unwrap_or_default();
     if target == here {
         return Err(failure("target is local node."));
     }
-    if !nodes(guests).await?.iter().any(|h| h.name_any() == target) {
+    if !nodes(client).await?.iter().any(|h| h.name_any() == target) {
         return Err(failure(format!("no such cluster node '{target}'")));
     }
     let allowed = &vm.spec.placement.nodes;
-    if !allowed.is_empty() && !allowed.contains(&target) {
+    if !allowed.is_empty() && !allowed.iter().any(|n| n == target) {
         return Err(failure(format!(
-            "VM {}'s placement does not allow node '{target}' (spec.placement.nodes: {})",
-            g.vmid,
+            "VM {vmid}'s placement does not allow node '{target}' (spec.placement.nodes: {})",
             allowed.join(", ")
         )));
     }
-    let flag = |k: &str| params.get(k).is_some_and(|v| v == "1");
-    if let Some(m) = g.status.migration.as_ref().filter(|m| !m.phase.is_final()) {
-        return Err(failure(format!("VM {} is already migrating to {} ({})", g.vmid, m.target, m.id)));
+    if let Some(m) = status.migration.as_ref().filter(|m| !m.phase.is_final()) {
+        return Err(failure(format!("VM {vmid} is already migrating to {} ({})", m.target, m.id)));
     }
-    let local = local_disks(guests, vm).await;
-    let api: Api<VirtualMachine> = Api::namespaced(guests.client.clone(), &g.namespace);
-    let fresh = api.get(&g.name).await.map_err(|e| failure(e.to_string()))?;
+    let local = local_disks(client, vm).await;
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &vm.namespace().unwrap_or_default());
+    let name = vm.name_any();
+    let fresh = api.get(&name).await.map_err(|e| failure(e.to_string()))?;
     // The write below carries this version: decide on it, not on the cache.
     if let Some(m) = fresh.status.as_ref().and_then(|s| s.migration.as_ref()).filter(|m| !m.phase.is_final())
     {
-        return Err(failure(format!("VM {} is already migrating to {} ({})", g.vmid, m.target, m.id)));
+        return Err(failure(format!("VM {vmid} is already migrating to {} ({})", m.target, m.id)));
     }
     if fresh.status.as_ref().and_then(|s| s.node.as_deref()) != Some(here.as_str()) {
-        return Err(failure(format!("VM {} moved while the request was checked; try again", g.vmid)));
+        return Err(failure(format!("VM {vmid} moved while the request was checked; try again")));
     }
     let version = fresh.resource_version();
     let params_write = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
-    if !g.running() {
+    let running = matches!(
+        fresh.status.as_ref().map(|s| s.phase),
+        Some(kpve_crds::common::GuestPhase::Running | kpve_crds::common::GuestPhase::Paused)
+    );
+    if !running {
         // Offline: the config moves; disks on local storage would have to be copied.
         if !local.is_empty() {
             let list: Vec<&str> = local.iter().map(|(_, v)| v.as_str()).collect();
@@ -137,40 +168,30 @@ pub async fn migrate(
             )));
         }
         let body = json!({"metadata": {"resourceVersion": version}, "status": {"node": target}});
-        api.patch_status(&g.name, &params_write, &Patch::Merge(&body))
+        api.patch_status(&name, &params_write, &Patch::Merge(&body))
             .await
             .map_err(|e| failure(e.to_string()))?;
-        return record(
-            tasks,
-            node,
-            g,
-            user,
-            format!("migrate stopped VM {} to node '{target}'", g.vmid),
-            None,
-        );
+        return Ok(None);
     }
-    if !flag("online") {
+    if !online {
         return Err(failure("can't migrate running VM without --online"));
     }
-    if !local.is_empty() && !flag("with-local-disks") {
+    if !local.is_empty() && !with_local_disks {
         return Err(failure("can't live migrate attached local disks without with-local-disks option"));
     }
     let order = Migration {
         id: format!("pve-{}", jiff::Timestamp::now().as_millisecond()),
         source: here.clone(),
-        target: target.clone(),
+        target: target.to_string(),
         phase: MigrationPhase::Pending,
-        requested_by: Some(user.to_string()),
+        requested_by: Some(requested_by.to_string()),
         started: Some(jiff::Timestamp::now().round(jiff::Unit::Millisecond).expect("in range").to_string()),
         ..Migration::default()
     };
     let body =
         json!({"metadata": {"resourceVersion": version}, "status": {"migration": order.to_merge_value()}});
-    api.patch_status(&g.name, &params_write, &Patch::Merge(&body))
-        .await
-        .map_err(|e| failure(e.to_string()))?;
-    let log = format!("starting migration of VM {} from node '{here}' to node '{target}' (online)", g.vmid);
-    record(tasks, node, g, user, log, Some(order.id))
+    api.patch_status(&name, &params_write, &Patch::Merge(&body)).await.map_err(|e| failure(e.to_string()))?;
+    Ok(Some(order.id))
 }
 
 fn record(

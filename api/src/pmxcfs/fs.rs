@@ -509,10 +509,24 @@ impl Filesystem for PveFs {
         ) else {
             return reply.error(Errno::EINVAL);
         };
-        // Only a scratch file moves: onto a config it is applied (`sed -i`, an editor's
-        // save); view files stay where the resources put them.
+        // A scratch file moves: onto a config it is applied (`sed -i`, an editor's save). A
+        // guest config moved to another node's directory migrates the guest; other view files
+        // stay where the resources put them.
         let Some(data) = self.scratch_content(&from) else {
-            return reply.error(if self.view.entry(&from).is_some() { Errno::EPERM } else { Errno::ENOENT });
+            return match self.view.entry(&from) {
+                None => reply.error(Errno::ENOENT),
+                Some(_) if super::guest_path(&from).is_some() && super::guest_path(&to).is_some() => {
+                    let view = self.view.clone();
+                    match self.runtime.block_on(async move { view.relocate(&from, &to).await }) {
+                        Ok(()) => reply.ok(),
+                        // A refused move is not permitted (EINVAL from rename reads as "a
+                        // subdirectory of itself" to mv); the Event says why.
+                        Err(WriteError::Invalid(_)) => reply.error(Errno::EPERM),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                }
+                Some(_) => reply.error(Errno::EPERM),
+            };
         };
         if self.view.is_writable_path(&to) {
             let view = self.view.clone();
@@ -597,5 +611,7 @@ pub fn mount(
         fuser::MountOption::DefaultPermissions,
     ];
     config.acl = fuser::SessionACL::All;
+    // A move between node directories waits for the migration: other requests go on meanwhile.
+    config.n_threads = Some(4);
     fuser::spawn_mount(PveFs::new(view, runtime), dir, &config)
 }

@@ -25,6 +25,9 @@ use kube::runtime::reflector::Store;
 
 use crate::cache::{self, Health};
 
+/// How long moving a config between node directories (a migration) may take.
+const MOVE_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// pmxcfs refuses files above 1 MiB; so does the view.
 pub const MAX_FILE: usize = 1024 * 1024;
 
@@ -729,6 +732,69 @@ impl View {
             _ => return Err(WriteError::NotWritable(path.to_string())),
         };
         result.map_err(|e| kube_error(e.to_string()))
+    }
+
+    /// Moving a guest config into another node's directory migrates the guest there, as
+    /// `qm migrate` moves the config on Proxmox: a stopped VM whose disks need no copy at once,
+    /// a running VM live (local disks copied). Returns once the view shows it on the target,
+    /// or the refusal or the migration's failure (with an Event).
+    pub async fn relocate(&self, from: &str, to: &str) -> Result<(), WriteError> {
+        let (Some((source, dir, vmid)), Some((target, to_dir, to_vmid))) = (guest_path(from), guest_path(to))
+        else {
+            return Err(WriteError::NotWritable(to.to_string()));
+        };
+        if !self.writable() {
+            return Err(WriteError::ReadOnly);
+        }
+        if (dir, vmid) != (to_dir, to_vmid) {
+            let message = "a guest config keeps its name and directory kind; only its node may change";
+            return Err(self.refuse(to, Some(vmid), message).await);
+        }
+        if !self.nodes().iter().any(|n| n == target) {
+            return Err(WriteError::NotWritable(to.to_string()));
+        }
+        if dir != "qemu-server" {
+            let message = "moving a container (a restart migration) is not implemented in kpve";
+            return Err(self.refuse(to, Some(vmid), message).await);
+        }
+        let Some(vm) = self.vm(vmid).filter(|vm| {
+            View::node_of(vm.status.as_ref().and_then(|s| s.node.as_ref()), &vm.spec.placement).as_deref()
+                == Some(source)
+        }) else {
+            return Err(WriteError::NotWritable(from.to_string()));
+        };
+        let who = format!("pmxcfs@{}", self.node);
+        let order = crate::migrate::order_move(&self.client, &vm, target, &who, true, true).await;
+        let id = match order {
+            Err(e) if e.status == 403 || e.message.contains("forbidden") => {
+                return Err(WriteError::Denied(e.message));
+            }
+            Err(e) => return Err(self.refuse(to, Some(vmid), &e.message).await),
+            Ok(id) => id,
+        };
+        // Until it is bound there (a live migration ends Completed, then is bound).
+        let deadline = tokio::time::Instant::now() + MOVE_LIMIT;
+        loop {
+            let now = self.vm(vmid);
+            let status = now.as_ref().and_then(|vm| vm.status.clone()).unwrap_or_default();
+            if status.node.as_deref() == Some(target) {
+                return Ok(());
+            }
+            if let Some(m) = status.migration.as_ref().filter(|m| Some(&m.id) == id.as_ref())
+                && m.phase == kpve_crds::MigrationPhase::Failed
+            {
+                let message =
+                    format!("migration to {target} failed: {}", m.message.clone().unwrap_or_default());
+                return Err(self.refuse(to, Some(vmid), &message).await);
+            }
+            if now.is_none() {
+                return Err(WriteError::Failed(format!("VM {vmid} was deleted while it moved")));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(WriteError::Failed(format!("VM {vmid} is not on {target} after {MOVE_LIMIT:?}")));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Records why an edit was refused as an Event on the guest (or where it would be), and
