@@ -28,7 +28,7 @@ missing=()
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed" || missing+=("$1"); }
 
 runtime_pkgs=(qemu-system-x86 qemu-utils lxc nftables fuse3 iproute2 bridge-utils uidmap xz-utils zstd)
-test_pkgs=(busybox-static cpio python3-pip openssl curl)
+test_pkgs=(busybox-static cpio python3-pip openssl curl vim)
 for p in "${runtime_pkgs[@]}"; do need "$p"; done
 if [ "$want_test" = 1 ]; then for p in "${test_pkgs[@]}"; do need "$p"; done; fi
 

@@ -103,6 +103,24 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     assert_eq!(spec, "512 g1 true node1");
     assert!(read(&conf).contains("memory: 512\n"));
 
+    // vim's own save (a backup `100.conf~`, then the file written anew), run as a script.
+    let out = Command::new("vim")
+        .args(["-u", "DEFAULTS", "-i", "NONE", "-es"])
+        .args(["-c", "%s/^memory: 512$/memory: 640/", "-c", "wq"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vim: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.kubectl_ok(&["get", "vm", "web", "-o", "jsonpath={.spec.memory.size}"]), "640");
+    assert!(!etc.join("nodes/node1/qemu-server/100.conf~").exists(), "vim removed its backup");
+    let out = sh(&format!("sed -i 's/^memory: 640$/memory: 512/' {}", conf.display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
     // An invalid edit is refused and changes nothing; an Event says why.
     let out = sh(&format!("sed -i 's/^memory: 512$/memory: lots/' {}", conf.display()));
     assert!(!out.status.success(), "sed -i with an invalid memory must fail");
@@ -194,7 +212,42 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     let storage = read(&etc.join("storage.cfg"));
     assert!(storage.contains("dir: local\n"), "{storage}");
     // Files the view does not write back are read-only.
-    assert!(std::fs::write(etc.join("storage.cfg"), "dir: other\n").is_err());
+    assert!(std::fs::write(etc.join("datacenter.cfg"), "keyboard: de\n").is_err());
+    // storage.cfg: a pool appended (`>>`) is declared; an invalid content type is refused
+    // and changes nothing.
+    let backup = mnt.path().join("backup");
+    let out = sh(&format!(
+        "printf 'dir: backup\\n\\tpath {}\\n\\tcontent backup,iso\\n\\tnodes node1\\n' >> {}",
+        backup.display(),
+        etc.join("storage.cfg").display()
+    ));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        server.kubectl_ok(&[
+            "get",
+            "storagepool",
+            "backup",
+            "-o",
+            "jsonpath={.spec.path} {.spec.content} {.spec.nodes}"
+        ]),
+        format!("{} [\"backup\",\"iso\"] [\"node1\"]", backup.display())
+    );
+    assert_eq!(
+        server.kubectl_ok(&["get", "storagepool", "local", "-o", "jsonpath={.spec.type}"]),
+        "dir",
+        "local stays"
+    );
+    let storage = read(&etc.join("storage.cfg"));
+    assert!(storage.contains("dir: backup\n") && storage.contains("\tcontent backup,iso\n"), "{storage}");
+    let out =
+        sh(&format!("sed -i 's/content backup,iso/content pictures/' {}", etc.join("storage.cfg").display()));
+    assert!(!out.status.success(), "an unknown content type is refused");
+    assert_eq!(
+        server.kubectl_ok(&["get", "storagepool", "backup", "-o", "jsonpath={.spec.content[0]}"]),
+        "backup"
+    );
+    let events = server.kubectl_ok(&["get", "events", "-n", "default", "-o", "json"]);
+    assert!(events.contains("pictures"), "{events}");
 
     // Firewall and HA files round-trip: edited with the tools admins use, they change the
     // resources they render, and read back as written.

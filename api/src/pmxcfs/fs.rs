@@ -525,6 +525,12 @@ impl Filesystem for PveFs {
                         Err(e) => reply.error(errno(&e)),
                     }
                 }
+                // An editor's backup (vim renames the file to `name~`, then writes `name`
+                // anew): the backup is a scratch copy, the config stays where it is.
+                Some(Entry::File(text)) if to.ends_with('~') && parent_of(&to) == parent_of(&from) => {
+                    self.scratch.lock().unwrap_or_else(|e| e.into_inner()).insert(to, text.into_bytes());
+                    reply.ok()
+                }
                 Some(_) => reply.error(Errno::EPERM),
             };
         };

@@ -408,7 +408,7 @@ impl View {
             return vmid == "cluster"
                 || vmid.parse::<u32>().is_ok_and(|v| self.vm(v).is_some() || self.ct(v).is_some());
         }
-        matches!(path, "ha/groups.cfg" | "ha/resources.cfg")
+        matches!(path, "ha/groups.cfg" | "ha/resources.cfg" | "storage.cfg")
     }
 
     /// Parses `text` as the file at `path` and applies it: a guest config updates its
@@ -479,6 +479,20 @@ impl View {
                     .map(|(name, spec)| IPSet::new(&name.to_ascii_lowercase(), spec))
                     .collect();
                 self.replace_all(&self.ipsets, ipsets, |o, n| o.spec = n.spec.clone()).await
+            }
+            "storage.cfg" => {
+                let pools: Vec<StoragePool> = parse::storage(text)
+                    .map_err(invalid)?
+                    .into_iter()
+                    .map(|(id, spec)| StoragePool::new(&id, spec))
+                    .collect();
+                // Pending volume removals are not in the file: they stay.
+                self.replace_all(&self.pools, pools, |o, n| {
+                    let removals = std::mem::take(&mut o.spec.removals);
+                    o.spec = n.spec.clone();
+                    o.spec.removals = removals;
+                })
+                .await
             }
             "ha/groups.cfg" => {
                 let groups: Vec<HAGroup> = parse::ha_groups(text)
@@ -810,6 +824,9 @@ impl View {
                 }
                 (Some(vmid), _, _) => ("VirtualMachine", format!("vm-{vmid}"), "default".to_string()),
                 // Cluster files: the Event stands in `default`, about the kind the file declares.
+                (None, _, _) if path == "storage.cfg" => {
+                    ("StoragePool", "storage".to_string(), "default".to_string())
+                }
                 (None, _, _) if path.starts_with("ha/") => {
                     ("HAGroup", "ha".to_string(), "default".to_string())
                 }

@@ -1,9 +1,9 @@
-//! Parsers for the view's section-config files Proxmox's HA manager keeps: `ha/groups.cfg`
-//! and `ha/resources.cfg` (`<type>: <id>` lines, each followed by indented `<key> <value>`
-//! lines). Errors name the line and the key.
+//! Parsers for the view's section-config files: `storage.cfg` and the HA manager's
+//! `ha/groups.cfg` and `ha/resources.cfg` (`<type>: <id>` lines, each followed by indented
+//! `<key> <value>` lines). Errors name the line and the key.
 
-use kpve_crds::HAGroupSpec;
 use kpve_crds::common::HaSpec;
+use kpve_crds::{HAGroupSpec, StoragePoolSpec};
 use serde_json::{Map, Value, json};
 
 /// One section: type, id, and its key/value lines with their line numbers.
@@ -94,6 +94,38 @@ pub fn ha_groups(text: &str) -> Result<Vec<(String, HAGroupSpec)>, String> {
     Ok(out)
 }
 
+/// `storage.cfg` → (storage id, spec); the keys the view renders, with Proxmox's names.
+pub fn storage(text: &str) -> Result<Vec<(String, StoragePoolSpec)>, String> {
+    const ALLOWED: &str =
+        "content, path, format, vgname, thinpool, server, export, pool, nodes, shared, disable, mkdir";
+    let mut out: Vec<(String, StoragePoolSpec)> = Vec::new();
+    for s in sections(text)? {
+        if out.iter().any(|(id, _)| *id == s.id) {
+            return Err(format!("line {}: storage {:?} is defined twice", s.line, s.id));
+        }
+        let mut spec = Map::new();
+        spec.insert("type".into(), json!(s.kind));
+        let list = |v: &str| v.split(',').map(str::trim).filter(|i| !i.is_empty()).map(Value::from).collect();
+        for (line, key, value) in &s.keys {
+            match key.as_str() {
+                "content" | "nodes" => {
+                    spec.insert(key.clone(), Value::Array(list(value)));
+                }
+                "path" | "format" | "vgname" | "thinpool" | "server" | "export" | "pool" => {
+                    spec.insert(key.clone(), json!(value));
+                }
+                "shared" | "disable" | "mkdir" => {
+                    spec.insert(key.clone(), json!(flag(*line, key, value)?));
+                }
+                _ => return Err(format!("line {line}: unknown option {key:?}; allowed: {ALLOWED}")),
+            }
+        }
+        let spec: StoragePoolSpec = typed(s.line, spec).map_err(|e| format!("storage {:?}, {e}", s.id))?;
+        out.push((s.id, spec));
+    }
+    Ok(out)
+}
+
 /// `ha/resources.cfg` → (`vm`/`ct`, VMID, HA declaration).
 pub fn ha_resources(text: &str) -> Result<Vec<(String, u32, HaSpec)>, String> {
     let mut out = Vec::new();
@@ -142,6 +174,21 @@ mod tests {
         assert_eq!((res[0].0.as_str(), res[0].1), ("vm", 100));
         assert_eq!(res[0].2.max_restart, 2);
         assert_eq!(res[0].2.group.as_deref(), Some("g1"));
+    }
+
+    #[test]
+    fn storage_cfg_parses_what_the_view_renders_and_names_bad_values() {
+        let pools = storage("dir: local\n\tcontent images,rootdir\n\tpath /srv/a\n\tshared 1\n\nnfs: n\n\tcontent iso\n\texport /e\n\tserver 10.0.0.1\n").unwrap();
+        assert_eq!(pools[0].0, "local");
+        assert_eq!(pools[0].1.path.as_deref(), Some("/srv/a"));
+        assert!(pools[0].1.shared && pools[0].1.content.len() == 2);
+        assert_eq!(pools[1].1.server.as_deref(), Some("10.0.0.1"));
+        let e = storage("dir: x\n\tcontent images,pictures\n").unwrap_err();
+        assert!(e.contains("line 1") && e.contains("pictures") && e.contains("images"), "{e}");
+        let e = storage("floppy: x\n").unwrap_err();
+        assert!(e.contains("floppy") && e.contains("dir"), "{e}");
+        let e = storage("dir: x\n\tcolour red\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("colour") && e.contains("allowed"), "{e}");
     }
 
     #[test]

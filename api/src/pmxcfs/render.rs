@@ -105,6 +105,9 @@ pub fn storage_cfg(pools: &[StoragePool]) -> String {
         if s.disable {
             keys.push(("disable", "1".into()));
         }
+        if !s.mkdir {
+            keys.push(("mkdir", "0".into()));
+        }
         keys.sort();
         for (k, v) in keys {
             out.push_str(&format!("\t{k} {v}\n"));
