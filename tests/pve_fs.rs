@@ -209,6 +209,67 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     assert!(fw.contains("enable: 1") && fw.contains("IN ACCEPT -p tcp -dport 22"), "{fw}");
     let users = read(&etc.join("user.cfg"));
     assert!(users.starts_with("user:root@pam:1:0:"), "{users}");
+    // user.cfg: users, groups, roles and ACLs appended are declared; what the file does not
+    // carry (password hashes) stays; rewriting it unchanged keeps every object; a grant of a
+    // role that does not exist is refused.
+    let dave = "apiVersion: kpve.io/v1alpha1\nkind: PVEUser\nmetadata: {name: dave.pve}\nspec:\n  userid: dave@pve\n  passwordHash: $5$abcdefgh$gruCpC7VkOTspMQTTSAR8mtlO9Upms.fwqE5y16JVM.\n";
+    server.kubectl_stdin(&["apply", "-f", "-"], Some(dave));
+    wait_until("dave in user.cfg", || read(&etc.join("user.cfg")).contains("user:dave@pve:"));
+    let user_cfg = etc.join("user.cfg");
+    let out = sh(&format!(
+        "printf 'user:carol@pve:1:0:Carol:::ops lead::\\ngroup:ops:carol@pve,dave@pve:operators:\\nrole:Watcher:VM.Audit,Sys.Audit:\\nacl:1:/vms:@ops:Watcher:\\n' >> {}",
+        user_cfg.display()
+    ));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        server.kubectl_ok(&[
+            "get",
+            "pveuser",
+            "carol.pve",
+            "-o",
+            "jsonpath={.spec.firstname} {.spec.comment} {.spec.groups}"
+        ]),
+        "Carol ops lead [\"ops\"]"
+    );
+    assert_eq!(
+        server.kubectl_ok(&[
+            "get",
+            "pveuser",
+            "dave.pve",
+            "-o",
+            "jsonpath={.spec.groups} {.spec.passwordHash}"
+        ]),
+        "[\"ops\"] $5$abcdefgh$gruCpC7VkOTspMQTTSAR8mtlO9Upms.fwqE5y16JVM.",
+        "the hash user.cfg does not carry stays"
+    );
+    assert_eq!(
+        server.kubectl_ok(&[
+            "get",
+            "pveroles",
+            "-o",
+            "jsonpath={.items[?(@.spec.roleid==\"Watcher\")].spec.privs}"
+        ]),
+        "[\"VM.Audit\",\"Sys.Audit\"]"
+    );
+    let acls = || {
+        server.kubectl_ok(&[
+            "get",
+            "pveacls",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.spec.path}:{.spec.groups}:{.spec.roles};{end}",
+        ])
+    };
+    let before = acls();
+    assert!(before.contains("=/vms:[\"ops\"]:[\"Watcher\"];"), "{before}");
+    let text = read(&user_cfg);
+    assert!(text.contains("group:ops:carol@pve,dave@pve:operators:\n"), "{text}");
+    std::fs::write(&user_cfg, &text).unwrap();
+    assert_eq!(acls(), before, "an unchanged file changes nothing");
+    let out = sh(&format!("sed -i 's/:Watcher:$/:NoSuchRole:/' {}", user_cfg.display()));
+    assert!(!out.status.success(), "a grant of an unknown role is refused");
+    assert_eq!(acls(), before);
+    let events = server.kubectl_ok(&["get", "events", "-n", "default", "-o", "json"]);
+    assert!(events.contains("NoSuchRole"), "{events}");
     let storage = read(&etc.join("storage.cfg"));
     assert!(storage.contains("dir: local\n"), "{storage}");
     // Files the view does not write back are read-only.

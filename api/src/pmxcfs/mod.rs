@@ -408,7 +408,7 @@ impl View {
             return vmid == "cluster"
                 || vmid.parse::<u32>().is_ok_and(|v| self.vm(v).is_some() || self.ct(v).is_some());
         }
-        matches!(path, "ha/groups.cfg" | "ha/resources.cfg" | "storage.cfg")
+        matches!(path, "ha/groups.cfg" | "ha/resources.cfg" | "storage.cfg" | "user.cfg")
     }
 
     /// Parses `text` as the file at `path` and applies it: a guest config updates its
@@ -479,6 +479,13 @@ impl View {
                     .map(|(name, spec)| IPSet::new(&name.to_ascii_lowercase(), spec))
                     .collect();
                 self.replace_all(&self.ipsets, ipsets, |o, n| o.spec = n.spec.clone()).await
+            }
+            "user.cfg" => {
+                let cfg = parse::user_cfg(text).map_err(invalid)?;
+                self.apply_user_cfg(cfg).await.map_err(|e| match e {
+                    WriteError::Invalid(m) => invalid(m),
+                    other => other,
+                })
             }
             "storage.cfg" => {
                 let pools: Vec<StoragePool> = parse::storage(text)
@@ -557,6 +564,115 @@ impl View {
                 }
             }
         }
+    }
+
+    /// user.cfg: custom roles, groups, users (their password hashes and token secrets, which
+    /// the file does not carry, kept), then ACLs — each replacing what the file declares. An
+    /// ACL line equal to an existing PVEACL keeps that object (declared in YAML, say); other
+    /// lines become objects of their own.
+    async fn apply_user_cfg(&self, cfg: parse::UserCfg) -> Result<(), WriteError> {
+        use crate::access_api::object_name;
+        use kpve_crds::{PVEACLSpec, PVEGroupSpec, PVERoleSpec, PVEToken, PVEUserSpec};
+        let old_users = self.users.state();
+        let mut users: Vec<PVEUser> = Vec::new();
+        for line in &cfg.users {
+            let old = old_users.iter().find(|u| u.spec.userid == line.userid);
+            // root@pam is built in; it is a resource only once it has tokens.
+            if (line.userid == "root@pam" && old.is_none())
+                || users.iter().any(|u| u.spec.userid == line.userid)
+            {
+                continue;
+            }
+            let mut tokens = Vec::new();
+            for t in cfg.tokens.iter().filter(|t| t.userid == line.userid) {
+                let Some(known) = old.and_then(|u| u.spec.tokens.iter().find(|k| k.id == t.id)) else {
+                    return Err(WriteError::Invalid(format!(
+                        "token {}!{}: user.cfg carries no token secrets; create tokens with the API (pveum user token add)",
+                        t.userid, t.id
+                    )));
+                };
+                tokens.push(PVEToken {
+                    id: t.id.clone(),
+                    privsep: t.privsep,
+                    expire: t.expire,
+                    comment: t.comment.clone(),
+                    secret_hash: known.secret_hash.clone(),
+                });
+            }
+            let spec = PVEUserSpec {
+                userid: line.userid.clone(),
+                enable: line.enable,
+                expire: line.expire,
+                firstname: line.firstname.clone(),
+                lastname: line.lastname.clone(),
+                email: line.email.clone(),
+                comment: line.comment.clone(),
+                groups: cfg
+                    .groups
+                    .iter()
+                    .filter(|g| g.1.contains(&line.userid))
+                    .map(|g| g.0.clone())
+                    .collect(),
+                password_hash: old.and_then(|u| u.spec.password_hash.clone()),
+                tokens,
+            };
+            let name = old.map(|u| u.name_any()).unwrap_or_else(|| object_name(&line.userid));
+            users.push(PVEUser::new(&name, spec));
+        }
+        let old_roles = self.roles.state();
+        let roles: Vec<PVERole> = cfg
+            .roles
+            .iter()
+            .map(|(roleid, privs)| {
+                let name = old_roles
+                    .iter()
+                    .find(|r| r.spec.roleid == *roleid)
+                    .map(|r| r.name_any())
+                    .unwrap_or_else(|| object_name(roleid));
+                PVERole::new(&name, PVERoleSpec { roleid: roleid.clone(), privs: privs.clone() })
+            })
+            .collect();
+        let old_groups = self.groups.state();
+        let groups: Vec<PVEGroup> = cfg
+            .groups
+            .iter()
+            .map(|(groupid, _, comment)| {
+                let name = old_groups
+                    .iter()
+                    .find(|g| g.spec.groupid == *groupid)
+                    .map(|g| g.name_any())
+                    .unwrap_or_else(|| object_name(groupid));
+                PVEGroup::new(&name, PVEGroupSpec { groupid: groupid.clone(), comment: comment.clone() })
+            })
+            .collect();
+        let sorted = |a: &PVEACLSpec| {
+            let mut a = a.clone();
+            for list in [&mut a.roles, &mut a.users, &mut a.groups, &mut a.tokens] {
+                list.sort();
+            }
+            a
+        };
+        let old_acls = self.acls.state();
+        let mut acls: Vec<PVEACL> = Vec::new();
+        for acl in &cfg.acls {
+            let wanted = sorted(acl);
+            let kept = old_acls
+                .iter()
+                .find(|o| sorted(&o.spec) == wanted && !acls.iter().any(|a| a.name_any() == o.name_any()));
+            acls.push(match kept {
+                Some(o) => (**o).clone(),
+                None => {
+                    use sha2::Digest;
+                    let digest = sha2::Sha256::digest(format!("{wanted:?}").as_bytes());
+                    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+                    PVEACL::new(&format!("acl-{hex}"), acl.clone())
+                }
+            });
+        }
+        self.replace_all(&self.roles, roles, |o, n| o.spec = n.spec.clone()).await?;
+        self.replace_all(&self.groups, groups, |o, n| o.spec = n.spec.clone()).await?;
+        self.replace_all(&self.users, users, |o, n| o.spec = n.spec.clone()).await?;
+        self.replace_all(&self.acls, acls, |o, n| o.spec = n.spec.clone()).await
     }
 
     async fn edit_vm(
@@ -824,6 +940,9 @@ impl View {
                 }
                 (Some(vmid), _, _) => ("VirtualMachine", format!("vm-{vmid}"), "default".to_string()),
                 // Cluster files: the Event stands in `default`, about the kind the file declares.
+                (None, _, _) if path == "user.cfg" => {
+                    ("PVEUser", "user-cfg".to_string(), "default".to_string())
+                }
                 (None, _, _) if path == "storage.cfg" => {
                     ("StoragePool", "storage".to_string(), "default".to_string())
                 }

@@ -3,7 +3,7 @@
 //! `<key> <value>` lines). Errors name the line and the key.
 
 use kpve_crds::common::HaSpec;
-use kpve_crds::{HAGroupSpec, StoragePoolSpec};
+use kpve_crds::{HAGroupSpec, PVEACLSpec, StoragePoolSpec};
 use serde_json::{Map, Value, json};
 
 /// One section: type, id, and its key/value lines with their line numbers.
@@ -126,6 +126,182 @@ pub fn storage(text: &str) -> Result<Vec<(String, StoragePoolSpec)>, String> {
     Ok(out)
 }
 
+/// A `user:` line of user.cfg (what it carries of a PVEUser).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserLine {
+    pub userid: String,
+    pub enable: bool,
+    pub expire: i64,
+    pub firstname: Option<String>,
+    pub lastname: Option<String>,
+    pub email: Option<String>,
+    pub comment: Option<String>,
+}
+
+/// A `token:` line: user, token id, expiry, privilege separation, comment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLine {
+    pub userid: String,
+    pub id: String,
+    pub expire: i64,
+    pub privsep: bool,
+    pub comment: Option<String>,
+}
+
+/// user.cfg as declared: users, tokens, groups (id, members, comment), custom roles (id,
+/// privileges), ACLs.
+#[derive(Debug, Default)]
+pub struct UserCfg {
+    pub users: Vec<UserLine>,
+    pub tokens: Vec<TokenLine>,
+    pub groups: Vec<(String, Vec<String>, Option<String>)>,
+    pub roles: Vec<(String, Vec<String>)>,
+    pub acls: Vec<PVEACLSpec>,
+}
+
+/// `user.cfg` (`user:`, `token:`, `group:`, `role:`, `acl:` lines, colon-separated fields).
+/// Checked here: the line kinds and field counts, flags and numbers, that tokens, group
+/// members and ACL subjects name users, groups and tokens of the file, that ACL roles are
+/// built in or declared, and privilege names and ACL paths.
+pub fn user_cfg(text: &str) -> Result<UserCfg, String> {
+    use kpve_crds::access::{BUILTIN_ROLES, PRIVILEGES, check_acl_path};
+    let mut cfg = UserCfg::default();
+    let text_or_none = |v: &str| (!v.is_empty()).then(|| v.to_string());
+    let int = |line: usize, key: &str, v: &str| -> Result<i64, String> {
+        if v.is_empty() {
+            Ok(0)
+        } else {
+            v.parse().map_err(|_| format!("line {line}: {key}: {v:?} is not a number"))
+        }
+    };
+    let items = |v: &str| -> Vec<String> {
+        v.split(',').map(str::trim).filter(|i| !i.is_empty()).map(str::to_string).collect()
+    };
+    for (n, raw) in text.lines().enumerate() {
+        let line = n + 1;
+        let raw = raw.trim();
+        if raw.is_empty() || raw.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = raw.split(':').collect();
+        let want = |count: usize| -> Result<(), String> {
+            if fields.len() < count {
+                Err(format!(
+                    "line {line}: a {} line needs {count} fields, it has {}",
+                    fields[0],
+                    fields.len()
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match fields[0] {
+            "user" => {
+                want(8)?;
+                cfg.users.push(UserLine {
+                    userid: fields[1].to_string(),
+                    enable: flag(line, "enable", if fields[2].is_empty() { "1" } else { fields[2] })?,
+                    expire: int(line, "expire", fields[3])?,
+                    firstname: text_or_none(fields[4]),
+                    lastname: text_or_none(fields[5]),
+                    email: text_or_none(fields[6]),
+                    comment: text_or_none(fields[7]),
+                });
+            }
+            "token" => {
+                want(5)?;
+                let (userid, id) = fields[1]
+                    .split_once('!')
+                    .ok_or_else(|| format!("line {line}: token {:?} is not user@realm!id", fields[1]))?;
+                cfg.tokens.push(TokenLine {
+                    userid: userid.to_string(),
+                    id: id.to_string(),
+                    expire: int(line, "expire", fields[2])?,
+                    privsep: flag(line, "privsep", if fields[3].is_empty() { "1" } else { fields[3] })?,
+                    comment: text_or_none(fields[4]),
+                });
+            }
+            "group" => {
+                want(4)?;
+                cfg.groups.push((fields[1].to_string(), items(fields[2]), text_or_none(fields[3])));
+            }
+            "role" => {
+                want(3)?;
+                let privs = items(fields[2]);
+                if let Some(bad) = privs.iter().find(|p| !PRIVILEGES.contains(&p.as_str())) {
+                    return Err(format!("line {line}: role {}: unknown privilege {bad:?}", fields[1]));
+                }
+                if BUILTIN_ROLES.iter().any(|(name, _)| *name == fields[1]) {
+                    return Err(format!("line {line}: role {} is built in and cannot be changed", fields[1]));
+                }
+                cfg.roles.push((fields[1].to_string(), privs));
+            }
+            "acl" => {
+                want(5)?;
+                let path = fields[2].to_string();
+                check_acl_path(&path).map_err(|e| format!("line {line}: {e} '{path}'"))?;
+                let mut acl = PVEACLSpec {
+                    path,
+                    propagate: flag(line, "propagate", fields[1])?,
+                    roles: items(fields[4]),
+                    users: vec![],
+                    groups: vec![],
+                    tokens: vec![],
+                };
+                for who in items(fields[3]) {
+                    match who.strip_prefix('@') {
+                        Some(group) => acl.groups.push(group.to_string()),
+                        None if who.contains('!') => acl.tokens.push(who),
+                        None => acl.users.push(who),
+                    }
+                }
+                if acl.roles.is_empty() || acl.users.len() + acl.groups.len() + acl.tokens.len() == 0 {
+                    return Err(format!("line {line}: an acl needs at least one subject and one role"));
+                }
+                cfg.acls.push(acl);
+            }
+            other => {
+                return Err(format!(
+                    "line {line}: unknown entry {other:?}; allowed: user, token, group, role, acl (pools are namespaces in kpve)"
+                ));
+            }
+        }
+    }
+    // References between lines.
+    let user = |u: &str| u == "root@pam" || cfg.users.iter().any(|l| l.userid == u);
+    for t in &cfg.tokens {
+        if !user(&t.userid) {
+            return Err(format!("token {}!{}: no user {} in the file", t.userid, t.id, t.userid));
+        }
+    }
+    for (group, members, _) in &cfg.groups {
+        if let Some(m) = members.iter().find(|m| !user(m)) {
+            return Err(format!("group {group}: member {m} is not a user in the file"));
+        }
+    }
+    for acl in &cfg.acls {
+        if let Some(r) = acl
+            .roles
+            .iter()
+            .find(|r| !BUILTIN_ROLES.iter().any(|(n, _)| n == *r) && !cfg.roles.iter().any(|(n, _)| n == *r))
+        {
+            return Err(format!("acl on {}: role {r} does not exist", acl.path));
+        }
+        if let Some(u) = acl.users.iter().find(|u| !user(u)) {
+            return Err(format!("acl on {}: user {u} is not in the file", acl.path));
+        }
+        if let Some(g) = acl.groups.iter().find(|g| !cfg.groups.iter().any(|(n, _, _)| n == *g)) {
+            return Err(format!("acl on {}: group {g} is not in the file", acl.path));
+        }
+        if let Some(t) =
+            acl.tokens.iter().find(|t| !cfg.tokens.iter().any(|l| format!("{}!{}", l.userid, l.id) == **t))
+        {
+            return Err(format!("acl on {}: token {t} is not in the file", acl.path));
+        }
+    }
+    Ok(cfg)
+}
+
 /// `ha/resources.cfg` → (`vm`/`ct`, VMID, HA declaration).
 pub fn ha_resources(text: &str) -> Result<Vec<(String, u32, HaSpec)>, String> {
     let mut out = Vec::new();
@@ -189,6 +365,29 @@ mod tests {
         assert!(e.contains("floppy") && e.contains("dir"), "{e}");
         let e = storage("dir: x\n\tcolour red\n").unwrap_err();
         assert!(e.contains("line 2") && e.contains("colour") && e.contains("allowed"), "{e}");
+    }
+
+    #[test]
+    fn user_cfg_parses_what_the_view_renders_and_checks_references() {
+        let text = "user:root@pam:1:0:::root@localhost::\nuser:alice@pve:1:0:Alice::a@x::\ntoken:alice@pve!ci:0:1:CI:\n\ngroup:ops:alice@pve:operators:\n\nrole:Watcher:VM.Audit,Sys.Audit:\n\nacl:1:/vms:alice@pve,@ops,alice@pve!ci:Watcher,PVEVMUser:\n";
+        let cfg = user_cfg(text).unwrap();
+        assert_eq!(cfg.users.len(), 2);
+        assert_eq!(cfg.users[1].firstname.as_deref(), Some("Alice"));
+        assert_eq!((cfg.tokens[0].id.as_str(), cfg.tokens[0].privsep), ("ci", true));
+        assert_eq!(cfg.groups[0].1, ["alice@pve"]);
+        assert_eq!(cfg.roles[0].1, ["VM.Audit", "Sys.Audit"]);
+        let acl = &cfg.acls[0];
+        assert_eq!((acl.users.len(), acl.groups.len(), acl.tokens.len(), acl.roles.len()), (1, 1, 1, 2));
+        let e = user_cfg("role:R:VM.Fly:\n").unwrap_err();
+        assert!(e.contains("line 1") && e.contains("VM.Fly"), "{e}");
+        let e = user_cfg("acl:1:/vms:bob@pve:PVEVMUser:\n").unwrap_err();
+        assert!(e.contains("bob@pve"), "{e}");
+        let e = user_cfg("acl:1:/vms:@ops:Nope:\n").unwrap_err();
+        assert!(e.contains("Nope"), "{e}");
+        let e = user_cfg("pool:p1::\n").unwrap_err();
+        assert!(e.contains("pool") && e.contains("allowed"), "{e}");
+        let e = user_cfg("role:Administrator:VM.Audit:\n").unwrap_err();
+        assert!(e.contains("built in"), "{e}");
     }
 
     #[test]
