@@ -33,8 +33,8 @@ fn crdgen_output_is_byte_identical_to_manifests() {
     assert_eq!(names(&generated), names(&committed), "set of CRD files differs; run `kpve crdgen`");
     assert_eq!(
         generated.len(),
-        12,
-        "one CRD per kind (8 guest, storage, firewall and HA kinds; 4 access-control kinds)"
+        13,
+        "one CRD per kind (8 guest, storage, firewall and HA kinds; 4 access-control kinds; Datacenter)"
     );
     for (g, c) in generated.iter().zip(&committed) {
         assert_eq!(

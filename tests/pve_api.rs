@@ -494,6 +494,11 @@ out["pools"] = p.pools.get()
 p.nodes("node1").qemu.post(vmid=151, memory=128, pool="team-a")
 out["pool_members"] = p.pools("team-a").get()
 out["pool_not_empty"] = err(lambda: p.pools("team-a").delete())
+p.cluster.options.put(keyboard="fr", migration="type=secure,network=192.168.0.0/24")
+out["dc_options"] = p.cluster.options.get()
+out["dc_bad"] = err(lambda: p.cluster.options.put(keyboard="xx"))
+p.cluster.options.put(delete="keyboard")
+out["dc_after"] = p.cluster.options.get()
 print(json.dumps(out))
 "#;
 
@@ -600,6 +605,23 @@ fn firewall_ha_and_pool_endpoints_edit_resources() {
         "151"
     );
     assert!(r["pool_not_empty"].as_str().unwrap().contains("not empty"), "{}", r["pool_not_empty"]);
+
+    // Datacenter options (datacenter.cfg): property strings come back as objects.
+    assert_eq!(r["dc_options"]["keyboard"], "fr", "{}", r["dc_options"]);
+    assert_eq!(
+        r["dc_options"]["migration"],
+        serde_json::json!({"type": "secure", "network": "192.168.0.0/24"})
+    );
+    assert!(r["dc_bad"].as_str().unwrap().contains("400"), "{}", r["dc_bad"]);
+    assert!(
+        r["dc_after"].get("keyboard").is_none() && r["dc_after"]["migration"].is_object(),
+        "{}",
+        r["dc_after"]
+    );
+    assert_eq!(
+        server.kubectl_ok(&["get", "datacenter", "cluster", "-o", "jsonpath={.spec.options.migration}"]),
+        "type=secure,network=192.168.0.0/24"
+    );
 }
 
 /// `kpve server --pve-tls-cert/--pve-tls-key` serves the given certificate on the Proxmox port

@@ -272,8 +272,30 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     assert!(events.contains("NoSuchRole"), "{events}");
     let storage = read(&etc.join("storage.cfg"));
     assert!(storage.contains("dir: local\n"), "{storage}");
-    // Files the view does not write back are read-only.
-    assert!(std::fs::write(etc.join("datacenter.cfg"), "keyboard: de\n").is_err());
+    // Status files are read-only.
+    assert!(std::fs::write(etc.join(".vmlist"), "{}\n").is_err());
+    // datacenter.cfg: options checked against Proxmox's schema of /cluster/options.
+    let dc = etc.join("datacenter.cfg");
+    std::fs::write(&dc, "keyboard: de\nmigration: type=insecure,network=10.0.0.0/24\n").unwrap();
+    assert_eq!(
+        server.kubectl_ok(&[
+            "get",
+            "datacenter",
+            "cluster",
+            "-o",
+            "jsonpath={.spec.options.keyboard} {.spec.options.migration}"
+        ]),
+        "de type=insecure,network=10.0.0.0/24"
+    );
+    assert_eq!(read(&dc), "keyboard: de\nmigration: type=insecure,network=10.0.0.0/24\n");
+    let out = sh(&format!("sed -i 's/keyboard: de/keyboard: klingon/' {}", dc.display()));
+    assert!(!out.status.success(), "an unknown keyboard layout is refused");
+    assert_eq!(
+        server.kubectl_ok(&["get", "datacenter", "cluster", "-o", "jsonpath={.spec.options.keyboard}"]),
+        "de"
+    );
+    let events = server.kubectl_ok(&["get", "events", "-n", "default", "-o", "json"]);
+    assert!(events.contains("klingon"), "{events}");
     // storage.cfg: a pool appended (`>>`) is declared; an invalid content type is refused
     // and changes nothing.
     let backup = mnt.path().join("backup");

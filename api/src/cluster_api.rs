@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use kpve_crds::k8s_openapi::api::core::v1::Namespace;
-use kpve_crds::{HAGroup, HAGroupSpec, HaState, LinuxContainer, VirtualMachine};
+use kpve_crds::{DATACENTER, Datacenter, HAGroup, HAGroupSpec, HaState, LinuxContainer, VirtualMachine};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -348,6 +348,63 @@ async fn pools(guests: &Guests, method: &str, template: &str, p: &Params) -> Res
 }
 
 /// HA and pool endpoints; `None` when `template` is not one of them.
+/// `GET /cluster/options`: the Datacenter's options; property strings (`migration`,
+/// `ha`, …) as objects, as Proxmox returns them.
+async fn options(client: &kube::Client) -> Result<Value, PveError> {
+    let api: Api<Datacenter> = Api::all(client.clone());
+    let dc = api.get_opt(DATACENTER).await.map_err(PveError::read_failed)?;
+    let put = match crate::schema::SCHEMA.route("PUT", &["cluster", "options"]) {
+        crate::schema::Route::Found(endpoint, _) => Some(endpoint),
+        _ => None,
+    };
+    let mut out = serde_json::Map::new();
+    for (key, value) in dc.map(|d| d.spec.options).unwrap_or_default() {
+        let format =
+            put.and_then(|e| e.parameter(&key)).and_then(|p| p.get("format")).and_then(Value::as_object);
+        let shown = match format {
+            Some(format) => {
+                let default_key = format.iter().find(|(_, d)| d.get("default_key").is_some()).map(|(k, _)| k);
+                let mut object = serde_json::Map::new();
+                for item in split_list(&value) {
+                    match (item.split_once('='), default_key) {
+                        (Some((k, v)), _) => object.insert(k.to_string(), json!(v)),
+                        (None, Some(k)) => object.insert(k.clone(), json!(item)),
+                        (None, None) => object.insert(item.to_string(), json!(1)),
+                    };
+                }
+                Value::Object(object)
+            }
+            None => json!(value),
+        };
+        out.insert(key, shown);
+    }
+    Ok(Value::Object(out))
+}
+
+/// Changes the Datacenter's options with `edit` (creating the object if there is none).
+pub async fn update_options(
+    client: &kube::Client,
+    edit: impl Fn(&mut BTreeMap<String, String>),
+) -> Result<(), PveError> {
+    let api: Api<Datacenter> = Api::all(client.clone());
+    if api.get_opt(DATACENTER).await.map_err(PveError::read_failed)?.is_none() {
+        let mut spec = kpve_crds::DatacenterSpec::default();
+        edit(&mut spec.options);
+        match api.create(&PostParams::default(), &Datacenter::new(DATACENTER, spec)).await {
+            Ok(_) => return Ok(()),
+            // Created meanwhile: edit that one.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(PveError::write_failed(e)),
+        }
+    }
+    crate::cache::replace_retrying(&api, DATACENTER, |dc| {
+        edit(&mut dc.spec.options);
+        Ok(())
+    })
+    .await
+    .map(|_| ())
+}
+
 pub async fn handle(
     guests: &Guests,
     method: &str,
@@ -360,6 +417,21 @@ pub async fn handle(
             ha_resources(guests, method, t, params).await
         }
         t if t == "/pools" || t == "/pools/{poolid}" => pools(guests, method, t, params).await,
+        "/cluster/options" if method == "GET" => options(&guests.client).await,
+        "/cluster/options" => {
+            let delete: Vec<String> =
+                params.get("delete").map(|d| split_list(d).map(str::to_string).collect()).unwrap_or_default();
+            update_options(&guests.client, |options| {
+                for (key, value) in params.iter().filter(|(k, _)| *k != "delete") {
+                    options.insert(key.clone(), value.clone());
+                }
+                for key in &delete {
+                    options.remove(key);
+                }
+            })
+            .await
+            .map(|()| Value::Null)
+        }
         _ => return None,
     })
 }

@@ -4,8 +4,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::{
-    ClusterFirewall, HAGroup, Hypervisor, IPSet, LinuxContainer, PVEACL, PVEGroup, PVERole, PVEUser,
-    SecurityGroup, StoragePool, VirtualMachine,
+    ClusterFirewall, Datacenter, HAGroup, Hypervisor, IPSet, LinuxContainer, PVEACL, PVEGroup, PVERole,
+    PVEUser, SecurityGroup, StoragePool, VirtualMachine,
 };
 
 /// Every kpve CRD, in a stable order.
@@ -23,6 +23,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         PVEGroup::crd(),
         PVERole::crd(),
         PVEACL::crd(),
+        Datacenter::crd(),
     ]
 }
 

@@ -13,6 +13,7 @@ pub mod access;
 pub mod codec;
 pub mod common;
 pub mod crdgen;
+pub mod datacenter;
 pub mod firewall;
 pub mod ha;
 pub mod hypervisor;
@@ -25,6 +26,7 @@ pub use access::{
     PVEACL, PVEACLSpec, PVEGroup, PVEGroupSpec, PVERole, PVERoleSpec, PVEToken, PVEUser, PVEUserSpec,
 };
 pub use common::*;
+pub use datacenter::*;
 pub use firewall::*;
 pub use ha::*;
 pub use hypervisor::*;

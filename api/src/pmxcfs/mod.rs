@@ -16,8 +16,9 @@ pub mod render;
 use std::collections::BTreeMap;
 
 use kpve_crds::{
-    ClusterFirewall, HAGroup, Hypervisor, IPSet, LinuxContainer, LinuxContainerSpec, PVEACL, PVEGroup,
-    PVERole, PVEUser, PowerState, SecurityGroup, StoragePool, VirtualMachine, VirtualMachineSpec,
+    ClusterFirewall, DATACENTER, Datacenter, HAGroup, Hypervisor, IPSet, LinuxContainer, LinuxContainerSpec,
+    PVEACL, PVEGroup, PVERole, PVEUser, PowerState, SecurityGroup, StoragePool, VirtualMachine,
+    VirtualMachineSpec,
 };
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -82,6 +83,7 @@ pub struct View {
     groups: Store<PVEGroup>,
     roles: Store<PVERole>,
     acls: Store<PVEACL>,
+    datacenter: Store<Datacenter>,
     health: Vec<Health>,
 }
 
@@ -120,6 +122,7 @@ impl View {
             groups: watch!(),
             roles: watch!(),
             acls: watch!(),
+            datacenter: watch!(),
             health,
             client,
         };
@@ -135,7 +138,8 @@ impl View {
             view.users.wait_until_ready().await?;
             view.groups.wait_until_ready().await?;
             view.roles.wait_until_ready().await?;
-            view.acls.wait_until_ready().await
+            view.acls.wait_until_ready().await?;
+            view.datacenter.wait_until_ready().await
         };
         tokio::time::timeout(std::time::Duration::from_secs(60), ready)
             .await
@@ -215,7 +219,10 @@ impl View {
             "lxc" => return Some(Entry::Link(format!("{local}/lxc"))),
             "local" => return Some(Entry::Link(local)),
             "storage.cfg" => return Some(Entry::File(render::storage_cfg(&sorted(&self.pools)))),
-            "datacenter.cfg" => return Some(Entry::File(String::new())),
+            "datacenter.cfg" => {
+                let dc = self.datacenter.state().into_iter().find(|d| d.name_any() == DATACENTER);
+                return Some(Entry::File(render::datacenter_cfg(dc.as_deref())));
+            }
             "user.cfg" => {
                 let text = render::user_cfg(
                     &sorted(&self.users),
@@ -408,7 +415,7 @@ impl View {
             return vmid == "cluster"
                 || vmid.parse::<u32>().is_ok_and(|v| self.vm(v).is_some() || self.ct(v).is_some());
         }
-        matches!(path, "ha/groups.cfg" | "ha/resources.cfg" | "storage.cfg" | "user.cfg")
+        matches!(path, "ha/groups.cfg" | "ha/resources.cfg" | "storage.cfg" | "user.cfg" | "datacenter.cfg")
     }
 
     /// Parses `text` as the file at `path` and applies it: a guest config updates its
@@ -479,6 +486,12 @@ impl View {
                     .map(|(name, spec)| IPSet::new(&name.to_ascii_lowercase(), spec))
                     .collect();
                 self.replace_all(&self.ipsets, ipsets, |o, n| o.spec = n.spec.clone()).await
+            }
+            "datacenter.cfg" => {
+                let options = parse::datacenter(text).map_err(invalid)?;
+                crate::cluster_api::update_options(&self.client, |o| o.clone_from(&options))
+                    .await
+                    .map_err(|e| kube_error(e.message))
             }
             "user.cfg" => {
                 let cfg = parse::user_cfg(text).map_err(invalid)?;
@@ -940,6 +953,9 @@ impl View {
                 }
                 (Some(vmid), _, _) => ("VirtualMachine", format!("vm-{vmid}"), "default".to_string()),
                 // Cluster files: the Event stands in `default`, about the kind the file declares.
+                (None, _, _) if path == "datacenter.cfg" => {
+                    ("Datacenter", DATACENTER.to_string(), "default".to_string())
+                }
                 (None, _, _) if path == "user.cfg" => {
                     ("PVEUser", "user-cfg".to_string(), "default".to_string())
                 }

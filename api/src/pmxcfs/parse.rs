@@ -126,6 +126,33 @@ pub fn storage(text: &str) -> Result<Vec<(String, StoragePoolSpec)>, String> {
     Ok(out)
 }
 
+/// `datacenter.cfg` (`key: value` lines) → options, each checked against the Proxmox schema
+/// of `PUT /cluster/options` (names, enums, property strings, ranges, patterns).
+pub fn datacenter(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut options = std::collections::BTreeMap::new();
+    for (n, raw) in text.lines().enumerate() {
+        let raw = raw.trim();
+        if raw.is_empty() || raw.starts_with('#') {
+            continue;
+        }
+        let (key, value) = raw
+            .split_once(':')
+            .ok_or_else(|| format!("line {}: expected '<key>: <value>', got {raw:?}", n + 1))?;
+        let (key, value) = (key.trim(), value.trim());
+        if key == "delete" || options.insert(key.to_string(), value.to_string()).is_some() {
+            return Err(format!("line {}: {key:?} is not a datacenter option here, or given twice", n + 1));
+        }
+    }
+    let crate::schema::Route::Found(endpoint, _) =
+        crate::schema::SCHEMA.route("PUT", &["cluster", "options"])
+    else {
+        return Err("the schema has no PUT /cluster/options".into());
+    };
+    crate::validate::params(endpoint, &options)
+        .map_err(|errors| errors.iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>().join("; "))?;
+    Ok(options)
+}
+
 /// A `user:` line of user.cfg (what it carries of a PVEUser).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UserLine {
@@ -388,6 +415,18 @@ mod tests {
         assert!(e.contains("pool") && e.contains("allowed"), "{e}");
         let e = user_cfg("role:Administrator:VM.Audit:\n").unwrap_err();
         assert!(e.contains("built in"), "{e}");
+    }
+
+    #[test]
+    fn datacenter_cfg_is_checked_against_the_proxmox_schema() {
+        let o = datacenter("keyboard: de\nmigration: type=insecure,network=10.0.0.0/24\n").unwrap();
+        assert_eq!(o["migration"], "type=insecure,network=10.0.0.0/24");
+        let e = datacenter("keyboard: klingon\n").unwrap_err();
+        assert!(e.starts_with("keyboard:") && e.contains("klingon"), "{e}");
+        let e = datacenter("colour: red\n").unwrap_err();
+        assert!(e.contains("colour"), "{e}");
+        let e = datacenter("migration: type=teleport\n").unwrap_err();
+        assert!(e.contains("migration"), "{e}");
     }
 
     #[test]

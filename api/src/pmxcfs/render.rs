@@ -174,6 +174,11 @@ pub fn user_cfg(users: &[PVEUser], groups: &[PVEGroup], roles: &[PVERole], acls:
     out
 }
 
+/// `datacenter.cfg`: `key: value` lines.
+pub fn datacenter_cfg(dc: Option<&kpve_crds::Datacenter>) -> String {
+    dc.map(|d| d.spec.options.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()).unwrap_or_default()
+}
+
 /// `ha/groups.cfg`.
 pub fn ha_groups_cfg(groups: &[HAGroup]) -> String {
     let mut out = String::new();
