@@ -4,7 +4,7 @@
 //! is read from the resources through the Kubernetes API; the layer keeps no state of its own
 //! besides the root password and the ticket keys in the data directory (both 0600).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -758,7 +758,20 @@ async fn resources(state: &AppState, c: &Checker<'_>) -> Result<String, PveError
     let mut parts: Vec<std::sync::Arc<str>> = Vec::new();
     if kind.is_none() || kind == Some("vm") {
         let audit = bit("VM.Audit");
-        parts = state.guests.resource_entries(|vmid| root || c.has(&format!("/vms/{vmid}"), audit));
+        // A guest without ACL entries of its own (`/vms/<vmid>`) is allowed exactly when any
+        // guest of its pool is: one check per pool, not per guest.
+        let by_pool = std::cell::RefCell::new(HashMap::<Option<String>, bool>::new());
+        parts = state.guests.resource_entries(|vmid| {
+            let path = format!("/vms/{vmid}");
+            if root {
+                return true;
+            }
+            if c.access.acl.contains_key(&path) {
+                return c.has(&path, audit);
+            }
+            let pool = (c.pools)(&vmid.to_string());
+            *by_pool.borrow_mut().entry(pool).or_insert_with(|| c.has(&path, audit))
+        });
     }
     let mut other = Vec::new();
     if (kind.is_none() || kind == Some("node"))
