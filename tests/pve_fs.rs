@@ -163,7 +163,7 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     // disks moves at once; a move the guest's placement forbids is refused with an Event.
     server.kubectl_stdin(
         &["apply", "-f", "-"],
-        Some("apiVersion: kpve.io/v1alpha1\nkind: Hypervisor\nmetadata: {name: node2}\nspec: {}\n"),
+        Some("apiVersion: kpve.io/v1alpha1\nkind: Hypervisor\nmetadata: {name: node2}\nspec: {}\n---\napiVersion: kpve.io/v1alpha1\nkind: Hypervisor\nmetadata: {name: node1}\nspec: {}\n"),
     );
     let mover = "apiVersion: kpve.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: mover, namespace: default}\nspec:\n  vmid: 107\n  powerState: Stopped\n  memory: {size: 128}\n";
     server.kubectl_stdin(&["apply", "-f", "-"], Some(mover));
@@ -197,6 +197,74 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     let out = sh(&format!("mv {} {}", on2.display(), etc.join("nodes/node1/lxc/107.conf").display()));
     assert!(!out.status.success(), "a VM config does not become a container's");
     assert!(on2.exists());
+    // A stopped container whose volumes are on a shared pool moves the same way; one with its
+    // rootfs on a local pool is refused (copying volumes is not built), with an Event.
+    let shared = mnt.path().join("shared");
+    let pool = format!(
+        "apiVersion: kpve.io/v1alpha1\nkind: StoragePool\nmetadata: {{name: shared}}\nspec: {{type: dir, path: {}, shared: true, content: [rootdir, images]}}\n",
+        shared.display()
+    );
+    server.kubectl_stdin(&["apply", "-f", "-"], Some(&pool));
+    for (name, vmid, pool) in [("shelf", 108, "shared"), ("local-ct", 109, "local")] {
+        let ct = format!(
+            "apiVersion: kpve.io/v1alpha1\nkind: LinuxContainer\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  vmid: {vmid}\n  powerState: Stopped\n  template: local:vztmpl/none.tar.gz\n  rootfs: {{pool: {pool}, size: 1G}}\n"
+        );
+        let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(&ct));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        server.kubectl_ok(&[
+            "patch",
+            "ct",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"node":"node1","phase":"Stopped"}}"#,
+        ]);
+    }
+    let ct_on1 = etc.join("nodes/node1/lxc/108.conf");
+    wait_until("108.conf on node1", || ct_on1.exists() && etc.join("nodes/node1/lxc/109.conf").exists());
+    let out = sh(&format!("mv {} {}", ct_on1.display(), etc.join("nodes/node2/lxc/108.conf").display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.kubectl_ok(&["get", "ct", "shelf", "-o", "jsonpath={.status.node}"]), "node2");
+    assert!(etc.join("nodes/node2/lxc/108.conf").exists() && !ct_on1.exists());
+    let out = sh(&format!(
+        "mv {} {}",
+        etc.join("nodes/node1/lxc/109.conf").display(),
+        etc.join("nodes/node2/lxc/109.conf").display()
+    ));
+    assert!(!out.status.success(), "a local rootfs is not copied");
+    assert_eq!(server.kubectl_ok(&["get", "ct", "local-ct", "-o", "jsonpath={.status.node}"]), "node1");
+    let events = server.kubectl_ok(&["get", "events", "-n", "default", "-o", "json"]);
+    assert!(events.contains("volumes on local storage"), "{events}");
+    // The Proxmox API moves it back the same way (`pct migrate` of a stopped container).
+    if support::proxmoxer_available() {
+        let password =
+            std::fs::read_to_string(server.data_dir().join("pve-root-password")).unwrap().trim().to_string();
+        let script = r#"
+import json, sys, warnings
+from proxmoxer import ProxmoxAPI
+from proxmoxer.tools import Tasks
+warnings.filterwarnings("ignore")
+p = ProxmoxAPI("127.0.0.1", port=int(sys.argv[1]), user="root@pam", password=sys.argv[2], verify_ssl=False)
+upid = p.nodes("node2").lxc(108).migrate.post(target="node1")
+out = {"upid": upid, "task": Tasks.blocking_status(p, upid, timeout=30)}
+try:
+    p.nodes("node1").lxc(109).migrate.post(target="node2")
+except Exception as e:
+    out["local"] = str(e)
+print(json.dumps(out))
+"#;
+        let r = support::run_client(
+            Command::new("python3"),
+            script,
+            &[&server.pve_port.to_string(), &password],
+            &server,
+        );
+        assert!(r["upid"].as_str().unwrap().contains(":vzmigrate:108:"), "{r}");
+        assert_eq!(r["task"]["exitstatus"], "OK", "{r}");
+        assert_eq!(server.kubectl_ok(&["get", "ct", "shelf", "-o", "jsonpath={.status.node}"]), "node1");
+        assert!(r["local"].as_str().unwrap().contains("volumes on local storage"), "{r}");
+    }
 
     // Cluster files.
     let vmlist: serde_json::Value = serde_json::from_str(&read(&etc.join(".vmlist"))).unwrap();

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use kpve_crds::common::GuestStatus;
-use kpve_crds::{Hypervisor, Migration, MigrationPhase, StoragePool, VirtualMachine};
+use kpve_crds::{Hypervisor, LinuxContainer, Migration, MigrationPhase, StoragePool, VirtualMachine};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -22,14 +22,19 @@ fn failure(message: impl Into<String>) -> PveError {
     PveError::new(500, message)
 }
 
-/// The guest's disks on storage that is not shared (they must be copied to move the guest).
-async fn local_disks(client: &kube::Client, vm: &VirtualMachine) -> Vec<(String, String)> {
+/// Pool name → whether it is shared.
+async fn shared_pools(client: &kube::Client) -> BTreeMap<String, bool> {
     let pools: Api<StoragePool> = Api::all(client.clone());
-    let shared: BTreeMap<String, bool> = pools
+    pools
         .list(&Default::default())
         .await
         .map(|l| l.items.into_iter().map(|p| (p.name_any(), p.spec.shared)).collect())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The guest's disks on storage that is not shared (they must be copied to move the guest).
+async fn local_disks(client: &kube::Client, vm: &VirtualMachine) -> Vec<(String, String)> {
+    let shared = shared_pools(client).await;
     let status = vm.status.clone().unwrap_or_default();
     vm.spec
         .disks
@@ -88,10 +93,17 @@ pub async fn migrate(
     user: &str,
 ) -> Result<Value, PveError> {
     if g.kind != Kind::Qemu {
-        return Err(PveError::new(
-            501,
-            "container migration (a restart on the target) is not implemented in kpve",
-        ));
+        let ct = g.ct().ok_or_else(|| failure("not a container"))?;
+        let target = params.get("target").cloned().unwrap_or_default();
+        order_ct_move(&guests.client, ct, &target).await?;
+        return record(
+            tasks,
+            node,
+            g,
+            user,
+            format!("migrate stopped CT {} to node '{target}'", g.vmid),
+            None,
+        );
     }
     let vm = the_vm(g)?;
     let target = params.get("target").cloned().unwrap_or_default();
@@ -109,6 +121,31 @@ pub async fn migrate(
     }
 }
 
+/// Whether guest `what` (`VM 100`) on `here` may move to `target`: another node of the
+/// cluster that its placement allows.
+async fn check_target(
+    client: &kube::Client,
+    what: &str,
+    here: &str,
+    target: &str,
+    placement: &kpve_crds::Placement,
+) -> Result<(), PveError> {
+    if target == here {
+        return Err(failure("target is local node."));
+    }
+    if !nodes(client).await?.iter().any(|h| h.name_any() == target) {
+        return Err(failure(format!("no such cluster node '{target}'")));
+    }
+    let allowed = &placement.nodes;
+    if !allowed.is_empty() && !allowed.iter().any(|n| n == target) {
+        return Err(failure(format!(
+            "{what}'s placement does not allow node '{target}' (spec.placement.nodes: {})",
+            allowed.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// Moves VM `vm` to node `target` as `requested_by` asks: a stopped VM whose disks need no
 /// copy is bound there at once (returns None); a running one gets a live-migration order
 /// (returns its id) if `online` (and `with_local_disks` when it has local disks). Refusals are
@@ -124,19 +161,7 @@ pub async fn order_move(
     let vmid = vm.spec.vmid.unwrap_or(0);
     let status = vm.status.clone().unwrap_or_default();
     let here = status.node.clone().unwrap_or_default();
-    if target == here {
-        return Err(failure("target is local node."));
-    }
-    if !nodes(client).await?.iter().any(|h| h.name_any() == target) {
-        return Err(failure(format!("no such cluster node '{target}'")));
-    }
-    let allowed = &vm.spec.placement.nodes;
-    if !allowed.is_empty() && !allowed.iter().any(|n| n == target) {
-        return Err(failure(format!(
-            "VM {vmid}'s placement does not allow node '{target}' (spec.placement.nodes: {})",
-            allowed.join(", ")
-        )));
-    }
+    check_target(client, &format!("VM {vmid}"), &here, target, &vm.spec.placement).await?;
     if let Some(m) = status.migration.as_ref().filter(|m| !m.phase.is_final()) {
         return Err(failure(format!("VM {vmid} is already migrating to {} ({})", m.target, m.id)));
     }
@@ -194,6 +219,59 @@ pub async fn order_move(
     Ok(Some(order.id))
 }
 
+/// Moves stopped container `ct` to node `target` by binding it there (Proxmox's offline `pct
+/// migrate` of a container on shared storage). Not built: the restart migration of a running
+/// container and the copy of volumes on local pools — both are refused with the reason.
+pub async fn order_ct_move(client: &kube::Client, ct: &LinuxContainer, target: &str) -> Result<(), PveError> {
+    let vmid = ct.spec.vmid.unwrap_or(0);
+    let status = ct.status.clone().unwrap_or_default();
+    let here = status.node.clone().unwrap_or_default();
+    check_target(client, &format!("CT {vmid}"), &here, target, &ct.spec.placement).await?;
+    let shared = shared_pools(client).await;
+    let mut volumes =
+        vec![("rootfs".to_string(), ct.spec.rootfs.pool.clone(), ct.spec.rootfs.volume.clone())];
+    volumes.extend(ct.spec.mount_points.iter().map(|m| (m.id.clone(), m.pool.clone(), m.volume.clone())));
+    let local: Vec<String> = volumes
+        .into_iter()
+        .filter_map(|(id, pool, volume)| {
+            // A host path (a bind mount) is local to its node.
+            let pool = pool.or_else(|| {
+                volume
+                    .as_deref()
+                    .filter(|v| !v.starts_with('/'))
+                    .and_then(|v| v.split(':').next().map(str::to_string))
+            });
+            let on_shared = pool.as_ref().is_some_and(|p| shared.get(p).copied().unwrap_or(false));
+            (!on_shared).then(|| format!("{id} ({})", pool.or(volume).unwrap_or_default()))
+        })
+        .collect();
+    let api: Api<LinuxContainer> = Api::namespaced(client.clone(), &ct.namespace().unwrap_or_default());
+    let name = ct.name_any();
+    let fresh = api.get(&name).await.map_err(|e| failure(e.to_string()))?;
+    let fresh_status = fresh.status.clone().unwrap_or_default();
+    if fresh_status.node.as_deref() != Some(here.as_str()) {
+        return Err(failure(format!("CT {vmid} moved while the request was checked; try again")));
+    }
+    if !matches!(
+        fresh_status.phase,
+        kpve_crds::common::GuestPhase::Stopped | kpve_crds::common::GuestPhase::Pending
+    ) {
+        return Err(failure(format!(
+            "CT {vmid} is running: the restart migration of a running container is not implemented in kpve; stop it first"
+        )));
+    }
+    if !local.is_empty() {
+        return Err(failure(format!(
+            "CT {vmid} has volumes on local storage ({}): copying them is not implemented in kpve (declare the pool spec.shared if it is)",
+            local.join(", ")
+        )));
+    }
+    let params_write = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
+    let body = json!({"metadata": {"resourceVersion": fresh.resource_version()}, "status": {"node": target}});
+    api.patch_status(&name, &params_write, &Patch::Merge(&body)).await.map_err(|e| failure(e.to_string()))?;
+    Ok(())
+}
+
 fn record(
     tasks: &Tasks,
     node: &str,
@@ -204,7 +282,7 @@ fn record(
 ) -> Result<Value, PveError> {
     let task = Task {
         node,
-        kind: "qmigrate",
+        kind: if g.kind == Kind::Qemu { "qmigrate" } else { "vzmigrate" },
         guest_kind: g.kind,
         vmid: g.vmid,
         id: None,

@@ -879,8 +879,9 @@ impl View {
 
     /// Moving a guest config into another node's directory migrates the guest there, as
     /// `qm migrate` moves the config on Proxmox: a stopped VM whose disks need no copy at once,
-    /// a running VM live (local disks copied). Returns once the view shows it on the target,
-    /// or the refusal or the migration's failure (with an Event).
+    /// a running VM live (local disks copied), a stopped container whose volumes are on shared
+    /// pools at once. Returns once the view shows it on the target, or the refusal or the
+    /// migration's failure (with an Event).
     pub async fn relocate(&self, from: &str, to: &str) -> Result<(), WriteError> {
         let (Some((source, dir, vmid)), Some((target, to_dir, to_vmid))) = (guest_path(from), guest_path(to))
         else {
@@ -896,9 +897,30 @@ impl View {
         if !self.nodes().iter().any(|n| n == target) {
             return Err(WriteError::NotWritable(to.to_string()));
         }
-        if dir != "qemu-server" {
-            let message = "moving a container (a restart migration) is not implemented in kpve";
-            return Err(self.refuse(to, Some(vmid), message).await);
+        if dir == "lxc" {
+            let Some(ct) = self.ct(vmid).filter(|ct| {
+                View::node_of(ct.status.as_ref().and_then(|s| s.node.as_ref()), &ct.spec.placement).as_deref()
+                    == Some(source)
+            }) else {
+                return Err(WriteError::NotWritable(from.to_string()));
+            };
+            match crate::migrate::order_ct_move(&self.client, &ct, target).await {
+                Err(e) if e.status == 403 || e.message.contains("forbidden") => {
+                    return Err(WriteError::Denied(e.message));
+                }
+                Err(e) => return Err(self.refuse(to, Some(vmid), &e.message).await),
+                Ok(()) => {}
+            }
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while self.ct(vmid).and_then(|c| c.status.as_ref().and_then(|s| s.node.clone())).as_deref()
+                != Some(target)
+            {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(WriteError::Failed(format!("CT {vmid} is not shown on {target} yet")));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            return Ok(());
         }
         let Some(vm) = self.vm(vmid).filter(|vm| {
             View::node_of(vm.status.as_ref().and_then(|s| s.node.as_ref()), &vm.spec.placement).as_deref()
