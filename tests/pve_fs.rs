@@ -106,7 +106,8 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     // vim's own save (a backup `100.conf~`, then the file written anew), run as a script.
     let out = Command::new("vim")
         .args(["-u", "DEFAULTS", "-i", "NONE", "-es"])
-        .args(["-c", "%s/^memory: 512$/memory: 640/", "-c", "wq"])
+        // backupcopy=no: the rename-and-write-anew save (`auto` may choose either).
+        .args(["-c", "set backupcopy=no", "-c", "%s/^memory: 512$/memory: 640/", "-c", "wq"])
         .arg(&conf)
         .output()
         .unwrap();
@@ -196,6 +197,11 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     assert!(events.contains("placement does not allow node"), "{events}");
     let out = sh(&format!("mv {} {}", on2.display(), etc.join("nodes/node1/lxc/107.conf").display()));
     assert!(!out.status.success(), "a VM config does not become a container's");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(on2.exists());
     // A stopped container whose volumes are on a shared pool moves the same way; one with its
     // rootfs on a local pool is refused (copying volumes is not built), with an Event.
@@ -324,11 +330,11 @@ print(json.dumps(out))
             "get",
             "pveacls",
             "-o",
-            "jsonpath={range .items[*]}{.metadata.name}={.spec.path}:{.spec.groups}:{.spec.roles};{end}",
+            "jsonpath={range .items[*]}{.metadata.name}={.spec.path}:{.spec.groups}:{.spec.roles}:{.metadata.uid}:{.metadata.resourceVersion};{end}",
         ])
     };
     let before = acls();
-    assert!(before.contains("=/vms:[\"ops\"]:[\"Watcher\"];"), "{before}");
+    assert!(before.contains("=/vms:[\"ops\"]:[\"Watcher\"]:"), "{before}");
     let text = read(&user_cfg);
     assert!(text.contains("group:ops:carol@pve,dave@pve:operators:\n"), "{text}");
     std::fs::write(&user_cfg, &text).unwrap();

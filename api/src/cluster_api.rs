@@ -365,7 +365,8 @@ async fn options(client: &kube::Client) -> Result<Value, PveError> {
             Some(format) => {
                 let default_key = format.iter().find(|(_, d)| d.get("default_key").is_some()).map(|(k, _)| k);
                 let mut object = serde_json::Map::new();
-                for item in split_list(&value) {
+                // Property strings split on `,` only (`tag-style: color-map=a:FFFFFF;b:000000`).
+                for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
                     match (item.split_once('='), default_key) {
                         (Some((k, v)), _) => object.insert(k.to_string(), json!(v)),
                         (None, Some(k)) => object.insert(k.clone(), json!(item)),

@@ -488,7 +488,14 @@ pub async fn power(
             merge_patch(guests, g, &patch).await.map_err(write_error)?;
             let task = format!("{}{action}", g.kind.task_prefix());
             return tasks
-                .create(node, &task, g.kind, g.vmid, Target::Restarted(g.status.pid), user)
+                .create(
+                    node,
+                    &task,
+                    g.kind,
+                    g.vmid,
+                    Target::Restarted(g.status.pid, crate::tasks::stalled(&g.status)),
+                    user,
+                )
                 .map(Value::from)
                 .map_err(|e| PveError::new(500, e.to_string()));
         }

@@ -31,8 +31,9 @@ pub enum Target {
     VolumeGone,
     /// Live migration `status.migration.id` ended (Completed or Failed).
     Migrated(String),
-    /// A reboot or reset: the guest runs again as a new process (its pid is not this one).
-    Restarted(Option<u32>),
+    /// A reboot or reset: the guest runs again as a new process (its pid is not this one); a
+    /// stall fails it only if it differs from the one the guest had when asked (given here).
+    Restarted(Option<u32>, Option<String>),
 }
 
 /// A task to record.
@@ -68,7 +69,7 @@ fn now() -> i64 {
 }
 
 /// The first line of the guest's Stalled condition, when it is stalled.
-fn stalled(status: &kpve_crds::common::GuestStatus) -> Option<String> {
+pub(crate) fn stalled(status: &kpve_crds::common::GuestStatus) -> Option<String> {
     status
         .conditions
         .iter()
@@ -112,6 +113,16 @@ impl Tasks {
 
     fn path(&self, upid: &str) -> PathBuf {
         self.dir.join(upid.replace([':', '/', '@', '!'], "_"))
+    }
+
+    /// Replaces a task's record atomically (a reader never sees half a file).
+    fn save(&self, upid: &str, record: &Value) -> std::io::Result<()> {
+        let path = self.path(upid);
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("task");
+        // Hidden: listings skip names starting with a dot.
+        let tmp = self.dir.join(format!(".{name}.{}", self.counter.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&tmp, record.to_string())?;
+        std::fs::rename(&tmp, &path)
     }
 
     /// Records a task waiting for guest `vmid` to reach `target`; returns its UPID.
@@ -160,7 +171,7 @@ impl Tasks {
             Target::Observed(_) => "config",
             Target::VolumeGone => "imgdel",
             Target::Migrated(_) => "migrate",
-            Target::Restarted(_) => "restart",
+            Target::Restarted(..) => "restart",
         };
         let vmid = task.vmid;
         let first = task.log.unwrap_or_else(|| {
@@ -176,7 +187,7 @@ impl Tasks {
                     Target::Observed(_) => "configuration update",
                     Target::VolumeGone => "volume removal",
                     Target::Migrated(_) => "migration",
-                    Target::Restarted(_) => "restart annotation",
+                    Target::Restarted(..) => "restart annotation",
                 }
             )
         });
@@ -191,8 +202,9 @@ impl Tasks {
         if let Target::Migrated(id) = &target {
             record["migration"] = json!(id);
         }
-        if let Target::Restarted(pid) = target {
+        if let Target::Restarted(pid, stall) = &target {
             record["pid"] = json!(pid);
+            record["stall"] = json!(stall);
         }
         if let Some(volume) = task.volume {
             record["volume"] = json!(volume);
@@ -203,7 +215,7 @@ impl Tasks {
             record["exitstatus"] = json!(error);
             record["status"] = json!("stopped");
         }
-        std::fs::write(self.path(&upid), record.to_string())?;
+        self.save(&upid, &record)?;
         Ok(upid)
     }
 
@@ -313,9 +325,13 @@ impl Tasks {
             }
             Some(g) if record["target"] == "restart" => {
                 let before = record["pid"].as_u64().map(|p| p as u32);
-                if g.status.phase == GuestPhase::Running && g.status.pid.is_some() && g.status.pid != before {
+                // Without a pid known before, a running guest is all that can be waited for.
+                let new_process = before.is_none() || (g.status.pid.is_some() && g.status.pid != before);
+                if g.status.phase == GuestPhase::Running && new_process {
                     Some(Ok(()))
-                } else if let Some(reason) = stalled(&g.status) {
+                } else if let Some(reason) =
+                    stalled(&g.status).filter(|r| record["stall"].as_str() != Some(r))
+                {
                     Some(Err(reason))
                 } else if elapsed > TASK_TIMEOUT {
                     Some(Err(format!("timeout waiting for guest {vmid} to restart")))
@@ -335,7 +351,14 @@ impl Tasks {
         match outcome {
             Some(outcome) => self.finish(upid, record, outcome),
             None if seen_new => {
-                let _ = std::fs::write(self.path(upid), record.to_string());
+                // Only over a record still running: a concurrent read may have finished it.
+                let running = std::fs::read_to_string(self.path(upid))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                    .is_some_and(|r| r["status"] == "running");
+                if running {
+                    let _ = self.save(upid, record);
+                }
             }
             None => {}
         }
@@ -377,7 +400,7 @@ impl Tasks {
         }
         record["exitstatus"] = json!(exit);
         record["status"] = json!("stopped");
-        let _ = std::fs::write(self.path(upid), record.to_string());
+        let _ = self.save(upid, record);
     }
 
     /// `GET /nodes/{node}/tasks/{upid}/status`.
@@ -408,6 +431,9 @@ impl Tasks {
     ) -> Result<Value, PveError> {
         let mut records = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(|e| PveError::new(500, e.to_string()))?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
             let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
             let Ok(record) = serde_json::from_str::<Value>(&text) else { continue };
             let Some(upid) = record["upid"].as_str().map(str::to_string) else { continue };

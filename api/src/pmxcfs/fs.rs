@@ -73,6 +73,7 @@ fn errno(e: &WriteError) -> Errno {
         WriteError::Denied(_) => Errno::EACCES,
         WriteError::NotWritable(_) => Errno::EACCES,
         WriteError::Failed(_) => Errno::EIO,
+        WriteError::InProgress(_) => Errno::EINPROGRESS,
     }
 }
 
@@ -617,7 +618,8 @@ pub fn mount(
         fuser::MountOption::DefaultPermissions,
     ];
     config.acl = fuser::SessionACL::All;
-    // A move between node directories waits for the migration: other requests go on meanwhile.
+    // A move between node directories waits (≤ 30 s) for the migration, the kernel holding both
+    // directories: requests elsewhere in the tree go on meanwhile.
     config.n_threads = Some(4);
     fuser::spawn_mount(PveFs::new(view, runtime), dir, &config)
 }

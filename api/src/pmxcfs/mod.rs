@@ -26,8 +26,10 @@ use kube::runtime::reflector::Store;
 
 use crate::cache::{self, Health};
 
-/// How long moving a config between node directories (a migration) may take.
-const MOVE_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long a move between node directories waits for the migration: the kernel holds both
+/// directories locked meanwhile. A migration still under way then goes on, and the move
+/// answers EINPROGRESS.
+const MOVE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// pmxcfs refuses files above 1 MiB; so does the view.
 pub const MAX_FILE: usize = 1024 * 1024;
@@ -55,6 +57,8 @@ pub enum WriteError {
     NotWritable(String),
     #[error("{0}")]
     Failed(String),
+    #[error("{0}")]
+    InProgress(String),
 }
 
 /// A guest config path: node, kind (`qemu-server`/`lxc`), VMID.
@@ -85,6 +89,8 @@ pub struct View {
     acls: Store<PVEACL>,
     datacenter: Store<Datacenter>,
     health: Vec<Health>,
+    /// One cluster-file write at a time (each replaces what its file declares).
+    cluster_files: tokio::sync::Mutex<()>,
 }
 
 fn sorted<K: kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
@@ -124,6 +130,7 @@ impl View {
             acls: watch!(),
             datacenter: watch!(),
             health,
+            cluster_files: tokio::sync::Mutex::new(()),
             client,
         };
         let ready = async {
@@ -433,6 +440,7 @@ impl View {
         let text =
             std::str::from_utf8(text).map_err(|_| WriteError::Invalid(format!("{path}: not UTF-8")))?;
         let Some((node, dir, vmid)) = guest_path(path) else {
+            let _one_at_a_time = self.cluster_files.lock().await;
             return match self.apply_file(path, text).await {
                 Err(WriteError::Invalid(message)) => Err(self.refuse(path, None, &message).await),
                 other => other,
@@ -684,7 +692,20 @@ impl View {
         }
         self.replace_all(&self.roles, roles, |o, n| o.spec = n.spec.clone()).await?;
         self.replace_all(&self.groups, groups, |o, n| o.spec = n.spec.clone()).await?;
-        self.replace_all(&self.users, users, |o, n| o.spec = n.spec.clone()).await?;
+        // What user.cfg does not carry comes from the object as read for the write (a
+        // password changed meanwhile through the API stays).
+        self.replace_all(&self.users, users, |o, n| {
+            let hash = o.spec.password_hash.take();
+            let old_tokens = std::mem::take(&mut o.spec.tokens);
+            o.spec = n.spec.clone();
+            o.spec.password_hash = hash;
+            for t in &mut o.spec.tokens {
+                if let Some(old) = old_tokens.iter().find(|old| old.id == t.id) {
+                    t.secret_hash.clone_from(&old.secret_hash);
+                }
+            }
+        })
+        .await?;
         self.replace_all(&self.acls, acls, |o, n| o.spec = n.spec.clone()).await
     }
 
@@ -742,7 +763,7 @@ impl View {
     }
 
     /// Replaces the spec of a cluster-scoped resource (through `set`), or creates `fresh`.
-    async fn upsert<K>(&self, fresh: K, set: impl Fn(&mut K)) -> Result<(), WriteError>
+    async fn upsert<K>(&self, fresh: K, set: impl Fn(&mut K)) -> Result<Option<String>, WriteError>
     where
         K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
             + Clone
@@ -753,17 +774,27 @@ impl View {
         let api: Api<K> = Api::all(self.client.clone());
         let name = fresh.name_any();
         match api.get_opt(&name).await.map_err(|e| kube_error(e.to_string()))? {
+            // Nothing to change: no write (an unchanged file rewritten changes nothing).
+            Some(existing)
+                if {
+                    let mut edited = existing.clone();
+                    set(&mut edited);
+                    serde_json::to_value(&edited).ok() == serde_json::to_value(&existing).ok()
+                } =>
+            {
+                Ok(existing.meta().resource_version.clone())
+            }
             Some(_) => cache::replace_retrying(&api, &name, |o| {
                 set(o);
                 Ok(())
             })
             .await
-            .map(|_| ())
+            .map(|saved| saved.meta().resource_version.clone())
             .map_err(|e| kube_error(e.message)),
             None => api
                 .create(&PostParams::default(), &fresh)
                 .await
-                .map(|_| ())
+                .map(|saved| saved.meta().resource_version.clone())
                 .map_err(|e| kube_error(e.to_string())),
         }
     }
@@ -783,15 +814,22 @@ impl View {
             + serde::de::DeserializeOwned
             + serde::Serialize,
     {
+        let mut written = Vec::new();
         for object in &wanted {
-            self.upsert(object.clone(), |o| set(o, object)).await?;
+            written.push((object.name_any(), self.upsert(object.clone(), |o| set(o, object)).await?));
         }
         let api: Api<K> = Api::all(self.client.clone());
         for existing in store.state() {
             let name = existing.name_any();
             if !wanted.iter().any(|w| w.name_any() == name) {
                 api.delete(&name, &DeleteParams::default()).await.map_err(|e| kube_error(e.to_string()))?;
+                written.push((name, None));
             }
+        }
+        // The file reads back what was written when the call returns (the next `>>` opens
+        // it rendered from these objects, not from a cache still behind).
+        for (name, version) in written {
+            cache::settle(store, None, &name, version.as_deref()).await;
         }
         Ok(())
     }
@@ -956,7 +994,9 @@ impl View {
                 return Err(WriteError::Failed(format!("VM {vmid} was deleted while it moved")));
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(WriteError::Failed(format!("VM {vmid} is not on {target} after {MOVE_LIMIT:?}")));
+                return Err(WriteError::InProgress(format!(
+                    "VM {vmid} is still migrating to {target} after {MOVE_LIMIT:?}; its config moves when it is bound there"
+                )));
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }

@@ -103,6 +103,17 @@ pub fn storage(text: &str) -> Result<Vec<(String, StoragePoolSpec)>, String> {
         if out.iter().any(|(id, _)| *id == s.id) {
             return Err(format!("line {}: storage {:?} is defined twice", s.line, s.id));
         }
+        // Storage ids are resource names here: lower case, digits, `-` and `.`.
+        let name_ok = s.id.len() <= 253
+            && s.id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && s.id.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && s.id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if !name_ok {
+            return Err(format!(
+                "line {}: storage id {:?}: kpve allows lower-case letters, digits, '-' and '.' (a resource name)",
+                s.line, s.id
+            ));
+        }
         let mut spec = Map::new();
         spec.insert("type".into(), json!(s.kind));
         let list = |v: &str| v.split(',').map(str::trim).filter(|i| !i.is_empty()).map(Value::from).collect();
@@ -115,6 +126,8 @@ pub fn storage(text: &str) -> Result<Vec<(String, StoragePoolSpec)>, String> {
                     spec.insert(key.clone(), json!(value));
                 }
                 "shared" | "disable" | "mkdir" => {
+                    // A flag without a value is set, as Proxmox reads it.
+                    let value = if value.is_empty() { "1" } else { value.as_str() };
                     spec.insert(key.clone(), json!(flag(*line, key, value)?));
                 }
                 _ => return Err(format!("line {line}: unknown option {key:?}; allowed: {ALLOWED}")),
@@ -130,9 +143,15 @@ pub fn storage(text: &str) -> Result<Vec<(String, StoragePoolSpec)>, String> {
 /// of `PUT /cluster/options` (names, enums, property strings, ranges, patterns).
 pub fn datacenter(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
     let mut options = std::collections::BTreeMap::new();
+    // `#` lines are the description.
+    let mut description: Vec<&str> = Vec::new();
     for (n, raw) in text.lines().enumerate() {
+        if let Some(line) = raw.strip_prefix('#') {
+            description.push(line);
+            continue;
+        }
         let raw = raw.trim();
-        if raw.is_empty() || raw.starts_with('#') {
+        if raw.is_empty() {
             continue;
         }
         let (key, value) = raw
@@ -143,6 +162,9 @@ pub fn datacenter(text: &str) -> Result<std::collections::BTreeMap<String, Strin
             return Err(format!("line {}: {key:?} is not a datacenter option here, or given twice", n + 1));
         }
     }
+    if !description.is_empty() && options.insert("description".into(), description.join("\n")).is_some() {
+        return Err("the description is given both as '#' lines and as a key".into());
+    }
     let crate::schema::Route::Found(endpoint, _) =
         crate::schema::SCHEMA.route("PUT", &["cluster", "options"])
     else {
@@ -151,6 +173,30 @@ pub fn datacenter(text: &str) -> Result<std::collections::BTreeMap<String, Strin
     crate::validate::params(endpoint, &options)
         .map_err(|errors| errors.iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>().join("; "))?;
     Ok(options)
+}
+
+/// Proxmox's `decode_text`: `%XX` back to bytes, read as UTF-8.
+pub fn decode_text(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A `user:` line of user.cfg (what it carries of a PVEUser).
@@ -194,6 +240,8 @@ pub fn user_cfg(text: &str) -> Result<UserCfg, String> {
     use kpve_crds::access::{BUILTIN_ROLES, PRIVILEGES, check_acl_path};
     let mut cfg = UserCfg::default();
     let text_or_none = |v: &str| (!v.is_empty()).then(|| v.to_string());
+    // Names and comments are written with Proxmox's `encode_text`.
+    let decoded = |v: &str| (!v.is_empty()).then(|| decode_text(v));
     let int = |line: usize, key: &str, v: &str| -> Result<i64, String> {
         if v.is_empty() {
             Ok(0)
@@ -229,10 +277,10 @@ pub fn user_cfg(text: &str) -> Result<UserCfg, String> {
                     userid: fields[1].to_string(),
                     enable: flag(line, "enable", if fields[2].is_empty() { "1" } else { fields[2] })?,
                     expire: int(line, "expire", fields[3])?,
-                    firstname: text_or_none(fields[4]),
-                    lastname: text_or_none(fields[5]),
+                    firstname: decoded(fields[4]),
+                    lastname: decoded(fields[5]),
                     email: text_or_none(fields[6]),
-                    comment: text_or_none(fields[7]),
+                    comment: decoded(fields[7]),
                 });
             }
             "token" => {
@@ -245,12 +293,12 @@ pub fn user_cfg(text: &str) -> Result<UserCfg, String> {
                     id: id.to_string(),
                     expire: int(line, "expire", fields[2])?,
                     privsep: flag(line, "privsep", if fields[3].is_empty() { "1" } else { fields[3] })?,
-                    comment: text_or_none(fields[4]),
+                    comment: decoded(fields[4]),
                 });
             }
             "group" => {
                 want(4)?;
-                cfg.groups.push((fields[1].to_string(), items(fields[2]), text_or_none(fields[3])));
+                cfg.groups.push((fields[1].to_string(), items(fields[2]), decoded(fields[3])));
             }
             "role" => {
                 want(3)?;
@@ -413,6 +461,11 @@ mod tests {
         assert!(e.contains("Nope"), "{e}");
         let e = user_cfg("pool:p1::\n").unwrap_err();
         assert!(e.contains("pool") && e.contains("allowed"), "{e}");
+        let cfg = user_cfg("user:eve@pve:1:0:%C3%88ve::e@x:on-call%3A weekends::\n").unwrap();
+        assert_eq!(cfg.users[0].comment.as_deref(), Some("on-call: weekends"));
+        assert_eq!(cfg.users[0].firstname.as_deref(), Some("Ève"));
+        assert_eq!(crate::pmxcfs::render::encode_text("on-call: weekends"), "on-call%3A weekends");
+        assert_eq!(crate::pmxcfs::render::encode_text("Ève"), "%C3%88ve");
         let e = user_cfg("role:Administrator:VM.Audit:\n").unwrap_err();
         assert!(e.contains("built in"), "{e}");
     }
@@ -421,6 +474,8 @@ mod tests {
     fn datacenter_cfg_is_checked_against_the_proxmox_schema() {
         let o = datacenter("keyboard: de\nmigration: type=insecure,network=10.0.0.0/24\n").unwrap();
         assert_eq!(o["migration"], "type=insecure,network=10.0.0.0/24");
+        let o = datacenter("#first\n#second\nkeyboard: de\n").unwrap();
+        assert_eq!(o["description"], "first\nsecond");
         let e = datacenter("keyboard: klingon\n").unwrap_err();
         assert!(e.starts_with("keyboard:") && e.contains("klingon"), "{e}");
         let e = datacenter("colour: red\n").unwrap_err();

@@ -120,7 +120,14 @@ pub fn storage_cfg(pools: &[StoragePool]) -> String {
 /// `user.cfg`: users, tokens (never their secrets), groups with their members, roles, ACLs.
 pub fn user_cfg(users: &[PVEUser], groups: &[PVEGroup], roles: &[PVERole], acls: &[PVEACL]) -> String {
     let opt = |s: &Option<String>| s.clone().unwrap_or_default();
-    let mut out = String::from("user:root@pam:1:0:::root@localhost::\n");
+    // Names and comments as Proxmox writes them (`encode_text`: `:` and the like escaped).
+    let text = |s: &Option<String>| s.as_deref().map(encode_text).unwrap_or_default();
+    // root@pam is built in; once it has tokens it is a resource, rendered like the others.
+    let mut out = if users.iter().any(|u| u.spec.userid == "root@pam") {
+        String::new()
+    } else {
+        String::from("user:root@pam:1:0:::root@localhost::\n")
+    };
     for u in users {
         let s = &u.spec;
         out.push_str(&format!(
@@ -128,10 +135,10 @@ pub fn user_cfg(users: &[PVEUser], groups: &[PVEGroup], roles: &[PVERole], acls:
             s.userid,
             u8::from(s.enable),
             s.expire,
-            opt(&s.firstname),
-            opt(&s.lastname),
+            text(&s.firstname),
+            text(&s.lastname),
             opt(&s.email),
-            opt(&s.comment)
+            text(&s.comment)
         ));
         for t in &s.tokens {
             out.push_str(&format!(
@@ -140,7 +147,7 @@ pub fn user_cfg(users: &[PVEUser], groups: &[PVEGroup], roles: &[PVERole], acls:
                 t.id,
                 t.expire,
                 u8::from(t.privsep),
-                opt(&t.comment)
+                text(&t.comment)
             ));
         }
     }
@@ -151,7 +158,7 @@ pub fn user_cfg(users: &[PVEUser], groups: &[PVEGroup], roles: &[PVERole], acls:
             .filter(|u| u.spec.groups.contains(&g.spec.groupid))
             .map(|u| u.spec.userid.as_str())
             .collect();
-        out.push_str(&format!("group:{}:{}:{}:\n", g.spec.groupid, members.join(","), opt(&g.spec.comment)));
+        out.push_str(&format!("group:{}:{}:{}:\n", g.spec.groupid, members.join(","), text(&g.spec.comment)));
     }
     out.push('\n');
     for r in roles {
@@ -175,8 +182,33 @@ pub fn user_cfg(users: &[PVEUser], groups: &[PVEGroup], roles: &[PVERole], acls:
 }
 
 /// `datacenter.cfg`: `key: value` lines.
+/// The `description` comes first as `#` lines, as Proxmox writes it.
 pub fn datacenter_cfg(dc: Option<&kpve_crds::Datacenter>) -> String {
-    dc.map(|d| d.spec.options.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()).unwrap_or_default()
+    let Some(dc) = dc else { return String::new() };
+    let mut out = String::new();
+    if let Some(description) = dc.spec.options.get("description") {
+        for line in description.lines() {
+            out.push_str(&format!("#{line}\n"));
+        }
+    }
+    for (k, v) in dc.spec.options.iter().filter(|(k, _)| *k != "description") {
+        out.push_str(&format!("{k}: {v}\n"));
+    }
+    out
+}
+
+/// Proxmox's `encode_text`: every byte of the UTF-8 text outside 0x20–0x39 and 0x3b–0x7e
+/// (controls, `:`, non-ASCII) as `%XX`.
+pub fn encode_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x39).contains(&b) || (0x3b..=0x7e).contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `ha/groups.cfg`.
