@@ -138,16 +138,7 @@ spec:
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for agent in self.agents.values_mut() {
-            let _ = agent.kill();
-            let _ = agent.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- agent log ---\n{}",
-                std::fs::read_to_string(self.server.data_dir().join("agent.log")).unwrap_or_default()
-            );
-        }
+        support::stop_agents(&self.server, self.agents.values_mut());
     }
 }
 

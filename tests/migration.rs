@@ -61,16 +61,7 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for agent in &mut self.agents {
-            let _ = agent.kill();
-            let _ = agent.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- agent log ---\n{}",
-                std::fs::read_to_string(self.server.data_dir().join("agent.log")).unwrap_or_default()
-            );
-        }
+        support::stop_agents(&self.server, &mut self.agents);
     }
 }
 

@@ -68,21 +68,8 @@ fn etc_pve_view_reads_and_writes_resources() {
 
     // The same keys the Proxmox API returns for the VM.
     if support::proxmoxer_available() {
-        let password =
-            std::fs::read_to_string(server.data_dir().join("pve-root-password")).unwrap().trim().to_string();
-        let script = r#"
-import json, sys, warnings
-from proxmoxer import ProxmoxAPI
-warnings.filterwarnings("ignore")
-p = ProxmoxAPI("127.0.0.1", port=int(sys.argv[1]), user="root@pam", password=sys.argv[2], verify_ssl=False)
-print(json.dumps(p.nodes("node1").qemu(100).config.get()))
-"#;
-        let api = support::run_client(
-            Command::new("python3"),
-            script,
-            &[&server.pve_port.to_string(), &password],
-            &server,
-        );
+        let script = r#"print(json.dumps(p.nodes("node1").qemu(100).config.get()))"#;
+        let api = support::run_root_client(&server, script, &[]);
         for line in text.lines().filter(|l| l.contains(": ")) {
             let (key, value) = line.split_once(": ").unwrap();
             assert_eq!(api[key], value, "{key} in the API's config: {api}");
@@ -244,14 +231,7 @@ print(json.dumps(p.nodes("node1").qemu(100).config.get()))
     assert!(events.contains("volumes on local storage"), "{events}");
     // The Proxmox API moves it back the same way (`pct migrate` of a stopped container).
     if support::proxmoxer_available() {
-        let password =
-            std::fs::read_to_string(server.data_dir().join("pve-root-password")).unwrap().trim().to_string();
         let script = r#"
-import json, sys, warnings
-from proxmoxer import ProxmoxAPI
-from proxmoxer.tools import Tasks
-warnings.filterwarnings("ignore")
-p = ProxmoxAPI("127.0.0.1", port=int(sys.argv[1]), user="root@pam", password=sys.argv[2], verify_ssl=False)
 upid = p.nodes("node2").lxc(108).migrate.post(target="node1")
 out = {"upid": upid, "task": Tasks.blocking_status(p, upid, timeout=30)}
 try:
@@ -260,12 +240,7 @@ except Exception as e:
     out["local"] = str(e)
 print(json.dumps(out))
 "#;
-        let r = support::run_client(
-            Command::new("python3"),
-            script,
-            &[&server.pve_port.to_string(), &password],
-            &server,
-        );
+        let r = support::run_root_client(&server, script, &[]);
         assert!(r["upid"].as_str().unwrap().contains(":vzmigrate:108:"), "{r}");
         assert_eq!(r["task"]["exitstatus"], "OK", "{r}");
         assert_eq!(server.kubectl_ok(&["get", "ct", "shelf", "-o", "jsonpath={.status.node}"]), "node1");

@@ -527,6 +527,44 @@ pub fn run_client(mut cmd: Command, script: &str, args: &[&str], server: &Server
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Login every root@pam client script starts with: `p` logged in with the port and password
+/// given first; the script's own arguments follow from `sys.argv[1]`.
+const ROOT_LOGIN: &str = r#"
+import json, sys, warnings
+from proxmoxer import ProxmoxAPI
+from proxmoxer.tools import Tasks
+warnings.filterwarnings("ignore")
+p = ProxmoxAPI("127.0.0.1", port=int(sys.argv[1]), user="root@pam", password=sys.argv[2], verify_ssl=False)
+sys.argv = sys.argv[:1] + sys.argv[3:]
+"#;
+
+/// [`run_client`] with `p` logged in as root@pam on `server`'s Proxmox API (its generated
+/// password).
+#[allow(dead_code)]
+pub fn run_root_client(server: &Server, script: &str, args: &[&str]) -> serde_json::Value {
+    let password = std::fs::read_to_string(server.data_dir().join("pve-root-password")).unwrap();
+    let port = server.pve_port.to_string();
+    let mut all = vec![port.as_str(), password.trim()];
+    all.extend_from_slice(args);
+    run_client(Command::new("python3"), &format!("{ROOT_LOGIN}{script}"), &all, server)
+}
+
+/// Kills a test's agents and, when the test is failing, prints their log
+/// (`<data dir>/agent.log`).
+#[allow(dead_code)]
+pub fn stop_agents<'a>(server: &Server, agents: impl IntoIterator<Item = &'a mut Child>) {
+    for agent in agents {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+    if std::thread::panicking() {
+        eprintln!(
+            "--- agent log ---\n{}",
+            std::fs::read_to_string(server.data_dir().join("agent.log")).unwrap_or_default()
+        );
+    }
+}
+
 /// A network namespace made for one test (loopback up), deleted when dropped.
 #[allow(dead_code)]
 pub struct Netns(pub String);

@@ -935,39 +935,18 @@ impl View {
         if !self.nodes().iter().any(|n| n == target) {
             return Err(WriteError::NotWritable(to.to_string()));
         }
-        if dir == "lxc" {
-            let Some(ct) = self.ct(vmid).filter(|ct| {
-                View::node_of(ct.status.as_ref().and_then(|s| s.node.as_ref()), &ct.spec.placement).as_deref()
-                    == Some(source)
-            }) else {
-                return Err(WriteError::NotWritable(from.to_string()));
-            };
-            match crate::migrate::order_ct_move(&self.client, &ct, target).await {
-                Err(e) if e.status == 403 || e.message.contains("forbidden") => {
-                    return Err(WriteError::Denied(e.message));
-                }
-                Err(e) => return Err(self.refuse(to, Some(vmid), &e.message).await),
-                Ok(()) => {}
-            }
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-            while self.ct(vmid).and_then(|c| c.status.as_ref().and_then(|s| s.node.clone())).as_deref()
-                != Some(target)
-            {
-                if tokio::time::Instant::now() > deadline {
-                    return Err(WriteError::Failed(format!("CT {vmid} is not shown on {target} yet")));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            return Ok(());
-        }
-        let Some(vm) = self.vm(vmid).filter(|vm| {
-            View::node_of(vm.status.as_ref().and_then(|s| s.node.as_ref()), &vm.spec.placement).as_deref()
-                == Some(source)
-        }) else {
+        let kind = if dir == "lxc" { "lxc" } else { "qemu" };
+        if self.guests().get(&vmid).map(|(node, k)| (node.as_str(), *k)) != Some((source, kind)) {
             return Err(WriteError::NotWritable(from.to_string()));
+        }
+        let order = match (self.vm(vmid), self.ct(vmid)) {
+            (Some(vm), _) if kind == "qemu" => {
+                let who = format!("pmxcfs@{}", self.node);
+                crate::migrate::order_move(&self.client, &vm, target, &who, true, true).await
+            }
+            (_, Some(ct)) => crate::migrate::order_ct_move(&self.client, &ct, target).await.map(|()| None),
+            _ => return Err(WriteError::NotWritable(from.to_string())),
         };
-        let who = format!("pmxcfs@{}", self.node);
-        let order = crate::migrate::order_move(&self.client, &vm, target, &who, true, true).await;
         let id = match order {
             Err(e) if e.status == 403 || e.message.contains("forbidden") => {
                 return Err(WriteError::Denied(e.message));
@@ -978,8 +957,14 @@ impl View {
         // Until it is bound there (a live migration ends Completed, then is bound).
         let deadline = tokio::time::Instant::now() + MOVE_LIMIT;
         loop {
-            let now = self.vm(vmid);
-            let status = now.as_ref().and_then(|vm| vm.status.clone()).unwrap_or_default();
+            let status = if kind == "qemu" {
+                self.vm(vmid).map(|vm| vm.status.clone().unwrap_or_default())
+            } else {
+                self.ct(vmid).map(|ct| ct.status.clone().unwrap_or_default())
+            };
+            let Some(status) = status else {
+                return Err(WriteError::Failed(format!("guest {vmid} was deleted while it moved")));
+            };
             if status.node.as_deref() == Some(target) {
                 return Ok(());
             }
@@ -990,12 +975,9 @@ impl View {
                     format!("migration to {target} failed: {}", m.message.clone().unwrap_or_default());
                 return Err(self.refuse(to, Some(vmid), &message).await);
             }
-            if now.is_none() {
-                return Err(WriteError::Failed(format!("VM {vmid} was deleted while it moved")));
-            }
             if tokio::time::Instant::now() > deadline {
                 return Err(WriteError::InProgress(format!(
-                    "VM {vmid} is still migrating to {target} after {MOVE_LIMIT:?}; its config moves when it is bound there"
+                    "guest {vmid} is still migrating to {target} after {MOVE_LIMIT:?}; its config moves when it is bound there"
                 )));
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
