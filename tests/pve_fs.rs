@@ -198,9 +198,10 @@ fn etc_pve_view_reads_and_writes_resources() {
         shared.display()
     );
     server.kubectl_stdin(&["apply", "-f", "-"], Some(&pool));
-    for (name, vmid, pool) in [("shelf", 108, "shared"), ("local-ct", 109, "local")] {
+    let bind = "  mountPoints: [{id: mp0, volume: /srv, path: /srv}]\n";
+    for (name, vmid, pool, extra) in [("shelf", 108, "shared", ""), ("local-ct", 109, "local", bind)] {
         let ct = format!(
-            "apiVersion: kpve.io/v1alpha1\nkind: LinuxContainer\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  vmid: {vmid}\n  powerState: Stopped\n  template: local:vztmpl/none.tar.gz\n  rootfs: {{pool: {pool}, size: 1G}}\n"
+            "apiVersion: kpve.io/v1alpha1\nkind: LinuxContainer\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  vmid: {vmid}\n  powerState: Stopped\n  template: local:vztmpl/none.tar.gz\n  rootfs: {{pool: {pool}, size: 1G}}\n{extra}"
         );
         let out = server.kubectl_stdin(&["apply", "-f", "-"], Some(&ct));
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -225,10 +226,10 @@ fn etc_pve_view_reads_and_writes_resources() {
         etc.join("nodes/node1/lxc/109.conf").display(),
         etc.join("nodes/node2/lxc/109.conf").display()
     ));
-    assert!(!out.status.success(), "a local rootfs is not copied");
+    assert!(!out.status.success(), "a host path bind mount does not move");
     assert_eq!(server.kubectl_ok(&["get", "ct", "local-ct", "-o", "jsonpath={.status.node}"]), "node1");
     let events = server.kubectl_ok(&["get", "events", "-n", "default", "-o", "json"]);
-    assert!(events.contains("volumes on local storage"), "{events}");
+    assert!(events.contains("cannot migrate local bind mount point 'mp0'"), "{events}");
     // The Proxmox API moves it back the same way (`pct migrate` of a stopped container).
     if support::proxmoxer_available() {
         let script = r#"
@@ -244,7 +245,7 @@ print(json.dumps(out))
         assert!(r["upid"].as_str().unwrap().contains(":vzmigrate:108:"), "{r}");
         assert_eq!(r["task"]["exitstatus"], "OK", "{r}");
         assert_eq!(server.kubectl_ok(&["get", "ct", "shelf", "-o", "jsonpath={.status.node}"]), "node1");
-        assert!(r["local"].as_str().unwrap().contains("volumes on local storage"), "{r}");
+        assert!(r["local"].as_str().unwrap().contains("cannot migrate local bind mount point"), "{r}");
     }
 
     // Cluster files.

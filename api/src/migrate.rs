@@ -1,11 +1,12 @@
-//! `POST /nodes/{node}/qemu/{vmid}/migrate` and its precondition `GET`: Proxmox's `qm
-//! migrate`. A running VM gets a live-migration order (`status.migration`, carried out by the
-//! agents and bound by the migration controller) and a `qmigrate` task that follows it; a
-//! stopped VM whose disks need no copy is bound to the target at once (an offline move).
+//! `POST /nodes/{node}/{qemu,lxc}/{vmid}/migrate` and its precondition `GET`: Proxmox's `qm
+//! migrate` and `pct migrate`. A running VM gets a live-migration order (`status.migration`,
+//! carried out by the agents and bound by the migration controller) and a `qmigrate` task
+//! that follows it; a container moves by restart migration (stopped, its local volumes
+//! copied, started on the target: `vzmigrate`); a stopped guest whose volumes need no copy is
+//! bound to the target at once (an offline move).
 
 use std::collections::BTreeMap;
 
-use kpve_crds::common::GuestStatus;
 use kpve_crds::{Hypervisor, LinuxContainer, Migration, MigrationPhase, StoragePool, VirtualMachine};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -92,22 +93,18 @@ pub async fn migrate(
     params: &BTreeMap<String, String>,
     user: &str,
 ) -> Result<Value, PveError> {
-    if g.kind != Kind::Qemu {
-        let ct = g.ct().ok_or_else(|| failure("not a container"))?;
-        let target = params.get("target").cloned().unwrap_or_default();
-        order_ct_move(&guests.client, ct, &target).await?;
-        return record(
-            tasks,
-            node,
-            g,
-            user,
-            format!("migrate stopped CT {} to node '{target}'", g.vmid),
-            None,
-        );
-    }
-    let vm = the_vm(g)?;
     let target = params.get("target").cloned().unwrap_or_default();
     let flag = |k: &str| params.get(k).is_some_and(|v| v == "1");
+    if g.kind != Kind::Qemu {
+        let ct = g.ct().ok_or_else(|| failure("not a container"))?;
+        let order = order_ct_move(&guests.client, ct, &target, user, flag("restart"), flag("online")).await?;
+        let log = match &order {
+            None => format!("migrate stopped CT {} to node '{target}'", g.vmid),
+            Some(_) => format!("starting migration of CT {} to node '{target}' (restart mode)", g.vmid),
+        };
+        return record(tasks, node, g, user, log, order);
+    }
+    let vm = the_vm(g)?;
     let here = g.status.node.clone().unwrap_or_default();
     match order_move(&guests.client, vm, &target, user, flag("online"), flag("with-local-disks")).await? {
         None => {
@@ -144,6 +141,20 @@ async fn check_target(
         )));
     }
     Ok(())
+}
+
+/// A new migration order from `here` to `target`.
+fn new_order(here: &str, target: &str, requested_by: &str) -> Migration {
+    let now = jiff::Timestamp::now();
+    Migration {
+        id: format!("pve-{}", now.as_millisecond()),
+        source: here.to_string(),
+        target: target.to_string(),
+        phase: MigrationPhase::Pending,
+        requested_by: Some(requested_by.to_string()),
+        started: Some(now.round(jiff::Unit::Millisecond).expect("in range").to_string()),
+        ..Migration::default()
+    }
 }
 
 /// Moves VM `vm` to node `target` as `requested_by` asks: a stopped VM whose disks need no
@@ -204,25 +215,26 @@ pub async fn order_move(
     if !local.is_empty() && !with_local_disks {
         return Err(failure("can't live migrate attached local disks without with-local-disks option"));
     }
-    let order = Migration {
-        id: format!("pve-{}", jiff::Timestamp::now().as_millisecond()),
-        source: here.clone(),
-        target: target.to_string(),
-        phase: MigrationPhase::Pending,
-        requested_by: Some(requested_by.to_string()),
-        started: Some(jiff::Timestamp::now().round(jiff::Unit::Millisecond).expect("in range").to_string()),
-        ..Migration::default()
-    };
+    let order = new_order(&here, target, requested_by);
     let body =
         json!({"metadata": {"resourceVersion": version}, "status": {"migration": order.to_merge_value()}});
     api.patch_status(&name, &params_write, &Patch::Merge(&body)).await.map_err(|e| failure(e.to_string()))?;
     Ok(Some(order.id))
 }
 
-/// Moves stopped container `ct` to node `target` by binding it there (Proxmox's offline `pct
-/// migrate` of a container on shared storage). Not built: the restart migration of a running
-/// container and the copy of volumes on local pools — both are refused with the reason.
-pub async fn order_ct_move(client: &kube::Client, ct: &LinuxContainer, target: &str) -> Result<(), PveError> {
+/// Moves container `ct` to node `target` as `requested_by` asks: a stopped container whose
+/// volumes are all on shared pools is bound there at once (returns None); a running one (with
+/// `restart`: Proxmox's restart mode), or one with volumes on local pools, gets a migration
+/// order (returns its id) — the source's agent stops it and copies the local volumes, the
+/// target's starts it once it is bound there. Bind mounts of host paths do not move.
+pub async fn order_ct_move(
+    client: &kube::Client,
+    ct: &LinuxContainer,
+    target: &str,
+    requested_by: &str,
+    restart: bool,
+    online: bool,
+) -> Result<Option<String>, PveError> {
     let vmid = ct.spec.vmid.unwrap_or(0);
     let status = ct.status.clone().unwrap_or_default();
     let here = status.node.clone().unwrap_or_default();
@@ -231,20 +243,17 @@ pub async fn order_ct_move(client: &kube::Client, ct: &LinuxContainer, target: &
     let mut volumes =
         vec![("rootfs".to_string(), ct.spec.rootfs.pool.clone(), ct.spec.rootfs.volume.clone())];
     volumes.extend(ct.spec.mount_points.iter().map(|m| (m.id.clone(), m.pool.clone(), m.volume.clone())));
-    let local: Vec<String> = volumes
-        .into_iter()
-        .filter_map(|(id, pool, volume)| {
-            // A host path (a bind mount) is local to its node.
-            let pool = pool.or_else(|| {
-                volume
-                    .as_deref()
-                    .filter(|v| !v.starts_with('/'))
-                    .and_then(|v| v.split(':').next().map(str::to_string))
-            });
-            let on_shared = pool.as_ref().is_some_and(|p| shared.get(p).copied().unwrap_or(false));
-            (!on_shared).then(|| format!("{id} ({})", pool.or(volume).unwrap_or_default()))
-        })
-        .collect();
+    let mut local = false;
+    for (id, pool, volume) in volumes {
+        if volume.as_deref().is_some_and(|v| v.starts_with('/')) {
+            return Err(failure(format!("cannot migrate local bind mount point '{id}'")));
+        }
+        let pool = pool.or_else(|| volume.as_deref().and_then(|v| v.split(':').next().map(str::to_string)));
+        local |= !pool.is_some_and(|p| shared.get(&p).copied().unwrap_or(false));
+    }
+    if let Some(m) = status.migration.as_ref().filter(|m| !m.phase.is_final()) {
+        return Err(failure(format!("CT {vmid} is already migrating to {} ({})", m.target, m.id)));
+    }
     let api: Api<LinuxContainer> = Api::namespaced(client.clone(), &ct.namespace().unwrap_or_default());
     let name = ct.name_any();
     let fresh = api.get(&name).await.map_err(|e| failure(e.to_string()))?;
@@ -252,24 +261,30 @@ pub async fn order_ct_move(client: &kube::Client, ct: &LinuxContainer, target: &
     if fresh_status.node.as_deref() != Some(here.as_str()) {
         return Err(failure(format!("CT {vmid} moved while the request was checked; try again")));
     }
-    if !matches!(
+    // The write below carries this version: decide on it, not on the cache.
+    if let Some(m) = fresh_status.migration.as_ref().filter(|m| !m.phase.is_final()) {
+        return Err(failure(format!("CT {vmid} is already migrating to {} ({})", m.target, m.id)));
+    }
+    let running = !matches!(
         fresh_status.phase,
         kpve_crds::common::GuestPhase::Stopped | kpve_crds::common::GuestPhase::Pending
-    ) {
-        return Err(failure(format!(
-            "CT {vmid} is running: the restart migration of a running container is not implemented in kpve; stop it first"
-        )));
-    }
-    if !local.is_empty() {
-        return Err(failure(format!(
-            "CT {vmid} has volumes on local storage ({}): copying them is not implemented in kpve (declare the pool spec.shared if it is)",
-            local.join(", ")
-        )));
+    );
+    if running && !restart {
+        return Err(failure(if online {
+            "lxc live migration is currently not implemented"
+        } else {
+            "can't migrate running container without --online or --restart"
+        }));
     }
     let params_write = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
-    let body = json!({"metadata": {"resourceVersion": fresh.resource_version()}, "status": {"node": target}});
+    let status = if running || local {
+        json!({"migration": new_order(&here, target, requested_by).to_merge_value()})
+    } else {
+        json!({"node": target})
+    };
+    let body = json!({"metadata": {"resourceVersion": fresh.resource_version()}, "status": status});
     api.patch_status(&name, &params_write, &Patch::Merge(&body)).await.map_err(|e| failure(e.to_string()))?;
-    Ok(())
+    Ok(status["migration"]["id"].as_str().map(str::to_string))
 }
 
 fn record(
@@ -298,9 +313,32 @@ fn record(
     tasks.record(task).map(Value::from).map_err(|e| failure(e.to_string()))
 }
 
-/// How the migration `id` of a guest stands, for its task: None while it runs.
-pub fn outcome(status: &GuestStatus, id: &str) -> Option<Result<String, String>> {
+/// How the migration `id` of a guest stands, for its task: None while it runs. A container
+/// that is to run has migrated once it runs on the target.
+pub fn outcome(g: &Guest, id: &str) -> Option<Result<String, String>> {
+    let status = &g.status;
     let m = status.migration.as_ref().filter(|m| m.id == id)?;
+    if let Some(ct) = g.ct() {
+        return match m.phase {
+            MigrationPhase::Completed => {
+                let to_run = ct.spec.power_state != kpve_crds::PowerState::Stopped;
+                let there = status.node.as_deref() == Some(m.target.as_str());
+                (there && (!to_run || status.phase == kpve_crds::common::GuestPhase::Running)).then(|| {
+                    Ok(format!(
+                        "migration finished: {} on '{}' after {} ms stopped, {} bytes of volumes copied",
+                        if to_run { "started" } else { "stopped" },
+                        m.target,
+                        m.downtime_ms.unwrap_or(0),
+                        m.transferred_bytes.unwrap_or(0)
+                    ))
+                })
+            }
+            MigrationPhase::Failed => {
+                Some(Err(m.message.clone().unwrap_or_else(|| "migration failed".into())))
+            }
+            _ => None,
+        };
+    }
     match m.phase {
         MigrationPhase::Completed => Some(Ok(format!(
             "migration finished: running on '{}', downtime {} ms, {} bytes of memory and state sent",

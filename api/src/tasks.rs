@@ -291,7 +291,7 @@ impl Tasks {
             None if record["target"] == "destroy" => Some(Ok(())),
             Some(g) if record["target"] == "migrate" => {
                 let id = record["migration"].as_str().unwrap_or("");
-                match crate::migrate::outcome(&g.status, id) {
+                match crate::migrate::outcome(&g, id) {
                     Some(Ok(line)) => {
                         if let Some(log) = record["log"].as_array_mut() {
                             log.push(json!(line));

@@ -76,6 +76,33 @@ impl DirPool {
         Ok(())
     }
 
+    /// A random name of the pool's directory (in `.kpve-pool-id`, made on first use): two
+    /// nodes that read the same name use the same directory.
+    pub fn identity(&self) -> Result<String> {
+        let file = self.path.join(".kpve-pool-id");
+        let io = |source| StorageError::Io { path: file.clone(), source };
+        match std::fs::read_to_string(&file) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        std::fs::create_dir_all(&self.path).map_err(io)?;
+        let id: String = rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect();
+        // Whoever makes it first names the directory.
+        let partial = self.path.join(format!(".kpve-pool-id.{id}"));
+        std::fs::write(&partial, &id).map_err(io)?;
+        let made = std::fs::hard_link(&partial, &file);
+        let _ = std::fs::remove_file(&partial);
+        match made {
+            Ok(()) => Ok(id),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Ok(std::fs::read_to_string(&file).map_err(io)?.trim().to_string())
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
     /// Allocates `volume` of `size` bytes unless it exists. Returns whether it was created.
     pub async fn allocate(&self, volume: &str, format: &str, size: u64) -> Result<bool> {
         let path = self.path_of(volume)?;
@@ -228,12 +255,13 @@ pub async fn image_in_use(path: &Path) -> bool {
     }
 }
 
-/// The guest's images in `pool` some process holds (see [`image_in_use`]).
+/// The guest's images in `pool` some process holds (see [`image_in_use`]); container
+/// subvolumes (directories) are no images.
 pub async fn guest_images_in_use(pool: &DirPool, vmid: u32) -> Vec<PathBuf> {
     let mut held = Vec::new();
     let dir = pool.path.join("images").join(vmid.to_string());
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if image_in_use(&entry.path()).await {
+        if entry.path().is_file() && image_in_use(&entry.path()).await {
             held.push(entry.path());
         }
     }

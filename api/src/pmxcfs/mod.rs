@@ -916,9 +916,9 @@ impl View {
     }
 
     /// Moving a guest config into another node's directory migrates the guest there, as
-    /// `qm migrate` moves the config on Proxmox: a stopped VM whose disks need no copy at once,
-    /// a running VM live (local disks copied), a stopped container whose volumes are on shared
-    /// pools at once. Returns once the view shows it on the target, or the refusal or the
+    /// `qm migrate` moves the config on Proxmox: a stopped guest whose volumes need no copy at
+    /// once, a running VM live (local disks copied), a container by restart migration (local
+    /// volumes copied). Returns once the view shows it on the target, or the refusal or the
     /// migration's failure (with an Event).
     pub async fn relocate(&self, from: &str, to: &str) -> Result<(), WriteError> {
         let (Some((source, dir, vmid)), Some((target, to_dir, to_vmid))) = (guest_path(from), guest_path(to))
@@ -944,7 +944,10 @@ impl View {
                 let who = format!("pmxcfs@{}", self.node);
                 crate::migrate::order_move(&self.client, &vm, target, &who, true, true).await
             }
-            (_, Some(ct)) => crate::migrate::order_ct_move(&self.client, &ct, target).await.map(|()| None),
+            (_, Some(ct)) => {
+                let who = format!("pmxcfs@{}", self.node);
+                crate::migrate::order_ct_move(&self.client, &ct, target, &who, true, false).await
+            }
             _ => return Err(WriteError::NotWritable(from.to_string())),
         };
         let id = match order {

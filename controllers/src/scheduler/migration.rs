@@ -1,8 +1,9 @@
-//! The migration controller: the cluster's part of a live migration (the protocol is on
-//! [`kpve_crds::Migration`]; the agents do the moving).
+//! The migration controller: the cluster's part of a migration — a VM's live migration, a
+//! container's restart migration (the protocol is on [`kpve_crds::Migration`]; the agents do
+//! the moving).
 //!
-//! - **Orders** one when a running VM's placement no longer allows its node (someone changed
-//!   `spec.placement`): the target is the node the scheduler would pick now.
+//! - **Orders** one when a running guest's placement no longer allows its node (someone
+//!   changed `spec.placement`): the target is the node the scheduler would pick now.
 //! - **Binds** the guest to the target once the source reports `Completed` — agents never
 //!   write `status.node`.
 //! - **Times out** an order neither end took up.
@@ -13,9 +14,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kpve_crds::kube::ResourceExt;
 use kpve_crds::kube::api::{Api, Patch, PatchParams};
-use kpve_crds::kube::{Resource, ResourceExt};
-use kpve_crds::{HaState, Migration, MigrationPhase, PowerState, VirtualMachine};
+use kpve_crds::{HaState, Migration, MigrationPhase, PowerState};
 use serde_json::json;
 
 use super::{Context, disallowed, place};
@@ -48,36 +49,41 @@ pub(super) async fn run(ctx: Arc<Context>) {
             continue;
         }
         for vm in ctx.vms.store.state() {
-            if let Err(e) = step(&ctx, &vm).await {
+            if let Err(e) = step(&ctx, &*vm).await {
                 tracing::debug!(vm = %vm.name_any(), error = %e, "migration write failed (retried)");
+            }
+        }
+        for ct in ctx.cts.store.state() {
+            if let Err(e) = step(&ctx, &*ct).await {
+                tracing::debug!(ct = %ct.name_any(), error = %e, "migration write failed (retried)");
             }
         }
     }
 }
 
-async fn write(
+async fn write<K: GuestKind>(
     ctx: &Context,
-    vm: &VirtualMachine,
+    guest: &K,
     status: serde_json::Value,
 ) -> Result<(), kpve_crds::kube::Error> {
-    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let body = json!({"metadata": {"resourceVersion": vm.resource_version()}, "status": status});
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &guest.namespace().unwrap_or_default());
+    let body = json!({"metadata": {"resourceVersion": guest.resource_version()}, "status": status});
     let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
-    api.patch_status(&vm.name_any(), &params, &Patch::Merge(&body)).await.map(|_| ())
+    api.patch_status(&guest.name_any(), &params, &Patch::Merge(&body)).await.map(|_| ())
 }
 
-async fn step(ctx: &Context, vm: &VirtualMachine) -> Result<(), kpve_crds::kube::Error> {
-    if vm.meta().deletion_timestamp.is_some() {
+async fn step<K: GuestKind>(ctx: &Context, guest: &K) -> Result<(), kpve_crds::kube::Error> {
+    if guest.meta().deletion_timestamp.is_some() {
         return Ok(());
     }
-    let Some(node) = vm.node() else { return Ok(()) };
-    let status = vm.status.clone().unwrap_or_default();
+    let Some(node) = guest.node() else { return Ok(()) };
+    let status = guest.guest_status().cloned().unwrap_or_default();
     if let Some(m) = &status.migration {
         match m.phase {
             // An HA move ("ha-<id>") is bound by the CRM once the LRM acknowledged it.
             MigrationPhase::Completed if node == m.source && !m.id.starts_with("ha-") => {
-                write(ctx, vm, json!({"node": m.target})).await?;
-                tracing::info!(vm = %vm.name_any(), from = %m.source, to = %m.target, downtime_ms = ?m.downtime_ms, "migrated");
+                write(ctx, guest, json!({"node": m.target})).await?;
+                tracing::info!(guest = %guest.name_any(), from = %m.source, to = %m.target, downtime_ms = ?m.downtime_ms, "migrated");
                 return Ok(());
             }
             MigrationPhase::Pending | MigrationPhase::TargetReady
@@ -90,7 +96,7 @@ async fn step(ctx: &Context, vm: &VirtualMachine) -> Result<(), kpve_crds::kube:
                 let message = format!("{message} within {}s", ORDER_TIMEOUT.as_secs());
                 write(
                     ctx,
-                    vm,
+                    guest,
                     json!({"migration": {"phase": "Failed", "finished": now(), "message": message}}),
                 )
                 .await?;
@@ -103,9 +109,10 @@ async fn step(ctx: &Context, vm: &VirtualMachine) -> Result<(), kpve_crds::kube:
             _ => {}
         }
     }
-    // A placement change moves a running VM live.
-    if vm.spec.ha.as_ref().is_some_and(|h| h.state != HaState::Ignored)
-        || vm.spec.power_state == PowerState::Stopped
+    // A placement change moves a running guest.
+    let spec = guest.guest_spec();
+    if spec.ha().is_some_and(|h| h.state != HaState::Ignored)
+        || spec.power_state() == PowerState::Stopped
         || status.phase != kpve_crds::GuestPhase::Running
     {
         return Ok(());
@@ -114,14 +121,14 @@ async fn step(ctx: &Context, vm: &VirtualMachine) -> Result<(), kpve_crds::kube:
         let mut assumed = ctx.assumed.lock().expect("assume cache lock poisoned");
         let views = ctx.node_views(&mut assumed);
         let Some(here) = views.iter().find(|v| v.name == node) else { return Ok(()) };
-        if disallowed(&vm.spec.placement, here).is_none() {
+        if disallowed(spec.placement(), here).is_none() {
             return Ok(());
         }
         let others: Vec<_> = views.iter().filter(|v| v.name != node).cloned().collect();
-        match place(&vm.demand(), &others) {
+        match place(&guest.demand(), &others) {
             Ok(target) => target,
             Err(why) => {
-                tracing::debug!(vm = %vm.name_any(), %why, "placement excludes the node, but no node can take the VM");
+                tracing::debug!(guest = %guest.name_any(), %why, "placement excludes the node, but no node can take the VM");
                 return Ok(());
             }
         }
@@ -135,7 +142,7 @@ async fn step(ctx: &Context, vm: &VirtualMachine) -> Result<(), kpve_crds::kube:
         started: Some(now()),
         ..Migration::default()
     };
-    write(ctx, vm, json!({"migration": order.to_merge_value()})).await?;
-    tracing::info!(vm = %vm.name_any(), from = node, to = %target, "placement changed: live migration ordered");
+    write(ctx, guest, json!({"migration": order.to_merge_value()})).await?;
+    tracing::info!(guest = %guest.name_any(), from = node, to = %target, "placement changed: migration ordered");
     Ok(())
 }

@@ -22,7 +22,8 @@ use tokio::process::Command;
 use super::{Agent, Observed, Prepared, RunState, Runtime, Stall, generated_mac};
 use crate::host;
 use crate::lxc::config::{self, CgroupLayout, ConfigError, CtPlan, IdMap, ResolvedMount, ResolvedVeth};
-use crate::lxc::rootfs;
+use crate::lxc::{rootfs, transfer};
+use crate::qemu::migration::Outcome;
 use crate::storage::{self, DirPool};
 
 pub(crate) struct Lxc;
@@ -333,6 +334,49 @@ impl Runtime for Lxc {
         if Self::observe(agent, vmid, run).await.is_some() {
             let _ = lxc(agent, "lxc-stop", vmid, &["-k"]).await;
         }
+    }
+
+    /// The restart migration: the container is shut down (its shutdown timeout, then
+    /// killed), and each volume the target waits for is sent to it
+    /// ([`crate::lxc::transfer`]). The downtime reported runs from the stop to the
+    /// hand-over; the target starts the container once it is bound there.
+    async fn migrate_send(
+        agent: &Agent,
+        ct: &LinuxContainer,
+        vmid: u32,
+        run: &Path,
+        m: &kpve_crds::Migration,
+    ) -> Result<Outcome, String> {
+        let began = std::time::Instant::now();
+        let receiver = match &m.uri {
+            Some(uri) => Some(transfer::parse_uri(uri).ok_or(format!("bad migration address {uri:?}"))?),
+            None if m.disks.is_empty() => None,
+            None => return Err("the target gave no migration address".into()),
+        };
+        let volumes = ct.status.as_ref().map(|s| s.volumes.clone()).unwrap_or_default();
+        let pool = agent.pool();
+        let mut copies = Vec::new();
+        for slot in &m.disks {
+            let volume = volumes.get(slot).ok_or(format!("{slot}: no volume recorded for it"))?;
+            copies.push((slot.as_str(), pool.path_of(volume).map_err(|e| format!("{slot}: {e}"))?));
+        }
+        let stopped_at = std::time::Instant::now();
+        if Self::observe(agent, vmid, run).await.is_some() {
+            Self::stop(agent, vmid, run, agent.shutdown_timeout(&ct.spec)).await;
+            if Self::observe(agent, vmid, run).await.is_some() {
+                return Err("the container did not stop".into());
+            }
+        }
+        let mut transferred = 0;
+        if let Some((address, token)) = &receiver {
+            let pool_id = pool.identity().map_err(|e| e.to_string())?;
+            for (slot, path) in &copies {
+                transferred += transfer::send(address, token, slot, path, &pool_id).await?;
+                tracing::info!(vmid, slot, migration = %m.id, "volume sent");
+            }
+        }
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Ok(Outcome { downtime_ms: ms(stopped_at.elapsed()), total_ms: ms(began.elapsed()), transferred })
     }
 
     async fn set_paused(agent: &Agent, vmid: u32, _run: &Path, paused: bool) -> bool {

@@ -36,7 +36,7 @@ use crate::qemu::migration;
 /// the migration's id and outcome, so the `Completed` record can be written again.
 const MIGRATED_MARKER: &str = "migrated";
 /// Marks a run directory prepared to receive a guest: the migration's id.
-const INCOMING_MARKER: &str = "incoming";
+pub(super) const INCOMING_MARKER: &str = "incoming";
 
 /// What a source keeps of a migration it completed.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -54,7 +54,7 @@ fn read_handed(run: &Path) -> Option<Handed> {
     serde_json::from_slice(&std::fs::read(run.join(MIGRATED_MARKER)).ok()?).ok()
 }
 
-fn incoming_id(run: &Path) -> Option<String> {
+pub(super) fn incoming_id(run: &Path) -> Option<String> {
     std::fs::read_to_string(run.join(INCOMING_MARKER)).ok()
 }
 
@@ -65,7 +65,7 @@ pub(crate) struct IncomingRun {
     pub vmid: u32,
 }
 
-fn now() -> String {
+pub(super) fn now() -> String {
     jiff::Timestamp::now().round(jiff::Unit::Millisecond).expect("in range").to_string()
 }
 
@@ -146,7 +146,8 @@ impl Agent {
             // Completed by another run of this agent that left no marker: nothing to run here.
             MigrationPhase::Completed => Some(Ok(())),
             MigrationPhase::Pending => {
-                if R::observe(self, vmid, run).await.is_none() {
+                // A container moves stopped or running (it is stopped for the copy).
+                if R::LIVE_MIGRATION && R::observe(self, vmid, run).await.is_none() {
                     let message = format!(
                         "the guest is not running on {}: only a running guest migrates live",
                         self.node()
@@ -233,16 +234,12 @@ impl Agent {
                 return Ok(());
             }
         }
-        let Some(uri) = m.uri.as_deref() else {
-            self.fail_migration::<R>(guest, m, "the target gave no migration address").await;
-            return Ok(());
-        };
-        if R::observe(self, vmid, run).await.is_none() {
+        if R::LIVE_MIGRATION && R::observe(self, vmid, run).await.is_none() {
             self.fail_migration::<R>(guest, m, "the guest stopped before it could be sent").await;
             return Ok(());
         }
         tracing::info!(vmid, migration = %m.id, target = %m.target, disks = ?m.disks, "sending the guest");
-        match R::migrate_send(self, vmid, run, uri, m.nbd.as_deref(), &m.disks).await {
+        match R::migrate_send(self, guest, vmid, run, m).await {
             Ok(outcome) => {
                 // From here on the target runs the guest: remember it on disk first.
                 let handed = Handed {
@@ -276,8 +273,9 @@ impl Agent {
             "transferredBytes": handed.transferred,
             "message": format!("running on {} after {} ms of downtime", handed.target, handed.downtime_ms),
         });
+        // A guest that moved stopped (a container) shows stopped until the target started it.
+        let mut extra = if R::LIVE_MIGRATION { json!({}) } else { json!({"phase": "Stopped"}) };
         // An HA move: the LRM's acknowledgement lets the CRM rebind the guest.
-        let mut extra = json!({});
         if let Some(ha_id) = handed.ha {
             let uid = guest.uid().unwrap_or_default();
             let mut reports = self.lrm_reports.lock().expect("lrm reports lock");
@@ -320,28 +318,69 @@ impl Agent {
 
 /// The target's side: watches the VMs coming to this node.
 pub(crate) async fn incoming(agent: Arc<Agent>) -> anyhow::Result<()> {
-    let api: Api<VirtualMachine> = Api::all(agent.client.clone());
+    watch_incoming::<VirtualMachine, _, _>(
+        agent,
+        |agent, vm| async move { agent.receive(&vm).await },
+        |agent, vm, vmid, id| async move { agent.drop_incoming(&vm, vmid, &id).await },
+    )
+    .await
+}
+
+/// Watches the guests of kind `K` coming to this node: `apply` sees each change, `dropped`
+/// those no longer coming (ordered elsewhere, or deleted) with their vmid and migration id.
+pub(super) async fn watch_incoming<K, A, D>(
+    agent: Arc<Agent>,
+    apply: impl Fn(Arc<Agent>, K) -> A,
+    dropped: impl Fn(Arc<Agent>, K, u32, String) -> D,
+) -> anyhow::Result<()>
+where
+    K: GuestObject + 'static,
+    A: std::future::Future<Output = ()>,
+    D: std::future::Future<Output = ()>,
+{
+    let api: Api<K> = Api::all(agent.client.clone());
     let selector = format!("status.migration.target={}", agent.node());
     let mut stream = watcher(api, watcher::Config::default().fields(&selector)).boxed();
     while let Some(event) = stream.next().await {
         match event {
-            Ok(watcher::Event::Apply(vm) | watcher::Event::InitApply(vm)) => agent.receive(&vm).await,
-            Ok(watcher::Event::Delete(vm)) => {
-                // Ordered elsewhere, or deleted: what was prepared for it goes (unless it came).
-                if let (Some(vmid), Some(m)) =
-                    (vm.spec.vmid, vm.status.as_ref().and_then(|s| s.migration.as_ref()))
-                {
-                    agent.drop_incoming(&vm, vmid, &m.id).await;
+            Ok(watcher::Event::Apply(g) | watcher::Event::InitApply(g)) => apply(agent.clone(), g).await,
+            Ok(watcher::Event::Delete(g)) => {
+                let vmid = g.guest_spec().vmid();
+                let id = g.guest_status().and_then(|s| s.migration.as_ref()).map(|m| m.id.clone());
+                if let (Some(vmid), Some(id)) = (vmid, id) {
+                    dropped(agent.clone(), g, vmid, id).await;
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "incoming migration watch error"),
+            Err(e) => {
+                tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "incoming migration watch error")
+            }
         }
     }
     anyhow::bail!("incoming migration watch ended")
 }
 
 impl Agent {
+    /// Whether what this node prepared for migration `id` of `guest` is still wanted: the
+    /// guest is bound here now, or the server still shows that migration coming here. None
+    /// when the server cannot say.
+    pub(super) async fn still_incoming<K: GuestObject>(&self, guest: &K, id: &str) -> Option<bool> {
+        let api: Api<K> = Api::namespaced(self.client.clone(), &guest.namespace().unwrap_or_default());
+        match api.get_opt(&guest.name_any()).await {
+            Ok(Some(fresh)) if fresh.uid() == guest.uid() => {
+                let status = fresh.guest_status().cloned().unwrap_or_default();
+                Some(
+                    status.node.as_deref() == Some(self.node())
+                        || status.migration.is_some_and(|m| {
+                            m.id == id && m.target == self.node() && m.phase != MigrationPhase::Failed
+                        }),
+                )
+            }
+            Ok(_) => Some(false),
+            Err(_) => None,
+        }
+    }
+
     async fn receive(&self, vm: &VirtualMachine) {
         let Some(status) = vm.status.as_ref() else { return };
         let Some(m) = status.migration.as_ref().filter(|m| m.target == self.node()) else { return };
@@ -486,20 +525,8 @@ impl Agent {
         if incoming_id(&run).as_deref() != Some(id) {
             return;
         }
-        let api: Api<VirtualMachine> =
-            Api::namespaced(self.client.clone(), &vm.namespace().unwrap_or_default());
-        let keep = match api.get_opt(&vm.name_any()).await {
-            Ok(Some(fresh)) if fresh.uid() == vm.uid() => {
-                let status = fresh.status.unwrap_or_default();
-                status.node.as_deref() == Some(self.node())
-                    || status.migration.is_some_and(|m| {
-                        m.id == id && m.target == self.node() && m.phase != MigrationPhase::Failed
-                    })
-            }
-            Ok(_) => false,
-            // Cannot tell: leave it (a restarted agent sorts run directories out).
-            Err(_) => return,
-        };
+        // Cannot tell: leave it (a restarted agent sorts run directories out).
+        let Some(keep) = self.still_incoming(vm, id).await else { return };
         // Only what this agent started for the guest (its checkpoint names it).
         if keep || read_checkpoint(&run).is_some_and(|cp| Some(cp.uid) != vm.uid()) {
             return;

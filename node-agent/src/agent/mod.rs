@@ -15,6 +15,7 @@
 mod ct;
 mod firewall;
 mod migrate;
+mod migrate_ct;
 mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -161,6 +162,8 @@ pub(crate) struct Agent {
     incoming: std::sync::Mutex<HashMap<String, migrate::IncomingRun>>,
     /// Per guest uid: the id of the last migration this node failed to send.
     failed_sends: std::sync::Mutex<HashMap<String, String>>,
+    /// Per container uid: the migration (id) whose volumes this node is receiving.
+    ct_receivers: std::sync::Mutex<HashMap<String, (String, crate::lxc::transfer::Receiver)>>,
 }
 
 /// A start that receives a migrating guest instead of booting it.
@@ -188,6 +191,7 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         pool_shared: std::sync::Mutex::new(None),
         incoming: std::sync::Mutex::default(),
         failed_sends: std::sync::Mutex::default(),
+        ct_receivers: std::sync::Mutex::default(),
         client,
         facts: host::facts(),
         pool_path: std::sync::Mutex::new(config.default_pool_path()),
@@ -212,6 +216,7 @@ pub async fn run(client: Client, config: AgentConfig) -> anyhow::Result<()> {
         guests::<vm::Qemu>(agent.clone()),
         guests::<ct::Lxc>(agent.clone()),
         migrate::incoming(agent.clone()),
+        migrate_ct::incoming(agent.clone()),
         firewall::run(agent)
     )?;
     Ok(())
@@ -497,7 +502,8 @@ pub(crate) trait Runtime: Send + Sync + 'static {
     const ENGINE: &'static str;
     /// How messages name the running guest ("QEMU", "the container").
     const PROCESS: &'static str;
-    /// Whether a running guest of this kind moves live ([`Runtime::migrate_send`]).
+    /// Whether a running guest of this kind moves live ([`Runtime::migrate_send`]); a kind
+    /// that does not is stopped for the move (a container's restart migration).
     const LIVE_MIGRATION: bool = false;
 
     /// Static figures written with every status (`maxmem`, …).
@@ -527,18 +533,16 @@ pub(crate) trait Runtime: Send + Sync + 'static {
     fn stop(agent: &Agent, vmid: u32, run: &Path, timeout: Duration) -> impl Future<Output = ()> + Send;
     /// Freezes or thaws the running guest; whether it worked.
     fn set_paused(agent: &Agent, vmid: u32, run: &Path, paused: bool) -> impl Future<Output = bool> + Send;
-    /// Sends the running guest to a target waiting at `uri` (and at `nbd` for the local
-    /// `disks`): a live migration. Kinds without one refuse.
+    /// Sends the guest to the target of migration `m`, which said where it waits (`m.uri`,
+    /// `m.nbd` for the local `m.disks`): QEMU's live migration, or a container's volumes
+    /// copied after it stopped. The source's copy of the guest does not run afterwards.
     fn migrate_send(
-        _agent: &Agent,
-        _vmid: u32,
-        _run: &Path,
-        _uri: &str,
-        _nbd: Option<&str>,
-        _disks: &[String],
-    ) -> impl Future<Output = Result<crate::qemu::migration::Outcome, String>> + Send {
-        async { Err(format!("a {} does not migrate live", Self::KIND)) }
-    }
+        agent: &Agent,
+        guest: &Self::Guest,
+        vmid: u32,
+        run: &Path,
+        m: &kpve_crds::Migration,
+    ) -> impl Future<Output = Result<crate::qemu::migration::Outcome, String>> + Send;
     /// Runtime figures (mem, cpu, disk and net counters) of the running guest into `figures`.
     fn figures(
         agent: &Agent,
@@ -775,9 +779,10 @@ impl Agent {
         // HA guests: the LRM decides whether they run here (their HA state, the lease,
         // restart limits, migrations the CRM asked for).
         let lrm_step = self.lrm_step::<R>(guest, vmid, &run, observed.is_some()).await;
-        // An HA move of a running guest goes live; only a failed live migration stops it for
-        // an offline move.
-        if let (Some(Step::StopFor(id)), Some(_), true) = (lrm_step, observed, R::LIVE_MIGRATION)
+        // An HA move of a running VM goes live, a container's moves by restart migration (its
+        // volumes copied); only a failed migration stops the guest for an offline move.
+        if let Some(Step::StopFor(id)) = lrm_step
+            && (observed.is_some() || !R::LIVE_MIGRATION)
             && let Some(target) = guest
                 .guest_status()
                 .and_then(|s| s.ha.as_ref())

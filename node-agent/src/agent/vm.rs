@@ -158,16 +158,16 @@ impl Runtime for Qemu {
 
     async fn migrate_send(
         _agent: &Agent,
+        _vm: &VirtualMachine,
         _vmid: u32,
         run: &Path,
-        uri: &str,
-        nbd: Option<&str>,
-        disks: &[String],
+        m: &kpve_crds::Migration,
     ) -> Result<migration::Outcome, String> {
+        let uri = m.uri.as_deref().ok_or("the target gave no migration address")?;
         let run = LaunchPaths::new(run);
         let mut q =
             Qmp::connect(&run.qmp_socket(), Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
-        migration::send(&mut q, uri, nbd, disks).await.map_err(|e| e.message)
+        migration::send(&mut q, uri, m.nbd.as_deref(), &m.disks).await.map_err(|e| e.message)
     }
 
     async fn set_paused(_agent: &Agent, _vmid: u32, run: &Path, paused: bool) -> bool {
