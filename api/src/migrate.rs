@@ -97,23 +97,30 @@ pub async fn migrate(
     let flag = |k: &str| params.get(k).is_some_and(|v| v == "1");
     if g.kind != Kind::Qemu {
         let ct = g.ct().ok_or_else(|| failure("not a container"))?;
+        if g.running() && flag("online") {
+            // Proxmox fails the task, before it looks at restart mode.
+            let error = "lxc live migration is currently not implemented".to_string();
+            let log = format!("starting migration of CT {} to node '{target}'", g.vmid);
+            return record(tasks, node, g, user, log, None, Some(error));
+        }
         let order = order_ct_move(&guests.client, ct, &target, user, flag("restart"), flag("online")).await?;
         let log = match &order {
             None => format!("migrate stopped CT {} to node '{target}'", g.vmid),
             Some(_) => format!("starting migration of CT {} to node '{target}' (restart mode)", g.vmid),
         };
-        return record(tasks, node, g, user, log, order);
+        return record(tasks, node, g, user, log, order, None);
     }
     let vm = the_vm(g)?;
     let here = g.status.node.clone().unwrap_or_default();
     match order_move(&guests.client, vm, &target, user, flag("online"), flag("with-local-disks")).await? {
         None => {
-            record(tasks, node, g, user, format!("migrate stopped VM {} to node '{target}'", g.vmid), None)
+            let log = format!("migrate stopped VM {} to node '{target}'", g.vmid);
+            record(tasks, node, g, user, log, None, None)
         }
         Some(id) => {
             let log =
                 format!("starting migration of VM {} from node '{here}' to node '{target}' (online)", g.vmid);
-            record(tasks, node, g, user, log, Some(id))
+            record(tasks, node, g, user, log, Some(id), None)
         }
     }
 }
@@ -294,6 +301,7 @@ fn record(
     user: &str,
     log: String,
     migration: Option<String>,
+    error: Option<String>,
 ) -> Result<Value, PveError> {
     let task = Task {
         node,
@@ -307,7 +315,7 @@ fn record(
         },
         user,
         log: Some(log),
-        error: None,
+        error,
         volume: None,
     };
     tasks.record(task).map(Value::from).map_err(|e| failure(e.to_string()))
@@ -321,9 +329,15 @@ pub fn outcome(g: &Guest, id: &str) -> Option<Result<String, String>> {
     if let Some(ct) = g.ct() {
         return match m.phase {
             MigrationPhase::Completed => {
-                let to_run = ct.spec.power_state != kpve_crds::PowerState::Stopped;
+                use kpve_crds::common::GuestPhase;
+                let declared = match ct.spec.power_state {
+                    kpve_crds::PowerState::Running => GuestPhase::Running,
+                    kpve_crds::PowerState::Paused => GuestPhase::Paused,
+                    kpve_crds::PowerState::Stopped => GuestPhase::Stopped,
+                };
+                let to_run = declared != GuestPhase::Stopped;
                 let there = status.node.as_deref() == Some(m.target.as_str());
-                (there && (!to_run || status.phase == kpve_crds::common::GuestPhase::Running)).then(|| {
+                (there && status.phase == declared).then(|| {
                     Ok(format!(
                         "migration finished: {} on '{}' after {} ms stopped, {} bytes of volumes copied",
                         if to_run { "started" } else { "stopped" },

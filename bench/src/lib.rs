@@ -153,6 +153,34 @@ impl Processes {
             .unwrap()
     }
 
+    /// Two hosts, `n1` and `n2`, each with its own `local` pool directory (the pool's shared
+    /// path dropped): their agents, started and registered. `before_agents` runs first (an
+    /// agent directory prepared: a template put in place).
+    pub async fn two_hosts(
+        &self,
+        client: &kube::Client,
+        before_agents: impl FnOnce(),
+    ) -> [std::process::Child; 2] {
+        use kube::api::{Api, Patch, PatchParams};
+        let pools: Api<kpve_crds::StoragePool> = Api::all(client.clone());
+        let drop_path = serde_json::json!([{"op": "remove", "path": "/spec/path"}]);
+        pools
+            .patch(
+                "local",
+                &PatchParams::default(),
+                &Patch::<()>::Json(serde_json::from_value(drop_path).unwrap()),
+            )
+            .await
+            .unwrap();
+        before_agents();
+        let agents = [self.spawn_agent("n1"), self.spawn_agent("n2")];
+        let hvs: Api<kpve_crds::Hypervisor> = Api::all(client.clone());
+        while hvs.list(&Default::default()).await.map(|l| l.items.len()).unwrap_or(0) < 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        agents
+    }
+
     /// An admin client (the server's kubeconfig).
     pub async fn client(&self) -> kube::Client {
         let kc = kube::config::Kubeconfig::read_from(self.dir.join("kubeconfig")).unwrap();

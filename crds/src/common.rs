@@ -250,19 +250,22 @@ pub struct GuestStatus {
     /// What the local resource manager of the guest's node reports about it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha_lrm: Option<HaLrmStatus>,
-    /// The live migration in progress, or the last one (Proxmox `qm migrate --online`).
+    /// The migration in progress, or the last one (Proxmox `qm migrate --online`, `pct
+    /// migrate --restart`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
 }
 
-/// A live migration of a running VM from `source` to `target`: ordered (`Pending`) by the
-/// migration controller (a placement that no longer allows the node), the Proxmox API
-/// (`POST …/migrate`) or the source's LRM (an HA move); the target's agent starts QEMU
-/// waiting for the guest and says where (`TargetReady`); the source's agent copies local
-/// disks and memory and hands over (`Migrating`, then `Completed` or `Failed`); the
-/// migration controller then binds the guest to the target. The guest runs on exactly one
-/// node throughout: the target's QEMU runs guest code only after the source's stopped for
-/// good.
+/// A migration from `source` to `target` — a VM's live migration, a container's restart
+/// migration: ordered (`Pending`) by the migration controller (a placement that no longer
+/// allows the node), the Proxmox API (`POST …/migrate`) or the source's LRM (an HA move);
+/// the target's agent gets ready and says where (`TargetReady`: a QEMU waiting for the VM,
+/// a receiver for the container's volumes); the source's agent hands over (`Migrating`,
+/// then `Completed` or `Failed`: copies local disks and memory; or stops the container and
+/// copies its local volumes); the migration controller then binds the guest to the target.
+/// The guest runs on exactly one node throughout: the target's QEMU runs guest code only
+/// after the source's stopped for good; a container starts on the target once it is bound
+/// there.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Migration {
@@ -279,22 +282,26 @@ pub struct Migration {
     pub started: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished: Option<String>,
-    /// Where the target's QEMU waits for the guest's state (`tcp:HOST:PORT`).
+    /// Where the target's QEMU waits for the guest's state (`tcp:HOST:PORT`), or its receiver
+    /// for a container's volumes (`tcp:HOST:PORT/TOKEN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
     /// The target's NBD server for local disks (`HOST:PORT`), one export per disk id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<String>,
-    /// Disks copied to the target (local storage); disks on shared storage are not.
+    /// Disks (a container's volume slots) copied to the target (local storage); those on
+    /// shared storage are not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<String>,
-    /// How long the guest was paused for the switch-over (QEMU's measure), milliseconds.
+    /// How long the guest was paused for the switch-over (QEMU's measure), milliseconds; for
+    /// a container, from its stop to the hand-over (it starts on the target right after).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
     /// From the start of the copy to the switch-over, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<u64>,
-    /// Memory and device state sent, bytes (disk copies not included).
+    /// Memory and device state sent, bytes (disk copies not included); for a container, the
+    /// volume archives sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transferred_bytes: Option<u64>,
     /// Why it failed, or what it is waiting for.
@@ -307,9 +314,9 @@ pub enum MigrationPhase {
     /// Ordered; the target has not answered yet.
     #[default]
     Pending,
-    /// The target's QEMU waits for the guest (`uri`, `nbd`).
+    /// The target waits for the guest (`uri`, `nbd`).
     TargetReady,
-    /// The source is copying disks and memory.
+    /// The source is copying disks and memory (a container: stopping it, copying volumes).
     Migrating,
     /// The guest runs on the target; the source's QEMU is gone.
     Completed,

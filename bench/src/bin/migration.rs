@@ -33,21 +33,7 @@ async fn main() {
     let cluster = Processes::start(dir.path(), "default").await;
     let client = cluster.client().await;
     // Two hosts have two `local` directories: the pool has no shared path.
-    let pools: Api<kpve_crds::StoragePool> = Api::all(client.clone());
-    let drop_path = json!([{"op": "remove", "path": "/spec/path"}]);
-    pools
-        .patch(
-            "local",
-            &PatchParams::default(),
-            &Patch::<()>::Json(serde_json::from_value(drop_path).unwrap()),
-        )
-        .await
-        .unwrap();
-    let mut agents = [cluster.spawn_agent("n1"), cluster.spawn_agent("n2")];
-    let hvs: Api<kpve_crds::Hypervisor> = Api::all(client.clone());
-    while hvs.list(&Default::default()).await.map(|l| l.items.len()).unwrap_or(0) < 2 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut agents = cluster.two_hosts(&client, || {}).await;
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
     let vm: VirtualMachine = serde_json::from_value(json!({
         "apiVersion": "kpve.io/v1alpha1", "kind": "VirtualMachine",

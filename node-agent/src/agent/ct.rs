@@ -336,10 +336,12 @@ impl Runtime for Lxc {
         }
     }
 
-    /// The restart migration: the container is shut down (its shutdown timeout, then
-    /// killed), and each volume the target waits for is sent to it
-    /// ([`crate::lxc::transfer`]). The downtime reported runs from the stop to the
-    /// hand-over; the target starts the container once it is bound there.
+    /// The restart migration: every volume in the container's directory of the pool (what
+    /// is there, not what the status lists) is to be copied unless the pool is shared; the
+    /// target is asked whether it takes them (not the same directory); then the container is
+    /// shut down (its shutdown timeout, then killed) and each volume sent
+    /// ([`crate::lxc::transfer`]). The downtime reported runs from the stop to the hand-over;
+    /// the target starts the container once it is bound there.
     async fn migrate_send(
         agent: &Agent,
         ct: &LinuxContainer,
@@ -348,17 +350,41 @@ impl Runtime for Lxc {
         m: &kpve_crds::Migration,
     ) -> Result<Outcome, String> {
         let began = std::time::Instant::now();
-        let receiver = match &m.uri {
-            Some(uri) => Some(transfer::parse_uri(uri).ok_or(format!("bad migration address {uri:?}"))?),
-            None if m.disks.is_empty() => None,
-            None => return Err("the target gave no migration address".into()),
-        };
-        let volumes = ct.status.as_ref().map(|s| s.volumes.clone()).unwrap_or_default();
         let pool = agent.pool();
+        let shared =
+            agent.pool_shared().ok_or("the pool's StoragePool has not been read yet (shared or not)")?;
+        let receiver = match (&m.uri, shared) {
+            (Some(uri), false) => {
+                Some(transfer::parse_uri(uri).ok_or(format!("bad migration address {uri:?}"))?)
+            }
+            (None, true) => None,
+            (Some(_), true) => return Err("the target waits for volumes, but the pool is shared here".into()),
+            (None, false) => {
+                return Err("the target gave no address for the volumes of an unshared pool".into());
+            }
+        };
         let mut copies = Vec::new();
-        for slot in &m.disks {
-            let volume = volumes.get(slot).ok_or(format!("{slot}: no volume recorded for it"))?;
-            copies.push((slot.as_str(), pool.path_of(volume).map_err(|e| format!("{slot}: {e}"))?));
+        if let Some((address, token)) = &receiver {
+            let dir = pool.path.join("images").join(vmid.to_string());
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries.flatten().collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(format!("{}: {e}", dir.display())),
+            };
+            for entry in entries {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // A half-made copy (a clone cut off) is no volume.
+                if name.ends_with(".partial") {
+                    continue;
+                }
+                if !entry.path().is_dir() {
+                    return Err(format!("{name}: only container subvolumes move, not files"));
+                }
+                copies.push((name, entry.path()));
+            }
+            let pool_id = pool.identity().map_err(|e| e.to_string())?;
+            // Before the container stops: a target that cannot take them refuses now.
+            transfer::check(address, token, &pool_id).await?;
         }
         let stopped_at = std::time::Instant::now();
         if Self::observe(agent, vmid, run).await.is_some() {
@@ -370,9 +396,9 @@ impl Runtime for Lxc {
         let mut transferred = 0;
         if let Some((address, token)) = &receiver {
             let pool_id = pool.identity().map_err(|e| e.to_string())?;
-            for (slot, path) in &copies {
-                transferred += transfer::send(address, token, slot, path, &pool_id).await?;
-                tracing::info!(vmid, slot, migration = %m.id, "volume sent");
+            for (name, path) in &copies {
+                transferred += transfer::send(address, token, name, path, &pool_id).await?;
+                tracing::info!(vmid, volume = %name, migration = %m.id, "volume sent");
             }
         }
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);

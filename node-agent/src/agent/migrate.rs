@@ -267,8 +267,9 @@ impl Agent {
     /// it again while it does not stand). Whether it was written.
     async fn record_completed<R: Runtime>(&self, guest: &R::Guest, handed: &Handed) -> bool {
         let (ns, name) = (guest.namespace().unwrap_or_default(), guest.name_any());
+        // The receiver's address (a container's carries its token) is no use any more.
         let patch = json!({
-            "phase": "Completed", "finished": now(),
+            "phase": "Completed", "finished": now(), "uri": null,
             "downtimeMs": handed.downtime_ms, "totalMs": handed.total_ms,
             "transferredBytes": handed.transferred,
             "message": format!("running on {} after {} ms of downtime", handed.target, handed.downtime_ms),

@@ -11,7 +11,6 @@
 //! not survive a restart of the agent: an order it was waiting for fails (the source starts
 //! the container again).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kpve_crds::{LinuxContainer, MigrationPhase};
@@ -57,7 +56,7 @@ impl Agent {
                 let result = self.prepare_incoming_ct(ct, vmid, &m.id).await;
                 self.incoming.lock().expect("incoming lock").remove(&uid);
                 let patch = match &result {
-                    Ok((uri, disks)) => json!({"phase": "TargetReady", "uri": uri, "disks": disks}),
+                    Ok(uri) => json!({"phase": "TargetReady", "uri": uri}),
                     Err(message) => {
                         tracing::warn!(vmid, migration = %m.id, %message, "cannot receive the container");
                         json!({"phase": "Failed", "finished": now(),
@@ -74,15 +73,16 @@ impl Agent {
                         json!({}),
                     )
                     .await;
-                if let Ok((_, disks)) = &result {
-                    tracing::info!(vmid, migration = %m.id, ?disks, written, "waiting for the container's volumes");
+                if let Ok(uri) = &result {
+                    let copy = uri.is_some();
+                    tracing::info!(vmid, migration = %m.id, copy, written, "waiting for the container's volumes");
                 }
                 if result.is_err() || !written {
                     self.drop_incoming_ct(ct, vmid, &m.id).await;
                 }
             }
             MigrationPhase::TargetReady | MigrationPhase::Migrating
-                if prepared.as_deref() == Some(m.id.as_str()) && !listening && !m.disks.is_empty() =>
+                if prepared.as_deref() == Some(m.id.as_str()) && !listening && m.uri.is_some() =>
             {
                 // Prepared by an earlier run of this agent: its receiver is gone.
                 let message = format!(
@@ -90,7 +90,8 @@ impl Agent {
                     self.node()
                 );
                 let patch = json!({"phase": "Failed", "finished": now(), "message": message});
-                self.migration_write::<LinuxContainer>(&ns, &name, &m.id, None, patch, json!({})).await;
+                self.migration_write::<LinuxContainer>(&ns, &name, &m.id, Some(m.phase), patch, json!({}))
+                    .await;
             }
             MigrationPhase::Completed if prepared.as_deref() == Some(m.id.as_str()) => {
                 // The volumes are in place: the container is this node's once bound here.
@@ -105,13 +106,13 @@ impl Agent {
     }
 
     /// A receiver for the container's volumes on this node's pool (none when the pool is
-    /// shared): its address, and the volume slots it waits for.
+    /// shared): its address.
     async fn prepare_incoming_ct(
         &self,
         ct: &LinuxContainer,
         vmid: u32,
         id: &str,
-    ) -> Result<(Option<String>, Vec<String>), String> {
+    ) -> Result<Option<String>, String> {
         if !self.holds_lease() {
             return Err("the node does not hold its lease".into());
         }
@@ -121,29 +122,13 @@ impl Agent {
         {
             return Err(format!("VMID {vmid} is in use on this node"));
         }
+        if let Some(mp) =
+            ct.spec.mount_points.iter().find(|mp| mp.volume.as_deref().is_some_and(|v| v.starts_with('/')))
+        {
+            return Err(format!("cannot migrate local bind mount point '{}'", mp.id));
+        }
         let shared =
             self.pool_shared().ok_or("the pool's StoragePool has not been read yet (shared or not)")?;
-        let pool = self.pool();
-        let mut volumes = BTreeMap::new();
-        for (slot, volume) in ct.status.as_ref().map(|s| s.volumes.clone()).unwrap_or_default() {
-            if volume.starts_with('/') {
-                return Err(format!("cannot migrate local bind mount point '{slot}' ({volume})"));
-            }
-            if shared {
-                continue;
-            }
-            let owned = volume
-                .split_once(':')
-                .is_some_and(|(p, rel)| p == pool.name && rel.starts_with(&format!("{vmid}/")));
-            if !owned {
-                return Err(format!(
-                    "{slot}: volume {volume} is not one of CT {vmid}'s on pool {}",
-                    pool.name
-                ));
-            }
-            let path = pool.path_of(&volume).map_err(|e| format!("{slot}: {e}"))?;
-            volumes.insert(slot, path);
-        }
         // A fresh start: nothing of an earlier stay of this container here counts (stale
         // volumes are replaced as the new ones arrive).
         let _ = std::fs::remove_dir_all(&run);
@@ -151,18 +136,15 @@ impl Agent {
             .and_then(|()| std::fs::write(run.join("engine"), Lxc::ENGINE))
             .and_then(|()| std::fs::write(run.join(INCOMING_MARKER), id))
             .map_err(|e| format!("{}: {e}", run.display()))?;
-        if volumes.is_empty() {
-            return Ok((None, Vec::new()));
+        if shared {
+            return Ok(None);
         }
+        let pool = self.pool();
         pool.activate().map_err(|e| e.to_string())?;
-        for path in volumes.values() {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-            }
-        }
+        let dir = pool.path.join("images").join(vmid.to_string());
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let pool_id = pool.identity().map_err(|e| e.to_string())?;
-        let slots: Vec<String> = volumes.keys().cloned().collect();
-        let receiver = transfer::listen(self.config.migration_address, volumes, &pool_id)
+        let receiver = transfer::listen(self.config.migration_address, dir, &pool_id)
             .await
             .map_err(|e| format!("listening on {}: {e}", self.config.migration_address))?;
         let uri = transfer::uri(receiver.address, &receiver.token);
@@ -170,7 +152,7 @@ impl Agent {
             .lock()
             .expect("receivers lock")
             .insert(ct.uid().unwrap_or_default(), (id.to_string(), receiver));
-        Ok((Some(uri), slots))
+        Ok(Some(uri))
     }
 
     /// Takes away what this agent received for migration `id` — unless the container is bound
