@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use kpve_crds::common::GuestObject;
 use kpve_crds::{Hypervisor, LinuxContainer, Migration, MigrationPhase, StoragePool, VirtualMachine};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -150,6 +151,38 @@ async fn check_target(
     Ok(())
 }
 
+/// A fresh read of `guest` (`what`: `VM 100`) for a move from `here`: refused when it is
+/// bound elsewhere now or already migrating. The move's write carries its version: decide on
+/// it, not on the cache.
+async fn fresh_for_move<K: GuestObject>(
+    client: &kube::Client,
+    guest: &K,
+    what: &str,
+    here: &str,
+) -> Result<K, PveError> {
+    let api: Api<K> = Api::namespaced(client.clone(), &guest.namespace().unwrap_or_default());
+    let fresh = api.get(&guest.name_any()).await.map_err(|e| failure(e.to_string()))?;
+    let status = fresh.guest_status().cloned().unwrap_or_default();
+    if let Some(m) = status.migration.as_ref().filter(|m| !m.phase.is_final()) {
+        return Err(failure(format!("{what} is already migrating to {} ({})", m.target, m.id)));
+    }
+    if status.node.as_deref() != Some(here) {
+        return Err(failure(format!("{what} moved while the request was checked; try again")));
+    }
+    Ok(fresh)
+}
+
+/// Merges `status` into the guest's status, if it is still the version `fresh` shows.
+async fn write_move<K: GuestObject>(client: &kube::Client, fresh: &K, status: Value) -> Result<(), PveError> {
+    let api: Api<K> = Api::namespaced(client.clone(), &fresh.namespace().unwrap_or_default());
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
+    let body = json!({"metadata": {"resourceVersion": fresh.resource_version()}, "status": status});
+    api.patch_status(&fresh.name_any(), &params, &Patch::Merge(&body))
+        .await
+        .map_err(|e| failure(e.to_string()))?;
+    Ok(())
+}
+
 /// A new migration order from `here` to `target`.
 fn new_order(here: &str, target: &str, requested_by: &str) -> Migration {
     let now = jiff::Timestamp::now();
@@ -180,23 +213,8 @@ pub async fn order_move(
     let status = vm.status.clone().unwrap_or_default();
     let here = status.node.clone().unwrap_or_default();
     check_target(client, &format!("VM {vmid}"), &here, target, &vm.spec.placement).await?;
-    if let Some(m) = status.migration.as_ref().filter(|m| !m.phase.is_final()) {
-        return Err(failure(format!("VM {vmid} is already migrating to {} ({})", m.target, m.id)));
-    }
     let local = local_disks(client, vm).await;
-    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &vm.namespace().unwrap_or_default());
-    let name = vm.name_any();
-    let fresh = api.get(&name).await.map_err(|e| failure(e.to_string()))?;
-    // The write below carries this version: decide on it, not on the cache.
-    if let Some(m) = fresh.status.as_ref().and_then(|s| s.migration.as_ref()).filter(|m| !m.phase.is_final())
-    {
-        return Err(failure(format!("VM {vmid} is already migrating to {} ({})", m.target, m.id)));
-    }
-    if fresh.status.as_ref().and_then(|s| s.node.as_deref()) != Some(here.as_str()) {
-        return Err(failure(format!("VM {vmid} moved while the request was checked; try again")));
-    }
-    let version = fresh.resource_version();
-    let params_write = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
+    let fresh = fresh_for_move(client, vm, &format!("VM {vmid}"), &here).await?;
     let running = matches!(
         fresh.status.as_ref().map(|s| s.phase),
         Some(kpve_crds::common::GuestPhase::Running | kpve_crds::common::GuestPhase::Paused)
@@ -210,10 +228,7 @@ pub async fn order_move(
                 list.join(", ")
             )));
         }
-        let body = json!({"metadata": {"resourceVersion": version}, "status": {"node": target}});
-        api.patch_status(&name, &params_write, &Patch::Merge(&body))
-            .await
-            .map_err(|e| failure(e.to_string()))?;
+        write_move(client, &fresh, json!({"node": target})).await?;
         return Ok(None);
     }
     if !online {
@@ -223,9 +238,7 @@ pub async fn order_move(
         return Err(failure("can't live migrate attached local disks without with-local-disks option"));
     }
     let order = new_order(&here, target, requested_by);
-    let body =
-        json!({"metadata": {"resourceVersion": version}, "status": {"migration": order.to_merge_value()}});
-    api.patch_status(&name, &params_write, &Patch::Merge(&body)).await.map_err(|e| failure(e.to_string()))?;
+    write_move(client, &fresh, json!({"migration": order.to_merge_value()})).await?;
     Ok(Some(order.id))
 }
 
@@ -258,22 +271,9 @@ pub async fn order_ct_move(
         let pool = pool.or_else(|| volume.as_deref().and_then(|v| v.split(':').next().map(str::to_string)));
         local |= !pool.is_some_and(|p| shared.get(&p).copied().unwrap_or(false));
     }
-    if let Some(m) = status.migration.as_ref().filter(|m| !m.phase.is_final()) {
-        return Err(failure(format!("CT {vmid} is already migrating to {} ({})", m.target, m.id)));
-    }
-    let api: Api<LinuxContainer> = Api::namespaced(client.clone(), &ct.namespace().unwrap_or_default());
-    let name = ct.name_any();
-    let fresh = api.get(&name).await.map_err(|e| failure(e.to_string()))?;
-    let fresh_status = fresh.status.clone().unwrap_or_default();
-    if fresh_status.node.as_deref() != Some(here.as_str()) {
-        return Err(failure(format!("CT {vmid} moved while the request was checked; try again")));
-    }
-    // The write below carries this version: decide on it, not on the cache.
-    if let Some(m) = fresh_status.migration.as_ref().filter(|m| !m.phase.is_final()) {
-        return Err(failure(format!("CT {vmid} is already migrating to {} ({})", m.target, m.id)));
-    }
+    let fresh = fresh_for_move(client, ct, &format!("CT {vmid}"), &here).await?;
     let running = !matches!(
-        fresh_status.phase,
+        fresh.status.as_ref().map(|s| s.phase).unwrap_or_default(),
         kpve_crds::common::GuestPhase::Stopped | kpve_crds::common::GuestPhase::Pending
     );
     if running && !restart {
@@ -283,15 +283,13 @@ pub async fn order_ct_move(
             "can't migrate running container without --online or --restart"
         }));
     }
-    let params_write = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
-    let status = if running || local {
-        json!({"migration": new_order(&here, target, requested_by).to_merge_value()})
-    } else {
-        json!({"node": target})
-    };
-    let body = json!({"metadata": {"resourceVersion": fresh.resource_version()}, "status": status});
-    api.patch_status(&name, &params_write, &Patch::Merge(&body)).await.map_err(|e| failure(e.to_string()))?;
-    Ok(status["migration"]["id"].as_str().map(str::to_string))
+    if !(running || local) {
+        write_move(client, &fresh, json!({"node": target})).await?;
+        return Ok(None);
+    }
+    let order = new_order(&here, target, requested_by);
+    write_move(client, &fresh, json!({"migration": order.to_merge_value()})).await?;
+    Ok(Some(order.id))
 }
 
 fn record(

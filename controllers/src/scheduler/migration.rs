@@ -128,7 +128,7 @@ async fn step<K: GuestKind>(ctx: &Context, guest: &K) -> Result<(), kpve_crds::k
         match place(&guest.demand(), &others) {
             Ok(target) => target,
             Err(why) => {
-                tracing::debug!(guest = %guest.name_any(), %why, "placement excludes the node, but no node can take the VM");
+                tracing::debug!(guest = %guest.name_any(), %why, "placement excludes the node, but no node can take the guest");
                 return Ok(());
             }
         }

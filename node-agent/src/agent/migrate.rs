@@ -65,6 +65,21 @@ pub(crate) struct IncomingRun {
     pub vmid: u32,
 }
 
+/// The patch that fails a migration, saying why.
+pub(super) fn failed(message: &str) -> Value {
+    json!({"phase": "Failed", "finished": now(), "message": message})
+}
+
+/// Makes `run` a fresh run directory of an incoming guest of `engine`, marked with migration
+/// `id`: nothing of an earlier stay of the guest on this node counts.
+pub(super) fn fresh_incoming_run(run: &Path, id: &str, engine: &str) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(run);
+    std::fs::create_dir_all(run)
+        .and_then(|()| std::fs::write(run.join("engine"), engine))
+        .and_then(|()| std::fs::write(run.join(INCOMING_MARKER), id))
+        .map_err(|e| format!("{}: {e}", run.display()))
+}
+
 pub(super) fn now() -> String {
     jiff::Timestamp::now().round(jiff::Unit::Millisecond).expect("in range").to_string()
 }
@@ -198,7 +213,7 @@ impl Agent {
 
     async fn fail_migration<R: Runtime>(&self, guest: &R::Guest, m: &Migration, message: &str) {
         tracing::warn!(vmid = ?guest.guest_spec().vmid(), migration = %m.id, message, "migration failed");
-        let patch = json!({"phase": "Failed", "finished": now(), "message": message});
+        let patch = failed(message);
         let ns = guest.namespace().unwrap_or_default();
         if self.migration_write::<R::Guest>(&ns, &guest.name_any(), &m.id, None, patch, json!({})).await {
             self.failed_sends
@@ -424,8 +439,7 @@ impl Agent {
                     Err(message) => {
                         tracing::warn!(vmid, migration = %m.id, %message, "cannot receive the guest");
                         self.drop_incoming(vm, vmid, &m.id).await;
-                        let patch = json!({"phase": "Failed", "finished": now(),
-                                           "message": format!("target {}: {message}", self.node())});
+                        let patch = failed(&format!("target {}: {message}", self.node()));
                         self.migration_write::<VirtualMachine>(&ns, &name, &m.id, None, patch, json!({}))
                             .await;
                     }
@@ -468,10 +482,7 @@ impl Agent {
             return Err("the guest has snapshots: internal snapshots of local disks do not migrate".into());
         }
         // A fresh start: nothing of an earlier stay of this guest here counts.
-        let _ = std::fs::remove_dir_all(&run);
-        std::fs::create_dir_all(&run)
-            .and_then(|()| std::fs::write(run.join(INCOMING_MARKER), id))
-            .map_err(|e| format!("{}: {e}", run.display()))?;
+        fresh_incoming_run(&run, id, Qemu::ENGINE)?;
         if !shared {
             // Disks held by a QEMU on this host are not stale copies: the pool is shared with
             // the source after all (the same directory), and copying would clobber them.

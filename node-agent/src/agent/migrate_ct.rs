@@ -17,7 +17,7 @@ use kpve_crds::{LinuxContainer, MigrationPhase};
 use kube::ResourceExt;
 use serde_json::json;
 
-use super::migrate::{INCOMING_MARKER, IncomingRun, incoming_id, now, watch_incoming};
+use super::migrate::{INCOMING_MARKER, IncomingRun, failed, fresh_incoming_run, incoming_id, watch_incoming};
 use super::{Agent, Runtime, ct::Lxc, read_checkpoint};
 use crate::lxc::transfer;
 
@@ -59,8 +59,7 @@ impl Agent {
                     Ok(uri) => json!({"phase": "TargetReady", "uri": uri}),
                     Err(message) => {
                         tracing::warn!(vmid, migration = %m.id, %message, "cannot receive the container");
-                        json!({"phase": "Failed", "finished": now(),
-                               "message": format!("target {}: {message}", self.node())})
+                        failed(&format!("target {}: {message}", self.node()))
                     }
                 };
                 let written = self
@@ -89,7 +88,7 @@ impl Agent {
                     "target {}: its agent restarted while waiting for the container's volumes",
                     self.node()
                 );
-                let patch = json!({"phase": "Failed", "finished": now(), "message": message});
+                let patch = failed(&message);
                 self.migration_write::<LinuxContainer>(&ns, &name, &m.id, Some(m.phase), patch, json!({}))
                     .await;
             }
@@ -129,13 +128,8 @@ impl Agent {
         }
         let shared =
             self.pool_shared().ok_or("the pool's StoragePool has not been read yet (shared or not)")?;
-        // A fresh start: nothing of an earlier stay of this container here counts (stale
-        // volumes are replaced as the new ones arrive).
-        let _ = std::fs::remove_dir_all(&run);
-        std::fs::create_dir_all(&run)
-            .and_then(|()| std::fs::write(run.join("engine"), Lxc::ENGINE))
-            .and_then(|()| std::fs::write(run.join(INCOMING_MARKER), id))
-            .map_err(|e| format!("{}: {e}", run.display()))?;
+        // Stale volumes are replaced as the new ones arrive.
+        fresh_incoming_run(&run, id, Lxc::ENGINE)?;
         if shared {
             return Ok(None);
         }
